@@ -1,0 +1,156 @@
+"""Backend registry and selection.
+
+Every op (``assign``, ``histogram``, ``cluster_stats``, ``ema_update``) has one
+implementation per backend, in ``vqkernels/ops/<op>/<backend>.py``. This module knows
+which backends exist, what each supports, *why* one refuses, and picks one:
+
+* ``backend="name"`` (or the ``VQKERNELS_BACKEND`` environment variable) forces a backend;
+  if it cannot run these tensors the call raises :class:`BackendUnavailableError` with
+  the reason. Nothing falls back silently.
+* ``backend=None`` takes the first backend in the device's priority order that can run
+  the tensors (CUDA: cuda -> triton -> chunked; CPU: chunked). The choice is logged once
+  per (op, device, dtype) on the ``vqkernels`` logger, and a backend skipped because it
+  *failed* (rather than was simply not installed) is warned about once.
+
+Backend modules are imported lazily, so ``import vqkernels`` never imports triton or the
+compiled extension.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger("vqkernels")
+
+ENV_VAR = "VQKERNELS_BACKEND"
+OPS = ("assign", "histogram", "cluster_stats", "ema_update")
+# op name -> folder under vqkernels/ops holding its backends
+_OP_PACKAGE = {"assign": "assign", "histogram": "histogram", "cluster_stats": "stats", "ema_update": "stats"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested (argument or VQKERNELS_BACKEND) that cannot run the given tensors."""
+
+
+def _always(_device_type: str) -> Optional[str]:
+    return None
+
+
+def _triton_unavailable(device_type: str) -> Optional[str]:
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device_type == "cpu" and not interpret:
+        return "triton runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1)"
+    if device_type not in ("cpu", "cuda"):
+        return f"triton backend does not support device type {device_type!r}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc}); install with `pip install vqkernels[triton]`"
+    return None
+
+
+def _cuda_unavailable(device_type: str) -> Optional[str]:
+    if device_type != "cuda":
+        return "the CUDA extension runs on CUDA tensors only"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    from vqkernels import _extension
+
+    return _extension.unavailable_reason()
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    dtypes: tuple
+    unavailable: Callable[[str], Optional[str]]  # device type -> reason, None when usable
+    failure_is_error: bool = False  # True where "unavailable" can mean "broken", worth a warning
+
+    def refusal(self, device_type: str, dtype: Optional[torch.dtype]) -> Optional[str]:
+        """Why this backend cannot run tensors of this device type and dtype (None: it can)."""
+        reason = self.unavailable(device_type)
+        if reason is not None:
+            return reason
+        if dtype is not None and dtype not in self.dtypes:
+            if self.name == "triton" and dtype == torch.bfloat16 and device_type == "cpu":
+                return "the Triton interpreter has no bfloat16"
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"dtype {str(dtype).replace('torch.', '')} is not supported (supports {names})"
+        return None
+
+
+_LOW = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = {
+    "reference": Backend("reference", _LOW + (torch.float64,), _always),
+    "chunked": Backend("chunked", _LOW + (torch.float64,), _always),
+    "triton": Backend("triton", _LOW, _triton_unavailable),
+    "cuda": Backend("cuda", _LOW, _cuda_unavailable, failure_is_error=True),
+}
+# Automatic choice, fastest first. ``reference`` is never chosen automatically.
+PRIORITY = {"cuda": ("cuda", "triton", "chunked"), "cpu": ("chunked",)}
+_DEFAULT_PRIORITY = ("chunked",)
+
+_logged: set = set()
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """The backend name asked for by argument or environment ('' means automatic)."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "")
+    name = name.strip().lower()
+    if name in ("", "auto"):
+        return ""
+    if name not in BACKENDS:
+        source = "backend=" if backend is not None else f"{ENV_VAR}="
+        raise ValueError(f"{source}{name!r} is not a vqkernels backend; expected one of {sorted(BACKENDS)} or None")
+    return name
+
+
+def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend: Optional[str] = None) -> str:
+    """Name of the backend that runs ``op`` on tensors of this device and dtype."""
+    device_type = torch.device(device).type
+    name = requested_backend(backend)
+    if name:
+        reason = BACKENDS[name].refusal(device_type, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"vqkernels backend {name!r} was requested for {op} on {device_type}/{dtype} but cannot run: {reason}"
+            )
+        return name
+    reasons = {}
+    for candidate in PRIORITY.get(device_type, _DEFAULT_PRIORITY):
+        b = BACKENDS[candidate]
+        reason = b.refusal(device_type, dtype)
+        if reason is None:
+            key = (op, device_type, dtype, candidate)
+            if key not in _logged:
+                _logged.add(key)
+                logger.info("vqkernels: %s on %s/%s uses the %r backend", op, device_type, dtype, candidate)
+            return candidate
+        reasons[candidate] = reason
+        if b.failure_is_error and "failed" in reason and (candidate, reason) not in _logged:
+            _logged.add((candidate, reason))
+            warnings.warn(f"vqkernels: skipping the {candidate!r} backend: {reason}", RuntimeWarning, stacklevel=3)
+    detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise BackendUnavailableError(f"no vqkernels backend can run {op} on {device_type}/{dtype} ({detail})")
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function implementing ``op`` in ``backend`` (imports the backend module on first use)."""
+    module = importlib.import_module(f"vqkernels.ops.{_OP_PACKAGE[op]}.{backend}")
+    try:
+        return getattr(module, op)
+    except AttributeError:
+        raise BackendUnavailableError(f"the {backend!r} backend has no implementation of {op}") from None
+
+
+def availability(device_type: str) -> dict:
+    """{backend: None | reason} for a device type; used by ``vqkernels info``."""
+    return {name: b.unavailable(device_type) for name, b in BACKENDS.items()}

@@ -1,0 +1,181 @@
+"""k-means built from the ``assign`` and ``cluster_stats`` ops (any backend)."""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import check_codebook_size, check_metric, check_tensor, compute_dtype, check_finite
+from .assign import assign
+from .stats import cluster_stats
+
+INITS = ("kmeans++", "random")
+
+
+class KMeansResult(NamedTuple):
+    centroids: torch.Tensor  #: ``[K, D]`` float32 (fp64 for fp64 x)
+    indices: torch.Tensor  #: ``[N]`` int64, each row's centroid under the returned centroids
+    inertia: float  #: sum of the rows' distances to their centroids (metric's distance)
+    n_iter: int  #: Lloyd iterations run
+    inertia_history: List[float]  #: inertia after the initial assignment and after each iteration
+
+
+def _generator(device: torch.device, seed: Optional[int]) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def _kmeans_plus_plus(x: torch.Tensor, K: int, metric: str, sample_size: int, gen) -> torch.Tensor:
+    """k-means++ seeding on a random subsample: each new centre is drawn with probability
+    proportional to the current distance to the nearest centre."""
+    N = x.shape[0]
+    if sample_size < N:
+        x = x[torch.randperm(N, device=x.device, generator=gen)[:sample_size]]
+    first = torch.randint(x.shape[0], (1,), device=x.device, generator=gen)
+    centres = torch.empty(K, x.shape[1], dtype=x.dtype, device=x.device)
+    centres[0] = x[first[0]]
+    nearest = _distance_to(x, centres[0], metric)
+    for k in range(1, K):
+        # clamp: a tiny negative from rounding must not make the weights invalid; +tiny so
+        # that a sample made of duplicates (all distances 0) still draws a row.
+        weights = nearest.clamp_min(0) + torch.finfo(nearest.dtype).tiny
+        pick = torch.multinomial(weights, 1, generator=gen)
+        centres[k] = x[pick[0]]
+        nearest = torch.minimum(nearest, _distance_to(x, centres[k], metric))
+    return centres
+
+
+def _distance_to(x: torch.Tensor, centre: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "l2":
+        return (x - centre).pow(2).sum(1)
+    return 1 - x @ centre  # cosine on normalised rows
+
+
+def kmeans(
+    x: torch.Tensor,
+    K: int,
+    iters: int = 25,
+    *,
+    metric: str = "l2",
+    init: str = "kmeans++",
+    tol: float = 1e-4,
+    seed: Optional[int] = None,
+    sample_size: Optional[int] = None,
+    init_centroids: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    progress: bool = False,
+    backend: Optional[str] = None,
+) -> KMeansResult:
+    """Lloyd's k-means on ``x``, with every assignment and statistic through vqkernels' ops.
+
+    Args:
+        x: ``[..., D]`` float rows (leading dims flattened); needs at least ``K`` rows.
+        K: number of centroids.
+        iters: maximum Lloyd iterations (0 returns the initialisation, assigned).
+        metric: ``"l2"`` or ``"cosine"`` (spherical k-means: rows and centroids normalised).
+        init: ``"kmeans++"`` (on a subsample of ``sample_size`` rows, default
+            ``max(4K, 2048)``; costs K sequential steps) or ``"random"`` (K distinct rows).
+        tol: stop when an iteration lowers the inertia by at most ``tol`` times its value.
+        seed: seeds a private generator (the global RNG is used when ``None``).
+        init_centroids: ``[K, D]`` starting centroids; overrides ``init``.
+        deterministic: bitwise-reproducible statistics (see :func:`cluster_stats`).
+        progress: show a tqdm progress bar (needs ``tqdm``).
+        backend: as for :func:`vqkernels.assign`.
+
+    Empty clusters are re-seeded from the rows farthest from their centroid, so the
+    inertia never increases from one iteration to the next.
+
+    Returns:
+        :class:`KMeansResult` ``(centroids, indices, inertia, n_iter, inertia_history)``.
+
+    Example:
+        >>> result = vqkernels.kmeans(torch.randn(10_000, 16), K=64, iters=10, seed=0)
+        >>> result.centroids.shape
+        torch.Size([64, 16])
+    """
+    check_tensor("x", x, floating=True, min_dim=1)
+    check_codebook_size("K", K)
+    check_metric(metric, ("l2", "cosine"))
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    D = x.shape[-1]
+    data = x.detach().reshape(-1, D)
+    N = data.shape[0]
+    if N < K:
+        raise ValueError(f"kmeans needs at least K={K} rows to place K centroids, got {N} rows (x shape {tuple(x.shape)})")
+    check_finite("x", data)
+    dtype = compute_dtype(data.dtype)
+    data = data.to(dtype)
+    if metric == "cosine":
+        data = F.normalize(data, dim=1)
+    gen = _generator(data.device, seed)
+
+    if init_centroids is not None:
+        check_tensor("init_centroids", init_centroids, floating=True, dims=(2,))
+        if tuple(init_centroids.shape) != (K, D):
+            raise ValueError(f"init_centroids has shape {tuple(init_centroids.shape)}; expected ({K}, {D})")
+        check_finite("init_centroids", init_centroids)
+        centroids = init_centroids.detach().to(device=data.device, dtype=dtype).clone()
+    elif init == "random":
+        centroids = data[torch.randperm(N, device=data.device, generator=gen)[:K]].clone()
+    else:
+        size = min(N, sample_size if sample_size is not None else max(4 * K, 2048))
+        centroids = _kmeans_plus_plus(data, K, metric, max(size, K), gen)
+    if metric == "cosine":
+        centroids = F.normalize(centroids, dim=1)
+
+    indices, dist = assign(data, centroids, metric, backend=backend)
+    history = [float(dist.sum())]
+    bar = _progress_bar(iters) if progress else None
+    n_iter = 0
+    for n_iter in range(1, iters + 1):
+        centroids = _update(data, centroids, indices, K, metric, deterministic, backend)
+        indices, dist = assign(data, centroids, metric, backend=backend)
+        history.append(float(dist.sum()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(inertia=f"{history[-1]:.4g}")
+        if history[-2] - history[-1] <= tol * abs(history[-1]):
+            break
+    if bar is not None:
+        bar.close()
+    return KMeansResult(centroids, indices, history[-1], n_iter, history)
+
+
+def _update(data, centroids, indices, K, metric, deterministic, backend):
+    """Means of the clusters; empty clusters take the rows farthest from their new centroid."""
+    counts, sums = cluster_stats(data, indices, K, deterministic=deterministic, backend=backend)
+    filled = counts > 0
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    if metric == "cosine":
+        means = F.normalize(means, dim=1)
+    new = torch.where(filled.unsqueeze(1), means, centroids)
+    n_empty = int((~filled).sum())
+    if n_empty:
+        own = new[indices]
+        far = _distance_rows(data, own, metric)
+        rows = torch.topk(far, n_empty).indices  # distinct rows, farthest first
+        new[(~filled).nonzero().flatten()] = data[rows]
+    return new
+
+
+def _distance_rows(a, b, metric):
+    if metric == "l2":
+        return (a - b).pow(2).sum(1)
+    return 1 - (a * b).sum(1)
+
+
+def _progress_bar(total):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError("kmeans(progress=True) needs tqdm: pip install tqdm (or vqkernels[progress])") from None
+    return tqdm(total=total, desc="kmeans", unit="iter")

@@ -1,0 +1,36 @@
+"""Chunked statistics: scatter-add (or sort + segment sums) over row tiles, in-place EMA."""
+import torch
+
+from .._validation import compute_dtype
+
+_ROW_TILE_ELEMENTS = 1 << 22  # bound the fp32 copy of x made for the scatter
+
+
+def cluster_stats(x, indices, K, deterministic):
+    N, D = x.shape
+    dtype = compute_dtype(x.dtype)
+    # Masked rows go to an extra bin K that is dropped at the end: no boolean indexing, no sync.
+    binned = torch.where(indices >= 0, indices, torch.full_like(indices, K)).to(torch.int64)
+    counts = torch.bincount(binned, minlength=K + 1).to(dtype)
+    if deterministic:
+        # Stable sort keeps rows of a code in input order; each code is one segment summed
+        # in that order, so the result does not depend on thread scheduling.
+        order = torch.argsort(binned, stable=True)
+        lengths = torch.bincount(binned, minlength=K + 1)
+        sums = torch.segment_reduce(x[order].to(dtype), "sum", lengths=lengths, axis=0, unsafe=True)
+        return counts[:K], sums[:K].contiguous()
+    sums = torch.zeros(K + 1, D, dtype=dtype, device=x.device)
+    rows = max(1, _ROW_TILE_ELEMENTS // max(1, D))
+    for n0 in range(0, N, rows):
+        sums.index_add_(0, binned[n0 : n0 + rows], x[n0 : n0 + rows].to(dtype))
+    return counts[:K], sums[:K]
+
+
+def ema_update(cluster_size, embed_avg, codebook, counts, sums, decay, eps):
+    K = cluster_size.shape[-1]
+    weight = 1.0 - decay
+    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=weight)
+    embed_avg.mul_(decay).add_(sums.to(embed_avg.dtype), alpha=weight)
+    n = cluster_size.sum(-1, keepdim=True)
+    smoothed = (cluster_size + eps) / (n + K * eps) * n
+    codebook.copy_(embed_avg / smoothed.unsqueeze(-1))
