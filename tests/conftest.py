@@ -51,10 +51,11 @@ def _poison_empty(monkeypatch):
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool and not t.is_complex():
-            t.fill_(-7)
+        with torch.no_grad():  # torch's own internals also call torch.empty(requires_grad=True)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            elif t.dtype != torch.bool and not t.is_complex():
+                t.fill_(-7)
         return t
 
     def empty(*args, **kwargs):

@@ -1,0 +1,54 @@
+"""Backend selection: automatic choice, forcing by argument or environment, clear refusals."""
+import pytest
+import torch
+
+import vqkernels
+from vqkernels.ops import _dispatch
+
+
+def test_cpu_auto_choice_is_chunked(monkeypatch):
+    monkeypatch.delenv("VQKERNELS_BACKEND", raising=False)
+    assert _dispatch.select("assign", torch.device("cpu"), torch.float32) == "chunked"
+
+
+def test_environment_forces_backend(monkeypatch):
+    monkeypatch.setenv("VQKERNELS_BACKEND", "reference")
+    assert _dispatch.select("assign", torch.device("cpu"), torch.float32) == "reference"
+    monkeypatch.setenv("VQKERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="VQKERNELS_BACKEND='nonsense'"):
+        vqkernels.assign(torch.randn(3, 2), torch.randn(2, 2))
+
+
+def test_forced_unavailable_backend_raises_with_reason(monkeypatch):
+    monkeypatch.delenv("VQKERNELS_BACKEND", raising=False)
+    with pytest.raises(vqkernels.BackendUnavailableError, match="'cuda' was requested.*CUDA tensors"):
+        vqkernels.assign(torch.randn(3, 2), torch.randn(2, 2), backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(vqkernels.BackendUnavailableError, match="TRITON_INTERPRET"):
+        vqkernels.assign(torch.randn(3, 2), torch.randn(2, 2), backend="triton")
+
+
+def test_forced_dtype_refusal_names_the_dtype():
+    with pytest.raises(vqkernels.BackendUnavailableError, match="float64 is not supported"):
+        _dispatch.select("assign", torch.device("cpu"), torch.float64, "triton")
+
+
+def test_reference_is_never_chosen_automatically():
+    for order in _dispatch.PRIORITY.values():
+        assert "reference" not in order
+
+
+def test_availability_lists_every_backend_with_reasons():
+    table = _dispatch.availability("cpu")
+    assert set(table) == {"reference", "chunked", "triton", "cuda"}
+    assert table["reference"] is None and table["chunked"] is None
+    assert isinstance(table["cuda"], str) and table["cuda"]
+
+
+def test_import_does_not_pull_heavy_modules():
+    import subprocess
+    import sys
+
+    code = "import sys, vqkernels; print(sorted(m for m in ('triton', 'matplotlib', 'faiss', 'vqkernels._C') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
