@@ -4,7 +4,8 @@ Per tile the score is ``||c||^2 - 2 x.c`` (l2; ``||x||^2`` is constant per row a
 out; both sides are first centred on the codebook mean, which leaves l2 distances
 unchanged but removes the cancellation that a large common offset would cause) or ``-x.c`` (cosine on normalised vectors, dot), computed with one ``addmm`` into
 a reused buffer; a running (best, argmin) per row is kept across K tiles with a strict
-comparison, so ties stay with the lowest index. The winner's distance is then
+comparison, so ties stay with the lowest index, and exact duplicate codes are mapped to
+their lowest copy (see lowest_duplicate). The winner's distance is then
 recomputed exactly by direct difference.
 """
 from __future__ import annotations
@@ -33,6 +34,42 @@ def tile_sizes(N: int, K: int, D: int, device_type: str) -> tuple[int, int]:
     return tile_n, tile_k
 
 
+_HASH_WEIGHTS = {}
+
+
+def lowest_duplicate(c: torch.Tensor):
+    """``canon[k]`` = lowest index of a code bitwise equal to code k, or None if all differ.
+
+    BLAS may compute identical columns with different kernels (edge columns, gemv vs
+    gemm), so exact duplicates can score a rounding apart; mapping every pick to the
+    lowest copy keeps "ties go to the lowest index" exact. Cost: O(K*D) integer hashing
+    and one sort of K hashes per call.
+    """
+    K, D = c.shape
+    if K == 1:
+        return None
+    c = c + 0.0  # -0.0 -> +0.0: equal values must hash equally
+    int_dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16}[c.element_size()]
+    bits = c.contiguous().view(int_dtype).to(torch.int64)
+    key = (D, c.device)
+    if key not in _HASH_WEIGHTS:  # fixed odd multipliers: a 64-bit multiplicative hash per row
+        g = torch.Generator().manual_seed(D)
+        _HASH_WEIGHTS[key] = (torch.randint(-(2**62), 2**62, (D,), generator=g) * 2 + 1).to(c.device)
+    h = (bits * _HASH_WEIGHTS[key]).sum(1)  # wraps modulo 2**64: exact and order-independent
+    order = torch.argsort(h, stable=True)  # equal hashes keep index order
+    h_sorted = h[order]
+    same = h_sorted[1:] == h_sorted[:-1]
+    if not bool(same.any()):
+        return None
+    c_sorted = c[order]
+    same &= (c_sorted[1:] == c_sorted[:-1]).all(1)  # a hash collision is not a duplicate
+    starts = torch.cat([same.new_ones(1), ~same])
+    group = torch.cumsum(starts.to(torch.int64), 0) - 1
+    canon = torch.empty_like(order)
+    canon[order] = order[starts][group]
+    return canon
+
+
 def exact_distance(xs: torch.Tensor, winners: torch.Tensor, metric: str) -> torch.Tensor:
     """Distance of each row to its chosen code, by direct difference (inputs already cast)."""
     if metric == "l2":
@@ -47,6 +84,7 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     K = codebook.shape[0]
     dtype = compute_dtype(x.dtype)
     c = codebook.to(dtype)
+    canon = lowest_duplicate(c)
     centre = None
     if metric == "cosine":
         c = F.normalize(c, dim=1)
@@ -54,18 +92,12 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
         centre = c.mean(0)
         c = c - centre
     tile_n, tile_k = tile_sizes(N, K, D, x.device.type)
-    # Pad the codebook to whole tiles (padding scores +inf, never chosen) so every addmm
-    # has the same shape: BLAS then computes a given code's score with the same kernel
-    # wherever the code sits, and exact duplicates in different tiles tie exactly.
     k_tiles = -(-K // tile_k)
-    padded = torch.zeros(k_tiles * tile_k, D, dtype=dtype, device=x.device)
-    padded[:K] = c
-    bias = torch.full((k_tiles * tile_k,), float("inf"), dtype=dtype, device=x.device)
     if metric == "l2":
-        bias[:K], alpha = c.pow(2).sum(1), -2.0
+        bias, alpha = c.pow(2).sum(1), -2.0
     else:
-        bias[:K], alpha = 0.0, -1.0
-    c_t = padded.t()
+        bias, alpha = torch.zeros(K, dtype=dtype, device=x.device), -1.0
+    c_t = c.t()
     indices = torch.empty(N, dtype=torch.int64, device=x.device)
     distances = torch.empty(N, dtype=dtype, device=x.device)
     scores = torch.empty(tile_n, tile_k, dtype=dtype, device=x.device)
@@ -77,17 +109,25 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
         elif centre is not None:
             xs = xs - centre
         best = best_idx = None
-        for k0 in range(0, k_tiles * tile_k, tile_k):
-            k1 = k0 + tile_k
-            s = scores[: n1 - n0]
+        for k0 in range(0, K, tile_k):
+            k1 = min(K, k0 + tile_k)
+            s = scores[: n1 - n0, : k1 - k0]
             torch.addmm(bias[k0:k1], xs, c_t[:, k0:k1], beta=1, alpha=alpha, out=s)
-            vals, idx = s.min(1)  # first minimum within the tile
+            # argmin (first minimum: lowest index within the tile) is about twice as fast
+            # as min(dim) with values; the values are gathered only when tiles compete.
+            idx = s.argmin(1)
+            if k_tiles == 1:
+                best_idx = idx
+                break
+            vals = s.gather(1, idx.unsqueeze(1)).squeeze(1)
             if best is None:
                 best, best_idx = vals, idx
             else:
                 better = vals < best  # strict: an equal score in a later tile keeps the earlier code
                 best = torch.where(better, vals, best)
                 best_idx = torch.where(better, idx + k0, best_idx)
+        if canon is not None:
+            best_idx = canon[best_idx]
         indices[n0:n1] = best_idx
         distances[n0:n1] = exact_distance(xs, c[best_idx], metric)
     return indices, distances
