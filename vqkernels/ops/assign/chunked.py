@@ -1,8 +1,8 @@
 """Chunked ``assign``: pure PyTorch, tiled over N and K, no N x K matrix.
 
 Per tile the score is ``||c||^2 - 2 x.c`` (l2; ``||x||^2`` is constant per row and left
-out; both sides are first centred on the codebook mean, which leaves l2 distances
-unchanged but removes the cancellation that a large common offset would cause) or ``-x.c`` (cosine on normalised vectors, dot), computed with one ``addmm`` into
+out; where a large common offset dominates, both sides are first centred on the
+codebook mean, which leaves l2 distances unchanged but removes the cancellation) or ``-x.c`` (cosine on normalised vectors, dot), computed with one ``addmm`` into
 a reused buffer; a running (best, argmin) per row is kept across K tiles with a strict
 comparison, so ties stay with the lowest index, and exact duplicate codes are mapped to
 their lowest copy (see lowest_duplicate). The winner's distance is then
@@ -22,14 +22,16 @@ from .._validation import compute_dtype
 # bigger tile keeps the matmul efficient while memory stays O(tile), not O(N*K).
 _TILE_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 _MIN_TILE_N = 64
+_ROW_TILE_ELEMENTS = 1 << 23  # rows of x converted at a time (32 MiB in fp32)
 
 
 def tile_sizes(N: int, K: int, D: int, device_type: str) -> tuple[int, int]:
-    """(tile_n, tile_k) with tile_n * tile_k <= the device's score-tile budget."""
+    """(tile_n, tile_k): the score tile tile_n * tile_k and the row tile tile_n * D (its
+    fp32 copy and the temporaries of the exact recomputation) both stay within budget."""
     budget = int(os.environ.get("VQKERNELS_CHUNK_ELEMENTS", _TILE_ELEMENTS.get(device_type, 1 << 22)))
     tile_k = min(K, max(16, budget // 1024))
-    tile_n = max(1, min(N, budget // tile_k))
-    if tile_n < _MIN_TILE_N and N >= _MIN_TILE_N:
+    tile_n = max(1, min(N, budget // tile_k, _ROW_TILE_ELEMENTS // D))
+    if tile_n < _MIN_TILE_N <= N and _MIN_TILE_N * D <= _ROW_TILE_ELEMENTS:
         tile_n = _MIN_TILE_N
     return tile_n, tile_k
 
@@ -89,7 +91,13 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     if metric == "cosine":
         c = F.normalize(c, dim=1)
     elif metric == "l2":
-        centre = c.mean(0)
+        # Centre only where a common offset dominates the codebook's spread (large-norm
+        # inputs, where ||c||^2 - 2x.c cancels). Elsewhere the centre is exactly 0, so
+        # data on a grid (small integers, say) keeps its exact scores and exact ties.
+        mean = c.mean(0)
+        spread = (c - mean).pow(2).sum(1).mean()
+        offset_dominates = mean.pow(2).sum() > 4 * spread
+        centre = mean * offset_dominates  # no host sync: a 0/1 factor instead of a branch
         c = c - centre
     tile_n, tile_k = tile_sizes(N, K, D, x.device.type)
     k_tiles = -(-K // tile_k)
