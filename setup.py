@@ -61,7 +61,9 @@ def _cuda_extension():
         name="vqkernels._C",
         sources=sources,
         include_dirs=[str(CSRC), str(CSRC / "kernels")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        # No -std here: torch's BuildExtension adds the standard its own headers need (C++17
+        # for older torch, C++20 for recent releases); a forced -std=c++17 fights the latter.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     _notice(f"building vqkernels._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}

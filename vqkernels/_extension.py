@@ -1,37 +1,161 @@
-"""Loads the compiled CUDA extension ``vqkernels._C`` defensively.
+"""Loads the CUDA extension defensively: the built ``vqkernels._C``, else a JIT build.
 
 Never imported at ``import vqkernels``; the first use of the ``cuda`` backend asks
 :func:`unavailable_reason`, which tries once and keeps the reason for ``vqkernels info``.
-(The JIT build path arrives with the CUDA sources.)
+
+1. ``vqkernels._C``, built by ``pip install --no-build-isolation .`` where a CUDA build of
+   torch and nvcc were present.
+2. Otherwise, with a CUDA build of torch, a GPU, nvcc and ninja: JIT-compile the same
+   sources (``vqkernels/csrc`` in an installed package, ``csrc/`` in a checkout) with
+   ``torch.utils.cpp_extension.load`` into ``$VQKERNELS_CACHE`` (default
+   ``~/.cache/vqkernels/<torch>-cu<cuda>-sm<arch>``); later processes reuse the build.
+   ``VQKERNELS_JIT=0`` turns this off.
+3. Otherwise the backend is unavailable and :func:`status` says why. On a CPU-only
+   machine the reason comes back at once: nvcc is never run there.
+
+Either way the ops are registered as ``torch.ops.vqkernels.{assign,histogram,
+cluster_stats,ema_update}_cuda`` (see csrc/vq_ops.cpp).
 """
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import threading
+from pathlib import Path
 from typing import Optional
 
+_JIT_NAME = "vqkernels_C"
 _state = {"tried": False, "module": None, "reason": None, "how": None}
+_lock = threading.Lock()
+
+
+def _sources_dir() -> Optional[Path]:
+    """csrc/ with the CUDA sources: inside the installed package, else in the checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "vq_ops.cpp").is_file():
+            return candidate
+    return None
+
+
+def _cache_dir(torch) -> Path:
+    env = os.environ.get("VQKERNELS_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    major, minor = torch.cuda.get_device_capability()
+    tag = f"{torch.__version__}-cu{torch.version.cuda}-sm{major}{minor}".replace("+", "_")
+    return Path.home() / ".cache" / "vqkernels" / tag
+
+
+def _jit_unavailable(torch) -> Optional[str]:
+    """Why a JIT build cannot be attempted here (cheap checks only; None: it can)."""
+    if os.environ.get("VQKERNELS_JIT", "1").strip() == "0":
+        return "VQKERNELS_JIT=0 disables the JIT build"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build (install a CUDA build of torch)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if _sources_dir() is None:
+        return "the CUDA sources (vqkernels/csrc or csrc/) are not found, so the JIT build is impossible"
+    from torch.utils import cpp_extension  # imports setuptools: only on this path
+
+    if cpp_extension.CUDA_HOME is None:
+        return "nvcc was not found for the JIT build (set CUDA_HOME or put nvcc on PATH)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja was not found for the JIT build (pip install ninja)"
+    return None
+
+
+def _jit_build(torch) -> tuple:
+    """Compile (or reuse) the JIT build; (True, cache dir) or (False, reason)."""
+    from torch.utils import cpp_extension
+
+    src = _sources_dir()
+    build_dir = _cache_dir(torch)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = sorted(str(p) for p in src.glob("*.cu")) + sorted(str(p) for p in src.glob("*.cpp"))
+    if not any(build_dir.glob(f"{_JIT_NAME}*.so")):
+        print("vqkernels: compiling the CUDA extension (first use, ~1-2 min)...", file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(
+            name=_JIT_NAME,
+            sources=sources,
+            extra_include_paths=[str(src), str(src / "kernels")],
+            # Same flags as setup.py; the C++ standard is left to torch (C++17 or C++20).
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # a compiler error, a locked or unwritable cache, ...
+        detail = " ".join(str(exc).split())[-400:]
+        return False, f"the JIT build in {build_dir} failed ({type(exc).__name__}: {detail})"
+    return True, str(build_dir)
+
+
+def _load_locked():
+    try:
+        import torch
+    except Exception as exc:  # pragma: no cover - torch is a dependency
+        _state["reason"] = f"torch is not importable ({type(exc).__name__}: {exc})"
+        return
+    built_failure = None
+    try:
+        _state["module"] = importlib.import_module("vqkernels._C")
+        _state["how"] = "built"
+        return
+    except ModuleNotFoundError as exc:
+        if exc.name != "vqkernels._C":  # _C exists but imports something missing
+            built_failure = f"loading vqkernels._C failed: ModuleNotFoundError: {exc}"
+    except Exception as exc:  # an ABI mismatch (undefined symbol) and the like: worth reporting
+        built_failure = f"loading vqkernels._C failed: {type(exc).__name__}: {exc}"
+    prefix = built_failure if built_failure else "the CUDA extension vqkernels._C is not built"
+    reason = _jit_unavailable(torch)
+    if reason is not None:
+        _state["reason"] = f"{prefix}, and {reason}"
+        return
+    ok, detail = _jit_build(torch)
+    if not ok:
+        _state["reason"] = f"{prefix}, and {detail}"
+        return
+    _state["module"] = torch.ops.vqkernels
+    _state["how"] = f"JIT ({detail})" + (f"; {built_failure}" if built_failure else "")
 
 
 def load():
-    """The loaded extension module, or None (see :func:`unavailable_reason`)."""
+    """The loaded extension (module or torch.ops namespace), or None (see :func:`unavailable_reason`)."""
     if not _state["tried"]:
-        _state["tried"] = True
-        try:
-            _state["module"] = importlib.import_module("vqkernels._C")
-            _state["how"] = "built"
-        except ImportError as exc:
-            _state["reason"] = f"the CUDA extension vqkernels._C is not built ({exc})"
-        except Exception as exc:  # an ABI mismatch and the like: a real failure, reported
-            _state["reason"] = f"loading vqkernels._C failed: {type(exc).__name__}: {exc}"
+        with _lock:
+            if not _state["tried"]:
+                try:
+                    _load_locked()
+                except Exception as exc:  # never let a loader bug escape to the caller
+                    _state["module"] = None
+                    _state["reason"] = f"loading the CUDA extension failed: {type(exc).__name__}: {exc}"
+                _state["tried"] = True
     return _state["module"]
 
 
 def unavailable_reason() -> Optional[str]:
+    """None when the extension is loaded, else why not (tries to load once)."""
     return None if load() is not None else _state["reason"]
 
 
 def status() -> str:
-    """One line for ``vqkernels info``: built / JIT / unavailable and why."""
+    """One line for ``vqkernels info``: ``built``, ``JIT (cache dir)`` or ``unavailable: reason``."""
     if load() is not None:
         return _state["how"]
     return f"unavailable: {_state['reason']}"
+
+
+def ops():
+    """``torch.ops.vqkernels`` with the ``*_cuda`` ops loaded, or raise BackendUnavailableError."""
+    if load() is None:
+        from .ops._dispatch import BackendUnavailableError
+
+        raise BackendUnavailableError(f"the vqkernels 'cuda' backend cannot run: {_state['reason']}")
+    import torch
+
+    return torch.ops.vqkernels

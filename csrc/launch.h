@@ -1,0 +1,107 @@
+// Host launchers of the vqkernels CUDA kernels: a torch-free boundary (raw pointers, sizes,
+// a stream). The .cu files behind it (assign_*.cu, stats.cu) need only the CUDA toolkit, so
+// they are compiled and ptxas-checked on machines without a CUDA build of torch; the torch
+// glue (vq_ops.cpp) validates tensors, allocates outputs and workspaces, and calls these.
+// Each returns the launch status (cudaGetLastError after the last launch).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace vqk {
+
+enum class Scalar : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+enum class Index : int { kInt32 = 0, kInt64 = 1 };
+// Metric ids, as the kernels' vqk::Metric (checked in assign_launch.cuh).
+constexpr int kMetricL2 = 0;
+constexpr int kMetricCosine = 1;
+constexpr int kMetricDot = 2;
+
+enum class AssignKernel : int { kAuto = 0, kMma = 1, kSimt = 2 };
+
+// fp16/bf16 inputs with D <= this use the SIMT kernel: with so few features per code the
+// per-code argmin, not the dot product, bounds the time, and the SIMT tile is simpler.
+constexpr int64_t kSimtMaxD = 32;
+// The largest K: code indices travel in 32 bits next to a "no code" sentinel (0x7FFFFFFF).
+constexpr int64_t kMaxCodes = 0x7FFFFFFE;
+
+struct DeviceInfo {
+  int num_sms;
+  int cc_major;
+};
+
+struct AssignArgs {
+  const void* x;         // [N, D]
+  const void* codebook;  // [K, D], same dtype
+  int64_t N, K, D;
+  int metric;                 // 0 l2, 1 cosine, 2 dot
+  float* code_bias;           // [K] workspace
+  float* code_scale;          // [K] workspace
+  unsigned long long* keys;   // [N] workspace
+  int64_t* indices;           // [N] out
+  float* distances;           // [N] out
+  AssignKernel kernel;        // kAuto picks; kMma needs fp16/bf16 and sm_80+ (checked by the glue)
+  bool vec_ok;                // D % 8 == 0 and x, codebook 16-byte aligned (16-bit dtypes)
+  DeviceInfo dev;
+  cudaStream_t stream;
+};
+
+// The kernel an assign call runs: kAuto -> tensor cores for fp16/bf16 with D > kSimtMaxD on
+// sm_80+, else SIMT. An explicit request is honoured as is (the glue rejects impossible ones).
+inline AssignKernel resolve_assign_kernel(Scalar dtype, int64_t D, int cc_major, AssignKernel requested) {
+  if (requested != AssignKernel::kAuto) return requested;
+  const bool half = dtype == Scalar::kHalf || dtype == Scalar::kBFloat16;
+  return (half && cc_major >= 8 && D > kSimtMaxD) ? AssignKernel::kMma : AssignKernel::kSimt;
+}
+
+cudaError_t assign_f16(const AssignArgs& a);
+cudaError_t assign_bf16(const AssignArgs& a);
+cudaError_t assign_f32(const AssignArgs& a);
+
+struct HistogramArgs {
+  const void* indices;  // [N]
+  Index index_kind;
+  const void* weights;  // [N] or nullptr
+  Scalar weight_kind;
+  int64_t N, K;
+  void* out;       // [K], zeroed: int64 (no weights, out_float false) or float32
+  bool out_float;  // counts as float32 (cluster_stats)
+  DeviceInfo dev;
+  cudaStream_t stream;
+};
+cudaError_t histogram(const HistogramArgs& a);
+
+struct ClusterStatsArgs {
+  const void* x;  // [N, D]
+  Scalar x_kind;
+  const void* indices;  // [N] (atomic) or the stably sorted indices (deterministic)
+  Index index_kind;
+  const int64_t* order;  // deterministic: [N] sorted position -> row; atomic: unused
+  int64_t* starts;       // deterministic: [K + 1] workspace; atomic: unused
+  int64_t N, K, D;
+  float* counts;  // [K]: zeroed for atomic
+  float* sums;    // [K, D]: zeroed for atomic
+  DeviceInfo dev;
+  cudaStream_t stream;
+};
+cudaError_t cluster_stats_atomic(const ClusterStatsArgs& a);
+cudaError_t cluster_stats_sorted(const ClusterStatsArgs& a);
+
+struct EmaArgs {
+  void* cluster_size;  // [H, K] stats dtype, in place
+  void* embed_avg;     // [H, K, D] stats dtype, in place
+  void* codebook;      // [H, K, D] codebook dtype, overwritten
+  const void* counts;  // [H, K] stats dtype
+  const void* sums;    // [H, K, D] stats dtype
+  Scalar stats_kind;   // kFloat or kDouble
+  Scalar codebook_kind;
+  int64_t H, K, D;
+  double decay, eps;
+  double* n;  // [H] workspace
+  DeviceInfo dev;
+  cudaStream_t stream;
+};
+cudaError_t ema_update(const EmaArgs& a);
+
+}  // namespace vqk

@@ -1,0 +1,548 @@
+"""The CUDA extension without a GPU: compile checks, register/spill report, and the loader.
+
+* Every kernel header (csrc/kernels/*.cuh) compiles on its own, and every launcher
+  translation unit (csrc/*.cu, which instantiate every kernel template the extension ships)
+  compiles with nvcc for sm_80 and sm_90 in one call with two -gencode, with the build's
+  flags. ptxas -v is parsed into a registers / spill table (printed; run with -s to see it)
+  and a kernel that spills more than SPILL_LIMIT_BYTES fails.
+* The torch glue (csrc/vq_ops.cpp) is compiled with the host compiler against torch's
+  headers where the installed torch ships its CUDA headers (the CPU wheel does, minus one
+  generated config header, see _glue_command), then linked with the launcher objects into
+  a shared library whose undefined symbols must not include any of ours (every launcher
+  the glue calls exists with the signature it expects). With a CPU build of torch, that
+  library (libc10_cuda stubbed out) is then loaded to check that the four ops register.
+* On a machine without a GPU the cuda backend reports a clear reason, quickly, and a
+  forced backend="cuda" raises BackendUnavailableError.
+* With a GPU (marker gpu) the cuda backend is checked against the fp64 reference at tile
+  edges (N, K not multiples of the tiles, K = 1, D = 1, D not a multiple of 16, splits of
+  the codebook), for both assign kernels, with exact ties. Those checks also run on the
+  chunked CPU backend here, so the checks themselves are exercised on every machine.
+
+Everything is skipped, with the reason, only where nvcc is absent.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vqkernels
+from vqkernels import BackendUnavailableError, _extension
+from vqkernels.ops.histogram import reference as histogram_reference
+from vqkernels.ops.stats import reference as stats_reference
+
+from helpers import check_assign
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+NVCC = shutil.which("nvcc")
+ARCHS = ("80", "90")
+# torch's COMMON_NVCC_FLAGS plus setup.py's: compile exactly what the build compiles.
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "--use_fast_math",
+    "-lineinfo",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+    "-Xcompiler",
+    "-fPIC",
+    f"-I{CSRC}",
+    f"-I{CSRC / 'kernels'}",
+]
+# Every kernel spills 0 bytes today. A tile that stops fitting in registers spills hundreds
+# of bytes (the SIMT tile capped at 128 registers: 324 B stored + 212 B loaded), so this
+# catches it, while a compiler that parks a loop counter on the stack does not fail CI.
+SPILL_LIMIT_BYTES = 64
+
+# Kernels (demangled, without arguments) that must come out of the launcher TUs, per arch.
+EXPECTED_KERNELS = (
+    [f"vqk::{k}<{t}>" for k in ("code_terms_kernel", "assign_simt_kernel", "assign_finalize_kernel")
+     for t in ("__half", "__nv_bfloat16", "float")]
+    + [f"vqk::assign_mma_kernel<{t}>" for t in ("__half", "__nv_bfloat16")]
+    + [f"vqk::{k}<{i}, {w}, {o}>" for k in ("histogram_shared_kernel", "histogram_global_kernel")
+       for i in ("int", "long") for w in ("vqk::NoWeight", "__half", "__nv_bfloat16", "float")
+       for o in (("unsigned long long", "float") if w == "vqk::NoWeight" else ("float",))]
+    + [f"vqk::cluster_sums_atomic_kernel<{t}, {i}>"
+       for t in ("__half", "__nv_bfloat16", "float") for i in ("int", "long")]
+    + [f"vqk::segment_starts_kernel<{i}>" for i in ("int", "long")]
+    + [f"vqk::segment_sums_kernel<{t}>" for t in ("__half", "__nv_bfloat16", "float")]
+    + [f"vqk::ema_sizes_kernel<{s}>" for s in ("float", "double")]
+    + [f"vqk::ema_embed_kernel<{s}, {t}>" for s in ("float", "double") for t in ("__half", "__nv_bfloat16", "float")]
+)
+
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compile-checked on this machine"
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Compilation (all jobs in parallel, once per session)
+
+def _run(cmd, cwd=None):
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return {"cmd": cmd, "rc": proc.returncode, "out": proc.stdout, "seconds": time.monotonic() - start}
+
+
+def _cuda_include_dir():
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if NVCC is not None:
+        candidates.append(str(Path(os.path.realpath(NVCC)).parents[1]))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(c) / "include"
+    return None
+
+
+def _glue_command(obj: Path):
+    """(command, None) to compile vq_ops.cpp, or (None, why it cannot be compiled here)."""
+    from torch.utils import cpp_extension
+
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        return None, "no host C++ compiler (c++ / g++) on PATH"
+    torch_inc = [Path(p) for p in cpp_extension.include_paths()]
+    needed = ("c10/cuda/CUDAGuard.h", "c10/cuda/CUDAStream.h", "torch/library.h", "ATen/ops/sort.h")
+    missing = [h for h in needed if not any((p / h).is_file() for p in torch_inc)]
+    if missing:
+        return None, f"this torch ({torch.__version__}) does not ship {missing}, so the glue is not compile-checked"
+    cuda_inc = _cuda_include_dir()
+    if cuda_inc is None:
+        return None, "cuda_runtime_api.h not found (set CUDA_HOME)"
+    py_inc = sysconfig.get_paths()["include"]
+    if not (Path(py_inc) / "Python.h").is_file():
+        return None, f"Python.h not found in {py_inc}"
+    # The standard torch's own build helpers would use for this torch.
+    std = "-std=c++20" if "c++20" in Path(cpp_extension.__file__).read_text() else "-std=c++17"
+    cmd = [cxx, std, "-O0", "-fPIC", "-c", str(CSRC / "vq_ops.cpp"), "-o", str(obj), f"-I{CSRC}"]
+    cmd += [f"-isystem{p}" for p in torch_inc] + [f"-isystem{cuda_inc}", f"-isystem{py_inc}"]
+    cmd += [
+        # A CUDA build of torch generates c10/cuda/impl/cuda_cmake_macros.h; the CPU wheel
+        # lacks it. It only holds export macros, which matter for linking torch itself.
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-DTORCH_EXTENSION_NAME=_C",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        "-Wall",
+        "-Werror=return-type",
+    ]
+    return cmd, None
+
+
+# Link-time stand-ins for libc10_cuda, which a CPU build of torch does not ship, so the
+# extension can be loaded on a CPU-only machine to check its op registration (schemas
+# inferred from the C++ signatures must match the m.def strings; that check otherwise
+# only happens when the extension is loaded on a GPU machine). Never called.
+C10_CUDA_STUBS = """
+#include <atomic>
+#include <cstdlib>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+namespace c10::cuda {
+[[noreturn]] static void stub() { std::abort(); }
+DeviceIndex device_count() noexcept { return 0; }
+DeviceIndex ExchangeDevice(DeviceIndex) { stub(); }
+cudaError_t MaybeSetDevice(DeviceIndex) { stub(); }
+cudaError_t GetDevice(DeviceIndex*) { stub(); }
+cudaError_t SetDevice(DeviceIndex, const bool) { stub(); }
+CUDAStream getStreamFromPool(const bool, DeviceIndex) { stub(); }
+CUDAStream getStreamFromPool(const int, DeviceIndex) { stub(); }
+CUDAStream getCurrentCUDAStream(DeviceIndex) { stub(); }
+CUDAStream getDefaultCUDAStream(DeviceIndex) { stub(); }
+void setCurrentCUDAStream(CUDAStream) { stub(); }
+void c10_cuda_check_implementation(const int32_t, const char*, const char*, const uint32_t, const bool) { stub(); }
+bool CUDAStream::query() const { stub(); }
+void CUDAStream::synchronize() const { stub(); }
+cudaStream_t CUDAStream::stream() const { stub(); }
+namespace CUDACachingAllocator {
+std::atomic<CUDAAllocator*> allocator;
+}
+}  // namespace c10::cuda
+"""
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory):
+    """Compile everything in parallel; {name: result} plus the tmp dir and the glue skip reason."""
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH: the CUDA sources cannot be compile-checked on this machine")
+    tmp = tmp_path_factory.mktemp("cuda_build")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    jobs = {}
+    glue_cmd, glue_skip = _glue_command(tmp / "vq_ops.o")
+    if glue_cmd is not None:
+        jobs["glue:vq_ops.cpp"] = glue_cmd
+        if torch.version.cuda is None:  # CPU torch: no libc10_cuda to link the load check against
+            (tmp / "c10_cuda_stubs.cpp").write_text(C10_CUDA_STUBS)
+            stub_cmd = [a for a in glue_cmd if not a.startswith("-DTORCH_EXTENSION_NAME")]
+            stub_cmd[stub_cmd.index(str(CSRC / "vq_ops.cpp"))] = str(tmp / "c10_cuda_stubs.cpp")
+            stub_cmd[stub_cmd.index(str(tmp / "vq_ops.o"))] = str(tmp / "c10_cuda_stubs.o")
+            jobs["stubs:c10_cuda_stubs.cpp"] = stub_cmd
+    for cu in sorted(CSRC.glob("*.cu")):
+        jobs[f"tu:{cu.name}"] = [NVCC, *NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-c", str(cu),
+                                 "-o", str(tmp / f"{cu.stem}.o")]
+    for header in sorted((CSRC / "kernels").glob("*.cuh")):
+        tu = tmp / f"self_contained_{header.stem}.cu"
+        tu.write_text(f'#include "kernels/{header.name}"  // first and alone: the header must be self-contained\n')
+        jobs[f"header:{header.name}"] = [NVCC, *NVCC_FLAGS, "-gencode=arch=compute_90,code=sm_90", "-c", str(tu),
+                                         "-o", str(tmp / f"self_contained_{header.stem}.o")]
+    start = time.monotonic()
+    workers = max(2, os.cpu_count() or 2)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(_run, cmd) for name, cmd in jobs.items()}  # longest (glue, assign) first
+        results = {name: f.result() for name, f in futures.items()}
+    print(f"\ncompiled {len(jobs)} translation units in {time.monotonic() - start:.1f} s with {workers} workers")
+    return {"results": results, "tmp": tmp, "glue_skip": glue_skip}
+
+
+def _fail_message(res):
+    return f"$ {' '.join(map(str, res['cmd']))}\n(exit {res['rc']})\n{res['out'][-6000:]}"
+
+
+def parse_ptxas(text: str):
+    """{(mangled kernel, arch): {"registers": int, "spill_stores": int, "spill_loads": int}}."""
+    table = {}
+    current = None
+    props_for = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if m:
+            current = (m.group(1), m.group(2))
+            table[current] = {"registers": None, "spill_stores": None, "spill_loads": None}
+            props_for = None
+            continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            props_for = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current and props_for == current[0]:
+            table[current]["spill_stores"] = int(m.group(1))
+            table[current]["spill_loads"] = int(m.group(2))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            table[current]["registers"] = int(m.group(1))
+    return table
+
+
+def _demangle(names):
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), stdout=subprocess.PIPE, text=True).stdout.splitlines()
+    if len(out) != len(names):
+        return {n: n for n in names}
+    # "void vqk::kernel<float>(float const*, ...)" -> "vqk::kernel<float>"
+    return {n: re.sub(r"^void ", "", d.split("(")[0]) for n, d in zip(names, out)}
+
+
+@needs_nvcc
+def test_kernel_headers_are_self_contained(build):
+    headers = {k: v for k, v in build["results"].items() if k.startswith("header:")}
+    assert headers, "no csrc/kernels/*.cuh found"
+    for name, res in headers.items():
+        assert res["rc"] == 0, f"{name} does not compile on its own:\n" + _fail_message(res)
+
+
+@needs_nvcc
+def test_kernels_compile_for_sm80_sm90_without_spills(build, record_property):
+    tus = {k: v for k, v in build["results"].items() if k.startswith("tu:")}
+    assert {"tu:assign_f16.cu", "tu:assign_bf16.cu", "tu:assign_f32.cu", "tu:stats.cu"} <= set(tus), sorted(tus)
+    for name, res in tus.items():
+        assert res["rc"] == 0, f"{name} failed to compile:\n" + _fail_message(res)
+    table = {}
+    for res in tus.values():
+        table.update(parse_ptxas(res["out"]))
+    assert table, "could not parse any ptxas -v output (format changed?)"
+    names = _demangle(sorted({name for name, _ in table}))
+    rows = sorted((names[n], arch, v) for (n, arch), v in table.items())
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'kernel':<{width}}  arch   regs  spill st/ld (bytes)"]
+    lines += [f"{k:<{width}}  {a}  {v['registers']:>4}  {v['spill_stores']}/{v['spill_loads']}" for k, a, v in rows]
+    print("\n" + "\n".join(lines))
+    print("compile seconds: " + ", ".join(f"{k[3:]} {v['seconds']:.0f}" for k, v in sorted(tus.items())))
+    record_property("ptxas", [(k, a, v["registers"], v["spill_stores"], v["spill_loads"]) for k, a, v in rows])
+
+    found = {(k, a) for k, a, _ in rows}
+    missing = [(k, f"sm_{a}") for k in EXPECTED_KERNELS for a in ARCHS if (k, f"sm_{a}") not in found]
+    assert not missing, f"kernels missing from the build: {missing}"
+    for k, a, v in rows:
+        assert v["registers"] is not None and v["spill_stores"] is not None, f"incomplete ptxas report for {k} {a}"
+    spilling = [(k, a, v["spill_stores"], v["spill_loads"]) for k, a, v in rows
+                if v["spill_stores"] + v["spill_loads"] > SPILL_LIMIT_BYTES]
+    assert not spilling, f"kernels spilling more than {SPILL_LIMIT_BYTES} bytes (stores, loads): {spilling}"
+
+
+@needs_nvcc
+def test_glue_compiles_and_links_with_the_launchers(build):
+    if build["glue_skip"]:
+        pytest.skip(build["glue_skip"])
+    res = build["results"]["glue:vq_ops.cpp"]
+    assert res["rc"] == 0, "csrc/vq_ops.cpp failed to compile:\n" + _fail_message(res)
+    tmp = build["tmp"]
+    objs = [tmp / "vq_ops.o"] + [tmp / f"{cu.stem}.o" for cu in sorted(CSRC.glob("*.cu"))]
+    assert all(o.is_file() for o in objs), "launcher objects missing (see the compile test)"
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    so = tmp / "vq_check.so"
+    link = _run([cxx, "-shared", "-o", str(so), *map(str, objs)])
+    assert link["rc"] == 0, _fail_message(link)
+    # torch, c10, cudart and Python stay undefined (resolved at load time); ours must not.
+    nm = subprocess.run(["nm", "-C", "--undefined-only", str(so)], stdout=subprocess.PIPE, text=True).stdout
+    ours = [line.strip() for line in nm.splitlines() if "vqk::" in line]
+    assert not ours, f"launchers the glue calls but nobody defines (signature mismatch?): {ours}"
+    defined = subprocess.run(["nm", "-D", "--defined-only", str(so)], stdout=subprocess.PIPE, text=True).stdout
+    assert "PyInit__C" in defined, "the extension does not export PyInit__C (import vqkernels._C would fail)"
+
+
+@needs_nvcc
+def test_glue_registers_the_ops_when_loaded(build):
+    """Load the extension into a CPU build of torch (libc10_cuda stubbed out) after vqkernels'
+    own Python ops: the four *_cuda ops must register with their schemas and a CUDA kernel."""
+    if build["glue_skip"]:
+        pytest.skip(build["glue_skip"])
+    if "stubs:c10_cuda_stubs.cpp" not in build["results"]:
+        pytest.skip("torch is a CUDA build here: the GPU tests load the real extension instead")
+    res = build["results"]["stubs:c10_cuda_stubs.cpp"]
+    assert res["rc"] == 0, _fail_message(res)
+    cuda_lib = _cuda_include_dir().parent / "lib64"
+    if not (cuda_lib / "libcudart.so").exists():
+        pytest.skip(f"no libcudart.so in {cuda_lib} to link against")
+    tmp = build["tmp"]
+    torch_lib = Path(torch.__file__).parent / "lib"
+    so = tmp / "vq_load_check.so"
+    objs = [tmp / "vq_ops.o", tmp / "c10_cuda_stubs.o"] + [tmp / f"{cu.stem}.o" for cu in sorted(CSRC.glob("*.cu"))]
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    link = _run([cxx, "-shared", "-o", str(so), *map(str, objs), f"-L{cuda_lib}", "-lcudart", f"-Wl,-rpath,{cuda_lib}",
+                 f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_lib}"])
+    assert link["rc"] == 0, _fail_message(link)
+    nm = subprocess.run(["nm", "-C", "--undefined-only", str(so)], stdout=subprocess.PIPE, text=True).stdout
+    unresolved = [line.split(maxsplit=1)[-1] for line in nm.splitlines() if "c10::cuda::" in line]
+    if unresolved:
+        pytest.skip(f"this torch's glue needs libc10_cuda symbols the stubs lack: {unresolved}")
+    code = f"""
+import torch, vqkernels
+torch.ops.load_library({str(so)!r})
+for name in ("assign_cuda", "histogram_cuda", "cluster_stats_cuda", "ema_update_cuda"):
+    op = getattr(torch.ops.vqkernels, name).default
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), name
+    print(op._schema)
+try:
+    torch.ops.vqkernels.assign_cuda(torch.randn(3, 4), torch.randn(2, 4), "l2")
+except NotImplementedError as exc:
+    assert "CPU" in str(exc)
+    print("cpu-refused")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    out = proc.stdout
+    assert "vqkernels::assign_cuda(Tensor x, Tensor codebook, str metric) -> (Tensor, Tensor)" in out, out
+    assert "vqkernels::histogram_cuda(Tensor indices, int K, Tensor? weights) -> Tensor" in out, out
+    assert "vqkernels::cluster_stats_cuda(Tensor x, Tensor indices, int K, bool deterministic)" in out, out
+    assert "vqkernels::ema_update_cuda(Tensor(a!) cluster_size, Tensor(b!) embed_avg, Tensor(c!) codebook" in out, out
+    assert "cpu-refused" in out, out
+
+
+# ---------------------------------------------------------------------------------------
+# The loader and the backend on a machine without a GPU
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the backend may well be available")
+def test_cuda_backend_unavailable_with_a_clear_reason():
+    start = time.monotonic()
+    reason = _extension.unavailable_reason()
+    elapsed = time.monotonic() - start
+    assert isinstance(reason, str) and reason, "no reason given"
+    assert elapsed < 2.0, f"unavailable_reason() took {elapsed:.1f} s; it must not try to compile here"
+    if torch.version.cuda is None:
+        assert "CPU build" in reason, reason
+    else:
+        assert "no CUDA device" in reason or "vqkernels._C" in reason, reason
+    assert _extension.status() == f"unavailable: {reason}"
+    with pytest.raises(BackendUnavailableError, match="cannot run"):
+        _extension.ops()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_forcing_cuda_backend_on_cpu_tensors_raises():
+    x, cb = torch.randn(8, 4), torch.randn(3, 4)
+    idx = torch.tensor([0, 2, -1, 1])
+    calls = {
+        "assign": lambda: vqkernels.assign(x, cb, backend="cuda"),
+        "histogram": lambda: vqkernels.histogram(idx, 3, backend="cuda"),
+        "cluster_stats": lambda: vqkernels.cluster_stats(x[:4], idx, 3, backend="cuda"),
+        "ema_update_": lambda: vqkernels.ema_update_(
+            torch.ones(3), torch.zeros(3, 4), cb.clone(), torch.ones(3), torch.zeros(3, 4), 0.9, backend="cuda"),
+    }
+    for op, call in calls.items():
+        with pytest.raises(BackendUnavailableError, match="cuda") as info:
+            call()
+        assert "CUDA" in str(info.value), f"{op}: {info.value}"
+
+
+def test_import_does_not_load_the_extension():
+    code = (
+        "import sys, vqkernels;"
+        "assert 'vqkernels._C' not in sys.modules, 'the extension was imported';"
+        "ext = sys.modules.get('vqkernels._extension');"
+        "assert ext is None or not ext._state['tried'], 'the extension loader ran at import';"
+        "print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout
+
+
+def test_sources_are_found_for_the_jit_build():
+    src = _extension._sources_dir()
+    assert src is not None and (src / "kernels" / "assign.cuh").is_file()
+    assert sorted(p.name for p in src.glob("*.cu")), "no .cu sources next to vq_ops.cpp"
+
+
+# ---------------------------------------------------------------------------------------
+# Runtime checks: cuda (GPU, both assign kernels) and, to exercise the checks, chunked (CPU)
+
+def _runtime_cases():
+    cases = [pytest.param(("chunked", "cpu", "auto"), id="chunked-cpu")]
+    if torch.cuda.is_available():
+        for kernel in ("auto", "mma", "simt"):
+            cases.append(pytest.param(("cuda", "cuda", kernel), id=f"cuda-{kernel}", marks=pytest.mark.gpu))
+    return cases
+
+
+@pytest.fixture(params=_runtime_cases())
+def runtime(request, monkeypatch):
+    backend, device, kernel = request.param
+    if backend == "cuda":
+        reason = _extension.unavailable_reason()
+        assert reason is None, f"a GPU is present but the cuda backend is unavailable: {reason}"
+        monkeypatch.setenv("VQKERNELS_CUDA_ASSIGN_KERNEL", kernel)
+    return backend, device, kernel
+
+
+# (N, K, D): N and K off the 128-row/code tiles, K = 1, D = 1, D below/above/off 16 and 32,
+# several K tiles (and, with few row tiles, several codebook splits merged by atomicMin).
+ASSIGN_SHAPES = [(1, 1, 1), (5, 1, 7), (130, 3, 33), (64, 129, 16), (257, 300, 40), (300, 517, 100), (129, 260, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_assign_tile_edges(runtime, dtype, metric):
+    backend, device, kernel = runtime
+    if kernel == "mma" and dtype == torch.float32:
+        pytest.skip("no tensor-core path for float32")
+    gen = torch.Generator().manual_seed(0)
+    for N, K, D in ASSIGN_SHAPES:
+        x = torch.randn(N, D, generator=gen).to(dtype).to(device)
+        cb = torch.randn(K, D, generator=gen).to(dtype).to(device)
+        indices, distances = vqkernels.assign(x, cb, metric, backend=backend)
+        assert distances.dtype == torch.float32 and indices.shape == (N,)
+        check_assign(x, cb, metric, indices, distances)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_assign_exact_ties_go_to_the_lowest_index(runtime, dtype):
+    backend, device, kernel = runtime
+    if kernel == "mma" and dtype == torch.float32:
+        pytest.skip("no tensor-core path for float32")
+    gen = torch.Generator().manual_seed(1)
+    # Small integers: every score is exact in fp32, so copies of a code tie exactly; the
+    # copies sit 150 codes apart, in other K tiles (and splits) than the original.
+    for D in (8, 48):
+        base = torch.randint(-3, 4, (150, D), generator=gen).float()
+        cb = torch.cat([base, base, base]).to(dtype).to(device)
+        x = torch.randint(-3, 4, (260, D), generator=gen).float().to(dtype).to(device)
+        for metric in ("l2", "dot"):
+            indices, distances = vqkernels.assign(x, cb, metric, backend=backend)
+            late = indices[indices >= 150][:8]
+            assert late.numel() == 0, f"{metric}, D={D}: a later copy won a tie: {late}"
+            if backend == "cuda":
+                # The cuda kernels score these integer inputs exactly, so exact ties between
+                # distinct codes must go to the lowest index too (check_assign's rule).
+                # (chunked's l2 centres the codebook, which rounds such ties apart.)
+                check_assign(x, cb, metric, indices, distances)
+
+
+def test_assign_non_finite_rows(runtime):
+    backend, device, _ = runtime
+    x = torch.randn(6, 40, device=device)
+    x[2, 5] = float("nan")
+    x[4, 0] = float("inf")
+    cb = torch.randn(200, 40, device=device)
+    indices, distances = vqkernels.assign(x, cb, backend=backend)
+    assert indices[2].item() == -1 and indices[4].item() == -1
+    assert torch.isnan(distances[[2, 4]]).all()
+    keep = torch.tensor([0, 1, 3, 5])
+    check_assign(x[keep], cb, "l2", indices[keep.to(device)], distances[keep.to(device)])
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("K", [1, 7, 20000])  # 20000: past the shared-memory histogram
+def test_histogram(runtime, index_dtype, K):
+    backend, device, _ = runtime
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(-2, K, (5000,), generator=gen).to(index_dtype)
+    w = torch.rand(5000, generator=gen)
+    want = histogram_reference.histogram(idx, K, None)
+    got = vqkernels.histogram(idx.to(device), K, backend=backend)
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
+    for wd in (torch.float32, torch.float16):
+        ww = w.to(wd)
+        want_w = histogram_reference.histogram(idx, K, ww)
+        got_w = vqkernels.histogram(idx.to(device), K, ww.to(device), backend=backend)
+        assert got_w.dtype == torch.float32
+        torch.testing.assert_close(got_w.cpu(), want_w, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cluster_stats(runtime, deterministic, dtype):
+    backend, device, _ = runtime
+    gen = torch.Generator().manual_seed(3)
+    for N, K, D, index_dtype in [(1, 1, 1, torch.int64), (500, 7, 33, torch.int32), (3000, 300, 8, torch.int64)]:
+        x = torch.randn(N, D, generator=gen).to(dtype)
+        idx = torch.randint(-1, K, (N,), generator=gen).to(index_dtype)
+        want_c, want_s = stats_reference.cluster_stats(x, idx, K, deterministic)
+        c, s = vqkernels.cluster_stats(x.to(device), idx.to(device), K, deterministic=deterministic, backend=backend)
+        assert c.dtype == torch.float32 and s.shape == (K, D)
+        torch.testing.assert_close(c.cpu(), want_c, rtol=0, atol=0)
+        torch.testing.assert_close(s.cpu(), want_s, rtol=1e-5, atol=1e-4)
+        if deterministic:
+            c2, s2 = vqkernels.cluster_stats(x.to(device), idx.to(device), K, deterministic=True, backend=backend)
+            assert torch.equal(c, c2) and torch.equal(s, s2), "deterministic cluster_stats is not bitwise reproducible"
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("codebook_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("H", [1, 3])
+def test_ema_update(runtime, stats_dtype, codebook_dtype, H):
+    backend, device, _ = runtime
+    gen = torch.Generator().manual_seed(4)
+    K, D = 37, 20
+    cs = torch.rand(H, K, generator=gen, dtype=torch.float64).to(stats_dtype) * 3
+    ea = torch.randn(H, K, D, generator=gen, dtype=torch.float64).to(stats_dtype)
+    cb = torch.randn(H, K, D, generator=gen).to(codebook_dtype)
+    counts = torch.randint(0, 5, (H, K), generator=gen).to(stats_dtype)
+    sums = torch.randn(H, K, D, generator=gen, dtype=torch.float64).to(stats_dtype)
+    want = [t.clone() for t in (cs, ea, cb)]
+    stats_reference.ema_update(*want, counts, sums, 0.9, 1e-5)
+    got = [t.clone().to(device) for t in (cs, ea, cb)]
+    vqkernels.ema_update_(*got, counts.to(device), sums.to(device), 0.9, 1e-5, backend=backend)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+    for name, g, w in zip(("cluster_size", "embed_avg", "codebook"), got, want):
+        t = tol[g.dtype]
+        torch.testing.assert_close(g.cpu(), w, rtol=t, atol=t, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,14 @@
+"""CUDA C++ ``assign`` (the extension's kernels, csrc/kernels/assign.cuh).
+
+fp16/bf16 with D > 32 run on tensor cores (mma.sync m16n8k16, fp32 accumulation); fp32,
+and fp16/bf16 with D <= 32, run a register-tiled SIMT kernel in IEEE fp32 (so fp32 inputs
+are exact whatever torch.get_float32_matmul_precision() says). Both keep a running
+(min, argmin) per row in registers, never an N x K matrix, merge partial minima with ties
+to the lowest index, and recompute the winner's distance exactly in fp32.
+``VQKERNELS_CUDA_ASSIGN_KERNEL=mma|simt`` forces one kernel (tests, benchmarks).
+"""
+from ... import _extension
+
+
+def assign(x, codebook, metric):
+    return _extension.ops().assign_cuda(x, codebook, metric)
