@@ -19,6 +19,9 @@ from .ops import (
     histogram,
     kmeans,
 )
+from . import diagnostics
+from .diagnostics import CodebookMonitor, report
+from .quantizer import LossBreakdown, Quantizer, QuantizerOutput, QuantizerOutputWithBreakdown
 
 __all__ = [
     "__version__",
@@ -31,4 +34,11 @@ __all__ = [
     "kmeans",
     "KMeansResult",
     "BackendUnavailableError",
+    "Quantizer",
+    "QuantizerOutput",
+    "QuantizerOutputWithBreakdown",
+    "LossBreakdown",
+    "CodebookMonitor",
+    "report",
+    "diagnostics",
 ]

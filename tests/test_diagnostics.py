@@ -1,0 +1,123 @@
+"""Diagnostics: usage, stream monitor, shrinkage, coverage, collapse, report, plot."""
+import math
+import sys
+
+import pytest
+import torch
+
+from vqkernels import diagnostics as dg
+from vqkernels.quantizer import Quantizer
+
+
+def test_usage_known_values():
+    u = dg.usage(torch.tensor([0, 0, 1, 1, -1]), codebook_size=4)
+    assert u.total == 4 and u.used_codes == 2 and u.dead_codes == 2
+    assert u.utilisation == 0.5
+    assert math.isclose(u.entropy, math.log(2), rel_tol=1e-12)
+    assert math.isclose(u.perplexity, 2.0, rel_tol=1e-12)
+    assert math.isclose(u.normalised_perplexity, 0.5, rel_tol=1e-12)
+    uniform = dg.usage_from_counts(torch.full((8,), 5))
+    assert math.isclose(uniform.perplexity, 8.0, rel_tol=1e-12) and uniform.utilisation == 1.0
+    empty = dg.usage_from_counts(torch.zeros(8, dtype=torch.int64))
+    assert empty.used_codes == 0 and empty.perplexity == 0.0
+
+
+def test_monitor_measures_the_stream_not_the_batch():
+    K = 64
+    monitor = dg.CodebookMonitor(K)
+    for b in range(8):  # each batch uses only its own 8 codes, uniformly
+        monitor.update(torch.arange(8).repeat(4) + 8 * b)
+    u = monitor.usage()
+    assert u.used_codes == 64 and math.isclose(u.perplexity, 64.0, rel_tol=1e-9)
+    assert math.isclose(monitor.mean_batch_perplexity(), 8.0, rel_tol=1e-9)
+    s = monitor.summary()
+    assert s["batches"] == 8 and s["utilisation"] == 1.0
+    monitor.reset()
+    assert monitor.usage().total == 0 and monitor.batches == 0
+
+
+def test_monitor_attaches_to_a_quantizer():
+    torch.manual_seed(0)
+    vq = Quantizer(4, 16)
+    monitor = dg.CodebookMonitor(16)
+    handle = monitor.attach(vq)
+    counts = torch.zeros(16, dtype=torch.int64)
+    for _ in range(3):
+        _, idx, _ = vq(torch.randn(50, 4))
+        counts += torch.bincount(idx, minlength=16)
+    vq.eval()
+    vq(torch.randn(50, 4))  # eval calls are not recorded (training_only=True)
+    handle.remove()
+    assert torch.equal(monitor.counts, counts) and monitor.batches == 3
+
+
+def test_variance_ratio_and_total_variance():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(1000, 5, generator=g)
+    assert math.isclose(dg.total_variance(e), float(e.var(0, unbiased=False).sum()), rel_tol=1e-6)
+    assert math.isclose(dg.variance_ratio(0.5 * e[:100] + 3.0, e[:100]), 0.25, rel_tol=1e-6)
+
+
+def test_coverage_both_directions():
+    e = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    c = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    cov = dg.coverage(e, c)
+    assert math.isclose(cov.embedding_to_code, 1.0, rel_tol=1e-6)  # distances 0 and 2
+    assert math.isclose(cov.code_to_embedding, 4.0, rel_tol=1e-6)  # distances 0 and 8
+    cos = dg.coverage(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0]]), metric="cosine")
+    assert math.isclose(cos.embedding_to_code, 0.5, abs_tol=1e-6) and math.isclose(cos.code_to_embedding, 0.0, abs_tol=1e-6)
+
+
+def test_effective_rank():
+    g = torch.Generator().manual_seed(0)
+    iso = torch.randn(20000, 6, generator=g)
+    assert 5.8 < dg.effective_rank(iso) <= 6.0
+    line = torch.randn(500, 1, generator=g) * torch.tensor([[1.0, 2.0, -1.0, 0.5]]) + 7.0
+    assert math.isclose(dg.effective_rank(line), 1.0, abs_tol=1e-4)
+
+
+def test_class_coverage():
+    indices = torch.tensor([0, 0, 1, 1, 1, 2, -1])
+    labels = torch.tensor([5, 5, 5, 7, 7, 7, 9])  # class 9 only has a masked row
+    cc = dg.class_coverage(indices, labels, codebook_size=4)
+    assert cc["classes"] == 3 and cc["classes_covered"] == 2
+    per = {p["label"]: p for p in cc["per_class"]}
+    assert per[5]["codes_used"] == 2 and per[5]["codes_owned"] == 1
+    assert per[7]["codes_used"] == 2 and per[7]["codes_owned"] == 2
+    assert per[9]["rows"] == 0 and per[9]["codes_owned"] == 0
+
+
+def test_report_dict_and_table(capsys):
+    torch.manual_seed(0)
+    vq = Quantizer(4, 16, codebook_dim=3, init="kmeans")
+    x = torch.randn(200, 4)
+    vq(x)
+    labels = torch.arange(200) % 4
+    r = dg.report(x, vq, labels=labels, extra={"recon_mse": 0.5}, title="vq")
+    printed = capsys.readouterr().out
+    for key in ("utilisation", "perplexity", "normalised_perplexity", "dead_codes", "entropy", "variance_ratio",
+                "embedding_to_code", "code_to_embedding", "effective_rank_embeddings", "effective_rank_codebook",
+                "classes_covered", "per_class", "recon_mse"):
+        assert key in r, key
+    assert "utilisation" in printed and "variance ratio" in printed and "vq" in printed
+    # with a Quantizer, the embeddings are taken into its codebook space
+    z = vq.to_codebook_space(x).detach()
+    assert math.isclose(r["variance_ratio"], dg.variance_ratio(vq.codebook.detach(), z), rel_tol=1e-6)
+    assert r["effective_rank_codebook"] <= 3.0 + 1e-6
+    table = dg.format_table({"a": r, "b": r})
+    assert table.splitlines()[0].split()[-2:] == ["a", "b"]
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(300, 5, generator=g)
+    path = dg.plot(e, e[:20], str(tmp_path / "diag.png"), labels=torch.arange(300) % 3)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"vqkernels\[plot\]"):
+        dg.plot(torch.randn(10, 2), torch.randn(3, 2), str(tmp_path / "x.png"))

@@ -1,0 +1,426 @@
+"""Quantizer: against a plain reference loop, gradient estimators, restarts, masks, state, deferral."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vqkernels.quantizer as quantizer_module
+from vqkernels.ops import assign, cluster_stats, ema_update_, kmeans
+from vqkernels.quantizer import LossBreakdown, Quantizer, QuantizerOutput, rotation_backward
+
+from helpers import first_mismatches
+
+
+def batches(n_batches, rows=64, dim=8, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, dim, generator=g) + shift for _ in range(n_batches)]
+
+
+def assert_close(actual, expected, name, atol=1e-6, rtol=1e-6):
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol)
+    assert not bool(bad.any()), f"{name}: " + first_mismatches(bad, actual, expected)
+
+
+# ---------------------------------------------------------------- reference loop
+def reference_loop(x_batches, codebook, masks, metric, decay, eps, beta, backend):
+    """The EMA VQ layer written out with the ops, step by step."""
+    K = codebook.shape[0]
+    codebook = codebook.clone()
+    cluster_size = torch.ones(K)
+    embed_avg = codebook.clone()
+    outs = []
+    for x, keep in zip(x_batches, masks):
+        z = F.normalize(x, dim=-1) if metric == "cosine" else x
+        indices = assign(z, codebook, metric, backend=backend).indices
+        if keep is not None:
+            indices = torch.where(keep, indices, torch.full_like(indices, -1))
+        valid = indices >= 0
+        q = torch.where(valid[:, None], codebook[indices.clamp_min(0)], z)
+        err = (z - q).pow(2).sum(-1)[valid]
+        loss = beta * err.sum() / (valid.sum() * z.shape[1])
+        out = torch.where(valid[:, None], q, x)
+        counts, sums = cluster_stats(z, indices, K, backend=backend)
+        ema_update_(cluster_size, embed_avg, codebook, counts, sums, decay, eps, backend=backend)
+        if metric == "cosine":
+            codebook = F.normalize(codebook, dim=-1)
+        outs.append((indices, out, loss))
+    return outs, codebook, cluster_size, embed_avg
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("backend,tol", [("reference", 1e-6), (None, 1e-5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_reference_loop(metric, backend, tol, masked):
+    torch.manual_seed(0)
+    vq = Quantizer(8, 16, metric=metric, decay=0.9, eps=1e-5, commitment_weight=0.25, init="uniform", backend=backend)
+    start = vq.codebook.detach().clone()
+    xs = batches(5, seed=1)
+    g = torch.Generator().manual_seed(2)
+    masks = [torch.rand(64, generator=g) > 0.3 if masked else None for _ in xs]
+    expected, cb, cs, ea = reference_loop(xs, start, masks, metric, 0.9, 1e-5, 0.25, "reference")
+    for step, (x, keep, (e_idx, e_out, e_loss)) in enumerate(zip(xs, masks, expected)):
+        out = vq(x, mask=keep)
+        assert torch.equal(out.indices, e_idx), f"step {step}: " + first_mismatches(out.indices != e_idx, out.indices, e_idx)
+        assert_close(out.quantized, e_out, f"quantized, step {step}", atol=tol, rtol=tol)
+        assert_close(out.loss, e_loss, f"loss, step {step}", atol=tol, rtol=tol)
+    assert_close(vq.cluster_size, cs, "cluster_size", atol=tol, rtol=tol)
+    assert_close(vq.embed_avg, ea, "embed_avg", atol=tol, rtol=tol)
+    assert_close(vq.codebook, cb, "codebook", atol=tol, rtol=tol)
+
+
+def test_matches_vector_quantize_pytorch_ema_step():
+    """Drop-in: same codebook -> same indices, output, loss and EMA codebook as VectorQuantize."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    theirs = vqp.VectorQuantize(dim=8, codebook_size=32, decay=0.8, commitment_weight=1.0, rotation_trick=False)
+    ours = Quantizer(8, 32, decay=0.8, commitment_weight=1.0)
+    ours.codebook = theirs.codebook.detach().clone()
+    ours.cluster_size.fill_(1.0)
+    ours.embed_avg.copy_(theirs.codebook.detach())
+    x = torch.randn(2, 50, 8)
+    for _ in range(3):
+        q1, i1, l1 = theirs(x)
+        q2, i2, l2 = ours(x)
+        assert torch.equal(i1, i2)
+        assert_close(q2, q1, "quantized", atol=1e-5)
+        assert_close(l2, l1, "loss", atol=1e-5)
+        assert_close(ours.codebook, theirs.codebook, "codebook after EMA", atol=1e-5)
+
+
+# ---------------------------------------------------------------- outputs and shapes
+def test_empty_batch():
+    vq = Quantizer(4, 8)
+    q, idx, loss = vq(torch.randn(0, 4))
+    assert q.shape == (0, 4) and idx.shape == (0,) and float(loss) == 0.0
+
+
+def test_output_contract():
+    vq = Quantizer(8, 16)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    out = vq(x)
+    assert isinstance(out, QuantizerOutput)
+    quantized, indices, loss = out
+    assert quantized.shape == x.shape and quantized.dtype == x.dtype
+    assert indices.shape == (2, 3, 5) and indices.dtype == torch.int64
+    assert loss.shape == ()
+    out4 = vq(x, return_loss_breakdown=True)
+    assert isinstance(out4.breakdown, LossBreakdown)
+    assert_close(out4.loss, out4.breakdown.commitment * vq.commitment_weight, "loss = beta * commitment")
+    vq.eval()
+    assert float(vq(x).loss) == 0.0
+
+
+def test_bfloat16_input_keeps_dtype():
+    vq = Quantizer(8, 16)
+    x = torch.randn(4, 10, 8).to(torch.bfloat16)
+    q, idx, _ = vq(x)
+    assert q.dtype == torch.bfloat16 and idx.dtype == torch.int64
+
+
+def test_channel_first_matches_channel_last():
+    torch.manual_seed(0)
+    a = Quantizer(8, 16, channel_last=False)
+    b = Quantizer(8, 16)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 8, 4, 5)
+    qa, ia, la = a(x)
+    qb, ib, lb = b(x.movedim(1, -1))
+    assert qa.shape == x.shape and ia.shape == (2, 4, 5)
+    assert torch.equal(ia, ib)
+    assert_close(qa.movedim(1, -1), qb, "quantized")
+    assert_close(la, lb, "loss")
+    a.eval()
+    qe, ie, _ = a(x)
+    assert_close(a.decode(ie), qe, "decode in the input layout")
+
+
+def test_codebook_dim_projections_and_decode():
+    torch.manual_seed(0)
+    vq = Quantizer(12, 16, codebook_dim=4)
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    q, idx, loss = vq(x)
+    assert q.shape == x.shape and vq.codebook.shape == (16, 4)
+    (q.sum() + loss).backward()
+    assert vq.project_in.weight.grad is not None and vq.project_out.weight.grad is not None
+    vq.eval()
+    q, idx, _ = vq(x)
+    assert_close(vq.decode(idx), q, "decode(indices) == quantized")
+    codes = vq.get_codes_from_indices(idx)
+    assert codes.shape == (3, 7, 4)
+    assert_close(codes, vq.codebook[idx], "get_codes_from_indices")
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="metric"):
+        Quantizer(8, 16, metric="dot")
+    with pytest.raises(ValueError, match="learning"):
+        Quantizer(8, 16, learning="adam")
+    with pytest.raises(ValueError, match="reservoir_size"):
+        Quantizer(8, 16, deferred_steps=2, reservoir_size=8)
+    vq = Quantizer(8, 16)
+    with pytest.raises(ValueError, match="dim=8"):
+        vq(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="mask"):
+        vq(torch.randn(4, 8), mask=torch.ones(5, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- gradients
+def test_straight_through_gradient_is_the_output_gradient():
+    torch.manual_seed(0)
+    vq = Quantizer(8, 16)
+    x = torch.randn(40, 8, requires_grad=True)
+    q, _, _ = vq(x)
+    g = torch.randn_like(q)
+    q.backward(g)
+    assert torch.equal(x.grad, g)
+
+
+def _rotation_grad_direct(e, q, g):
+    """lambda * R^T g with R built as a matrix per row: R = I - 2 r r^T + 2 q^ e^T."""
+    e64, q64, g64 = e.double(), q.double(), g.double()
+    e_hat = e64 / e64.norm(dim=1, keepdim=True)
+    q_hat = q64 / q64.norm(dim=1, keepdim=True)
+    r = F.normalize(e_hat + q_hat, dim=1)
+    eye = torch.eye(e.shape[1], dtype=torch.float64).expand(e.shape[0], -1, -1)
+    R = eye - 2 * r[:, :, None] * r[:, None, :] + 2 * q_hat[:, :, None] * e_hat[:, None, :]
+    # R maps e^ to q^, so lambda * R e = q
+    assert torch.allclose((R @ e64[:, :, None]).squeeze(-1) * (q64.norm(dim=1) / e64.norm(dim=1))[:, None], q64, atol=1e-9)
+    lam = (q64.norm(dim=1) / e64.norm(dim=1))[:, None]
+    return lam * (R.transpose(1, 2) @ g64[:, :, None]).squeeze(-1)
+
+
+def test_rotation_trick_gradient_matches_direct_formula():
+    torch.manual_seed(0)
+    vq = Quantizer(8, 16, gradient="rotation", commitment_weight=0.0)
+    vq.eval()  # codebook frozen: only the estimator is under test
+    x = torch.randn(30, 8, requires_grad=True)
+    q, idx, _ = vq(x)
+    assert_close(q, vq.codebook[idx], "forward value is the code")
+    g = torch.randn_like(q)
+    q.backward(g)
+    expected = _rotation_grad_direct(x.detach(), q.detach(), g)
+    assert_close(x.grad.double(), expected, "rotation gradient", atol=1e-5, rtol=1e-4)
+
+
+def test_rotation_trick_matches_vector_quantize_pytorch():
+    vqp = pytest.importorskip("vector_quantize_pytorch.vector_quantize_pytorch")
+    torch.manual_seed(1)
+    e = torch.randn(20, 6, requires_grad=True)
+    q = torch.randn(20, 6)
+    g = torch.randn(20, 6)
+    vqp.rotate_to(e, q).backward(g)
+    assert_close(rotation_backward(e.detach(), q, g), e.grad, "rotation_backward vs rotate_to", atol=1e-5)
+
+
+def test_gradient_learning_moves_the_codebook_towards_its_inputs():
+    torch.manual_seed(0)
+    vq = Quantizer(4, 8, learning="gradient", commitment_weight=0.25)
+    assert isinstance(vq.embed, torch.nn.Parameter)
+    x = torch.randn(256, 4) + 3.0
+    before = vq.codebook.detach().clone()
+    opt = torch.optim.SGD([vq.embed], lr=0.5)
+    q, idx, loss = vq(x)
+    loss.backward()
+    # d/dc of mean ||c_idx - z||^2 over N*D elements: 2/(N*D) * sum over the code's rows (c - z)
+    expected = torch.zeros_like(before)
+    expected.index_add_(0, idx, 2 * (before[idx] - x) / x.numel())
+    assert_close(vq.embed.grad, expected, "codebook gradient", atol=1e-6)
+    opt.step()
+    used = torch.unique(idx)
+    assert not torch.allclose(vq.codebook[used], before[used])
+    mean_dist = lambda cb: (cb[used] - 3.0).norm(dim=1).mean()  # noqa: E731
+    assert mean_dist(vq.codebook.detach()) < mean_dist(before)
+
+
+# ---------------------------------------------------------------- initialisation
+def test_kmeans_init_on_first_batch(monkeypatch):
+    calls = []
+
+    def spy(x, K, iters, **kw):
+        calls.append(x.clone())
+        return kmeans(x, K, iters, **kw)
+
+    monkeypatch.setattr(quantizer_module, "kmeans", spy)
+    torch.manual_seed(0)
+    vq = Quantizer(4, 8, init="kmeans", decay=1.0)  # decay 1: the EMA keeps the k-means codebook
+    x = torch.randn(100, 4, generator=torch.Generator().manual_seed(5))
+    vq(x)
+    assert len(calls) == 1 and torch.equal(calls[0], x)
+    assert bool(vq.initted)
+    torch.manual_seed(0)
+    ref = Quantizer(4, 8, init="kmeans", decay=1.0)
+    ref(x)
+    assert_close(vq.codebook, ref.codebook, "k-means init is reproducible")
+    vq(x)
+    assert len(calls) == 2, "k-means runs once per module"
+    with pytest.raises(ValueError, match="at least codebook_size"):
+        Quantizer(4, 8, init="kmeans")(torch.randn(5, 4))
+
+
+def test_random_init_takes_rows_of_the_batch():
+    torch.manual_seed(0)
+    vq = Quantizer(4, 8, init="random", decay=1.0)
+    x = torch.randn(50, 4)
+    vq(x)
+    d = (vq.codebook[:, None] - x[None]).norm(dim=-1).min(1).values
+    assert float(d.max()) < 1e-5
+
+
+# ---------------------------------------------------------------- dead codes, masks, eval
+def test_dead_code_restart_revives_codes():
+    def used_after(threshold):
+        torch.manual_seed(0)
+        vq = Quantizer(4, 32, init="uniform", dead_code_threshold=threshold)
+        for x in batches(20, rows=128, dim=4, shift=5.0):  # data far from the uniform codes
+            _, idx, _ = vq(x)
+        return vq, torch.unique(idx).numel()
+
+    vq0, used0 = used_after(0.0)
+    vq1, used1 = used_after(1.0)
+    assert used0 <= 2
+    assert used1 >= 20, (used0, used1)
+    # revived codes sit among the data
+    assert float(vq1.codebook.mean()) > 3.0
+
+
+def test_dead_code_restart_reseeds_from_distinct_kept_rows_and_resets_stats():
+    torch.manual_seed(0)
+    vq = Quantizer(2, 6, init="uniform", dead_code_threshold=0.5, reset_cluster_size=0.75)
+    x = torch.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]])
+    keep = torch.tensor([True, False, True, True])
+    vq.cluster_size.fill_(0.0)  # everything dead
+    vq(x, mask=keep)
+    kept_rows = x[keep]
+    d = (vq.codebook[:, None] - kept_rows[None]).norm(dim=-1)
+    revived = d.min(1).values < 1e-6
+    assert int(revived.sum()) == 3  # 6 dead codes, 3 kept rows: 3 re-seeded now, the rest later
+    assert torch.unique(d[revived].argmin(1)).numel() == 3, "distinct rows"
+    assert_close(vq.cluster_size[revived], torch.full((3,), 0.75), "reset cluster size")
+    assert_close(vq.embed_avg[revived], vq.codebook[revived] * 0.75, "reset embed_avg")
+
+
+def test_mask_semantics():
+    torch.manual_seed(0)
+    vq = Quantizer(8, 16, decay=0.5)
+    ref = Quantizer(8, 16, decay=0.5)
+    ref.load_state_dict(vq.state_dict())
+    x = torch.randn(4, 10, 8, requires_grad=True)
+    keep = torch.rand(4, 10) > 0.4
+    q, idx, loss = vq(x, mask=keep)
+    assert bool((idx[~keep] == -1).all()) and bool((idx[keep] >= 0).all())
+    assert torch.equal(q[~keep], x[~keep].detach())
+    q_ref, idx_ref, loss_ref = ref(x[keep].detach())
+    assert torch.equal(idx[keep], idx_ref)
+    assert_close(loss, loss_ref, "loss over kept rows only")
+    for name in ("cluster_size", "embed_avg", "embed"):
+        assert_close(getattr(vq, name), getattr(ref, name), f"{name}: masked rows excluded from statistics")
+    q.sum().backward()
+    assert torch.equal(x.grad[~keep], torch.ones_like(x.grad[~keep]))
+
+
+def test_eval_freezes_the_codebook():
+    torch.manual_seed(0)
+    vq = Quantizer(8, 16, init="kmeans", dead_code_threshold=1.0)
+    vq(torch.randn(64, 8))
+    vq.eval()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    for _ in range(3):
+        _, _, loss = vq(torch.randn(64, 8) + 4)
+        assert float(loss) == 0.0
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------- state
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(init="kmeans", dead_code_threshold=1.0),
+        dict(learning="gradient", gradient="rotation", init="random"),
+        dict(deferred_steps=4, reservoir_size=64),  # saved mid-continuous phase, resumes through the switch
+    ],
+    ids=["ema-kmeans-dead", "gradient-rotation", "deferred"],
+)
+def test_state_dict_round_trip_resumes_identically(kwargs):
+    torch.manual_seed(0)
+    xs = batches(8, rows=40, dim=4, seed=3)
+    a = Quantizer(4, 16, **kwargs)
+    for x in xs[:3]:
+        a(x)
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    b = Quantizer(4, 16, **kwargs)
+    b.load_state_dict(state, strict=True)
+    assert "steps" in state and "quantizing" in state
+    outs = []
+    for m in (a, b):
+        torch.manual_seed(123)
+        outs.append([m(x) for x in xs[3:]])
+    for (qa, ia, la), (qb, ib, lb) in zip(*outs):
+        assert torch.equal(ia, ib) and torch.equal(qa, qb) and torch.equal(la, lb)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_fresh_module_loads_strictly():
+    a = Quantizer(4, 16, init="kmeans", deferred_steps=2)
+    Quantizer(4, 16, init="kmeans", deferred_steps=2).load_state_dict(a.state_dict(), strict=True)
+
+
+# ---------------------------------------------------------------- Deferred Quantization
+def test_deferred_switch_at_the_right_step_from_the_reservoir(monkeypatch):
+    calls = []
+
+    def spy(x, K, iters, **kw):
+        calls.append(x.clone())
+        return kmeans(x, K, iters, **kw)
+
+    monkeypatch.setattr(quantizer_module, "kmeans", spy)
+    torch.manual_seed(0)
+    T = 3
+    vq = Quantizer(4, 8, deferred_steps=T, reservoir_size=200)
+    xs = batches(5, rows=40, dim=4, seed=4)
+    for step, x in enumerate(xs[:T]):
+        q, idx, loss = vq(x)
+        assert q is x and bool((idx == -1).all()) and float(loss) == 0.0, f"call {step + 1} must be the identity"
+        assert not vq.is_quantizing and int(vq.steps) == step + 1
+    assert not calls
+    vq.eval()
+    q, idx, _ = vq(xs[0])  # eval during the continuous phase: still the identity, no switch
+    assert q is xs[0] and not vq.is_quantizing
+    vq.train()
+    q, idx, loss = vq(xs[T])  # call T + 1
+    assert vq.is_quantizing and bool(vq.quantizing) and bool((idx >= 0).all()) and float(loss) > 0
+    assert len(calls) == 1
+    assert torch.equal(calls[0], torch.cat(xs[:T])), "k-means sees the reservoir of the continuous phase"
+    assert int(vq.steps) == T + 1
+    vq(xs[T + 1])
+    assert len(calls) == 1
+
+
+def test_start_quantization_by_hand():
+    torch.manual_seed(0)
+    vq = Quantizer(4, 8, deferred_steps=1000)
+    for x in batches(2, rows=40, dim=4):
+        vq(x)
+    vq.start_quantization()
+    assert vq.is_quantizing and vq.reservoir.numel() == 0
+    _, idx, _ = vq(torch.randn(10, 4))
+    assert bool((idx >= 0).all())
+    with pytest.raises(RuntimeError, match="at least codebook_size"):
+        early = Quantizer(4, 8, deferred_steps=5)
+        early(torch.randn(3, 4))
+        early.start_quantization()
+
+
+def test_reservoir_is_a_uniform_sample_of_kept_rows():
+    torch.manual_seed(0)
+    R = 100
+    vq = Quantizer(1, 4, deferred_steps=100, reservoir_size=R)
+    stream = torch.arange(2000, dtype=torch.float32)
+    keep = (stream % 2 == 0).view(20, 100)  # only even rows are kept
+    for b in range(20):
+        vq(stream.view(20, 100, 1)[b], mask=keep[b])
+    assert int(vq.reservoir_seen) == 1000
+    values = vq.reservoir.flatten()
+    assert torch.unique(values).numel() == R, "distinct rows"
+    assert bool((values % 2 == 0).all()), "masked rows never enter the reservoir"
+    assert abs(float(values.mean()) - 999.0) < 250, "late rows are as likely as early ones"
