@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import assign, cluster_stats, ema_update_, histogram, kmeans
-from .ops._validation import check_codebook_size, check_metric, check_tensor
+from .ops._validation import check_codebook_size, check_finite, check_metric, check_tensor
 
 METRICS = ("l2", "cosine")
 LEARNING = ("ema", "gradient")
@@ -137,6 +137,9 @@ class Quantizer(nn.Module):
             is the identity in eval too, with indices -1.
         reservoir_size: rows kept for the deferred initialisation (default ``4 * K``).
         deterministic: bitwise-reproducible statistics (see :func:`vqkernels.cluster_stats`).
+        check_finite: in training, raise a ``ValueError`` naming the rows when an unmasked input
+            row holds NaN/Inf, before any buffer is touched, so one bad batch never poisons the
+            EMA statistics (costs one host sync per training call; eval never checks).
         backend: force an ops backend (see :func:`vqkernels.assign`).
 
     Returns (forward):
@@ -172,6 +175,7 @@ class Quantizer(nn.Module):
         deferred_steps: int = 0,
         reservoir_size: Optional[int] = None,
         deterministic: bool = False,
+        check_finite: bool = True,
         backend: Optional[str] = None,
     ):
         super().__init__()
@@ -211,6 +215,7 @@ class Quantizer(nn.Module):
         self.deferred_steps = deferred_steps
         self.reservoir_size = reservoir_size
         self.deterministic = deterministic
+        self.check_finite = check_finite
         self.backend = backend
 
         needs_projection = codebook_dim != dim
@@ -355,6 +360,8 @@ class Quantizer(nn.Module):
                 raise ValueError(f"mask has shape {tuple(mask.shape)}; expected the leading shape of x {tuple(lead)}")
             keep = mask.reshape(-1)
         flat = xl.reshape(-1, self.dim)
+        if self.training and self.check_finite:
+            check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
 
         if not self._quantizing:
             if self.training and self._deferred_calls >= self.deferred_steps:
