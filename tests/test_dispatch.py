@@ -52,3 +52,9 @@ def test_import_does_not_pull_heavy_modules():
     code = "import sys, vqkernels; print(sorted(m for m in ('triton', 'matplotlib', 'faiss', 'vqkernels._C') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_unverified_cuda_extension_is_opt_in_only():
+    # The CUDA kernels have not yet passed gpu_check.sh on a GPU: never chosen automatically.
+    assert "cuda" not in _dispatch.PRIORITY["cuda"]
+    assert _dispatch.PRIORITY["cuda"][0] == "triton"

@@ -8,7 +8,7 @@ which backends exist, what each supports, *why* one refuses, and picks one:
   if it cannot run these tensors the call raises :class:`BackendUnavailableError` with
   the reason. Nothing falls back silently.
 * ``backend=None`` takes the first backend in the device's priority order that can run
-  the tensors (CUDA: cuda -> triton -> chunked; CPU: chunked). The choice is logged once
+  the tensors (CUDA: triton -> chunked, cuda opt-in for now; CPU: chunked). The choice is logged once
   per (op, device, dtype) on the ``vqkernels`` logger, and a backend skipped because it
   *failed* (rather than was simply not installed) is warned about once.
 
@@ -94,8 +94,11 @@ BACKENDS = {
     "triton": Backend("triton", _LOW, _triton_unavailable),
     "cuda": Backend("cuda", _LOW, _cuda_unavailable, failure_is_error=True),
 }
-# Automatic choice, fastest first. ``reference`` is never chosen automatically.
-PRIORITY = {"cuda": ("cuda", "triton", "chunked"), "cpu": ("chunked",)}
+# Automatic choice, fastest first. ``reference`` is never chosen automatically. The
+# ``cuda`` extension backend is opt-in (backend="cuda" / VQKERNELS_BACKEND=cuda) until its
+# kernels have passed benchmarks/gpu_check.sh on a GPU: an automatic choice must not hand
+# unverified kernels to a training run, nor stall it with a first-use JIT compile.
+PRIORITY = {"cuda": ("triton", "chunked"), "cpu": ("chunked",)}
 _DEFAULT_PRIORITY = ("chunked",)
 
 _logged: set = set()
