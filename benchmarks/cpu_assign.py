@@ -4,7 +4,8 @@
 
 Each row: median seconds over repeats (after one warm-up), rows per second, and the
 ratio of chunked's time to FAISS ``IndexFlatL2(D).search(x, 1)``'s, all in one run on the
-same inputs. Then the peak memory of ``assign`` at N = K = 65536, D = 32, measured as the
+same inputs. The contenders and the agreement check are ``vqkernels bench``'s
+(vqkernels/bench.py); ``vqkernels bench --ops assign`` runs the wider comparison. Then the peak memory of ``assign`` at N = K = 65536, D = 32, measured as the
 peak resident memory of a fresh subprocess above its baseline after the inputs exist
 (an N x K fp32 matrix would be 17 GB).
 """
@@ -16,48 +17,43 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-import vqkernels
+from vqkernels import bench
 from vqkernels.benchmarking import machine_info, time_call
 
 SHAPES = [(16384, 1024, 64), (16384, 16384, 64), (65536, 8192, 32), (65536, 1024, 8)]
 QUICK_SHAPES = [(4096, 1024, 64), (16384, 1024, 8)]
 
 
-def _faiss_search():
-    try:
-        import faiss
-    except ImportError:
-        return None
-
-    def search(x, c):
-        index = faiss.IndexFlatL2(c.shape[1])
-        index.add(c.numpy())
-        _, labels = index.search(x.numpy(), 1)
-        return torch.from_numpy(labels[:, 0])
-
-    return search
+# This script's row keys, and the vqkernels.bench contender each one is.
+CONTENDERS = {
+    "vqkernels.chunked": "vqkernels[chunked]",
+    "torch.cdist+argmin": "torch.cdist+argmin",
+    "faiss.IndexFlatL2": "faiss.IndexFlat",
+}
 
 
 def bench_assign(shapes, repeats: int) -> list:
-    faiss_search = _faiss_search()
+    """Time the contenders of ``vqkernels bench`` (vqkernels/bench.py) on each shape, and check them."""
+    by_name = {c.name: c for c in bench.contenders("assign")}
+    opts = bench.Options(max_dense_bytes=float("inf"))  # this script always ran cdist at full size
     rows = []
     for N, K, D in shapes:
-        g = torch.Generator().manual_seed(0)
-        x, c = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
-        contenders = {
-            "vqkernels.chunked": lambda: vqkernels.assign(x, c, backend="chunked").indices,
-            "torch.cdist+argmin": lambda: torch.cdist(x, c).argmin(1),
-        }
-        if faiss_search is not None:
-            contenders["faiss.IndexFlatL2"] = lambda: faiss_search(x, c)
-        reference = vqkernels.assign(x, c, backend="chunked")
+        case = bench.Case("assign", N, K, D)
+        inputs = bench.make_inputs(case, "cpu", seed=0)
+        x, c = inputs["x"], inputs["codebook"]
         row = {"N": N, "K": K, "D": D, "results": {}}
-        for name, fn in contenders.items():
-            t = time_call(fn, repeats=repeats, warmup=1)
-            agree = _agreement(x, c, fn(), reference)
-            row["results"][name] = {**t, "rows_per_s": N / t["median"], "agree": agree}
+        picks = {}
+        for key, name in CONTENDERS.items():
+            try:
+                prepared = by_name[name].prepare(case, inputs, "cpu", opts)
+            except bench.Skip:  # e.g. FAISS not installed
+                continue
+            picks[key] = prepared.fn()
+            t = time_call(prepared.fn, repeats=repeats, warmup=1)
+            row["results"][key] = {**t, "rows_per_s": N / t["median"]}
+        # agreement: each pick's exact distance against the best pick of any contender (ties allowed)
+        for key, check in bench.assignment_agreement(x, c, picks).items():
+            row["results"][key]["agree"] = check.agree
         if "faiss.IndexFlatL2" in row["results"]:
             row["chunked_over_faiss"] = row["results"]["vqkernels.chunked"]["median"] / row["results"]["faiss.IndexFlatL2"]["median"]
         rows.append(row)
@@ -66,9 +62,9 @@ def bench_assign(shapes, repeats: int) -> list:
 
 
 def _agreement(x, c, indices, reference) -> float:
-    """Fraction of rows whose pick is as near as the chunked pick (ties and fp rounding allowed)."""
-    picked = (x - c[indices.long()]).pow(2).sum(1)
-    return float((picked <= reference.distances * (1 + 1e-4) + 1e-4).float().mean())
+    """Fraction of rows whose pick is as near as the reference pick (ties and fp rounding allowed)."""
+    checks = bench.assignment_agreement(x, c, {"pick": indices, "reference": reference.indices})
+    return checks["pick"].agree
 
 
 def _format_row(row) -> str:

@@ -64,13 +64,48 @@ def machine_info() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    for name in ("triton", "faiss", "vector_quantize_pytorch", "flash_kmeans", "numpy"):
+    try:
+        import vqkernels
+
+        info["vqkernels"] = vqkernels.__version__
+    except Exception:  # pragma: no cover - the package is importing us
+        info["vqkernels"] = None
+    for name in ("triton", "faiss", "vector_quantize_pytorch", "flash_kmeans", "fast_pytorch_kmeans", "numpy"):
         try:
             mod = __import__(name)
-            info[name] = getattr(mod, "__version__", "installed")
+            info[name] = getattr(mod, "__version__", None) or _dist_version(name) or "installed"
         except Exception:
             info[name] = None
+    info["load_average"] = load_average()
     return info
+
+
+# Distribution names of modules whose import name differs, for the version lookup.
+_DISTRIBUTIONS = {
+    "faiss": ("faiss-cpu", "faiss-gpu", "faiss"),
+    "vector_quantize_pytorch": ("vector-quantize-pytorch",),
+    "flash_kmeans": ("flash-kmeans",),
+    "fast_pytorch_kmeans": ("fast-pytorch-kmeans",),
+}
+
+
+def _dist_version(module: str) -> Optional[str]:
+    from importlib import metadata
+
+    for dist in _DISTRIBUTIONS.get(module, (module,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def load_average() -> Optional[list]:
+    """1, 5 and 15 minute load averages (None where the OS has none): a busy machine skews every figure."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _cpu_name() -> str:
@@ -89,3 +124,93 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------- peak memory
+# On CPU the figure is the peak resident set size (VmHWM) above a baseline taken right
+# before the call. VmHWM can be reset by writing "5" to /proc/self/clear_refs (Linux >= 4.0),
+# so one process can measure several calls; glibc's malloc_trim(0) first hands freed heap
+# pages back to the OS, so memory freed by earlier calls cannot be silently reused and hide
+# a new peak. Anything that is not malloc/torch's CPU allocator (e.g. a CUDA context) is
+# outside what this sees, and RSS counts every allocation, tensors or not (FAISS, numpy).
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def high_water_rss_bytes() -> int:
+    """Peak resident memory since the process started or :func:`reset_peak_rss` (VmHWM)."""
+    kib = _status_kib("VmHWM")
+    return kib * 1024 if kib is not None else peak_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_free_memory() -> bool:
+    """Collect garbage and return free malloc pages to the OS (glibc malloc_trim); False if unavailable."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def measure_peak_rss(fn: Callable[[], object]) -> tuple:
+    """Run ``fn`` once; return ``(result, extra_peak_bytes, method)``.
+
+    ``extra_peak_bytes`` is the peak RSS during the call above the RSS just before it.
+    """
+    trimmed = release_free_memory()
+    reset = reset_peak_rss()
+    base = current_rss_bytes() if reset else high_water_rss_bytes()
+    result = fn()
+    extra = max(0, high_water_rss_bytes() - base)
+    method = "peak RSS above the RSS before the call"
+    if reset:
+        method += " (VmHWM reset via /proc/self/clear_refs"
+        method += ", free heap trimmed first)" if trimmed else ")"
+    else:
+        method += " (VmHWM could not be reset: only growth past the process's earlier peak is seen)"
+    return result, extra, method
+
+
+def measure_peak_cuda(fn: Callable[[], object], device=None) -> tuple:
+    """Run ``fn`` once on the GPU; return ``(result, extra_peak_bytes, method)`` from
+    ``torch.cuda.max_memory_allocated`` above the allocated memory before the call."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    extra = max(0, torch.cuda.max_memory_allocated(device) - base)
+    return result, extra, "torch.cuda.max_memory_allocated above the allocated memory before the call"

@@ -1,0 +1,85 @@
+"""``vqkernels bench``: the CI smoke run (tiny grid) and the suite's agreement check.
+
+Speed is never asserted here; these tests check that the suite runs, checks and reports.
+"""
+import argparse
+import json
+
+import pytest
+import torch
+
+from vqkernels import bench, cli
+
+
+def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = cli.main(["bench", "--device", "cpu", "--smoke", "--json", str(out_json), "--plot", str(out_png)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    doc = json.loads(out_json.read_text())
+    assert doc["schema"] == "vqkernels.bench/1"
+    for key in ("torch", "processor", "cpu_count", "vqkernels", "load_average"):
+        assert key in doc["machine"]
+    assert {row["op"] for row in doc["rows"]} == set(bench.OPS)
+    for row in doc["rows"]:
+        ran = [e for e in row["results"] if e["status"] == "ok"]
+        ours = [e for e in ran if e["family"] == "vqkernels"]
+        assert ours, f"no vqkernels contender ran on {row['label']}: {row['results']}"
+        for e in ran:
+            assert e["median_s"] > 0 and e["throughput"] > 0 and e["repeats"] >= 1
+            assert "agrees" in e and "peak_mem_bytes" in e and e["mem_method"]
+        for e in ours:
+            assert e["agrees"], f"{e['contender']} disagrees on {row['label']}: {e['check_detail']}"
+        for e in row["results"]:
+            if e["family"] == "vqkernels":
+                assert e["status"] != "error", f"{e['contender']} failed on {row['label']}: {e['reason']}"
+        if any(e["family"] == "peer" and e.get("agrees") for e in ran):
+            assert all(e["vs_best_peer"] > 0 for e in ran)
+        for e in row["results"]:
+            assert e["status"] in ("ok", "skipped", "error")
+            if e["status"] != "ok":
+                assert e["reason"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "== assign" in printed and "== Quantizer training step" in printed
+
+
+def test_bench_ops_subset(tmp_path):
+    out_json = tmp_path / "b.json"
+    rc = cli.main(["bench", "--device", "cpu", "--smoke", "--ops", "histogram,ema_update", "--json", str(out_json)])
+    assert rc == 0
+    doc = json.loads(out_json.read_text())
+    assert [row["op"] for row in doc["rows"]] == ["histogram", "ema"]
+
+
+def test_bench_rejects_unknown_op():
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown op 'assgn'"):
+        bench._parse_ops("assign,assgn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_cuda_without_gpu_says_so(capsys):
+    assert cli.main(["bench", "--device", "cuda", "--smoke"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_agreement_marks_a_wrong_pick_and_allows_ties():
+    g = torch.Generator().manual_seed(0)
+    x, codebook = torch.randn(200, 8, generator=g), torch.randn(50, 8, generator=g)
+    codebook[7] = codebook[3]  # an exact tie: either index is a correct pick
+    best = torch.cdist(x.double(), codebook.double()).argmin(1)
+    tied = torch.where(best == 3, torch.full_like(best, 7), best)
+    wrong = best.clone()
+    wrong[5] = (best[5] + 1) % 50
+    checks = bench.assignment_agreement(x, codebook, {"a": best, "tie": tied, "wrong": wrong})
+    assert checks["a"].ok and checks["tie"].ok
+    assert not checks["wrong"].ok and checks["wrong"].agree == pytest.approx(199 / 200)
+    assert "[5]" in checks["wrong"].detail
+
+
+def test_kmeans_check_uses_inertia():
+    case = bench.Case("kmeans", 256, 8, 4, iters=2)
+    inputs = bench.make_inputs(case, "cpu")
+    good = inputs["init"]
+    checks = bench.check_outputs(case, inputs, {"same": good, "also": good.clone(), "far": good * 10})
+    assert checks["same"].ok and checks["also"].ok and not checks["far"].ok
