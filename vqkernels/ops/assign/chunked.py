@@ -1,12 +1,13 @@
 """Chunked ``assign``: pure PyTorch, tiled over N and K, no N x K matrix.
 
-Per tile the score is ``||c||^2 - 2 x.c`` (l2; ``||x||^2`` is constant per row and left
-out; where a large common offset dominates, both sides are first centred on the
-codebook mean, which leaves l2 distances unchanged but removes the cancellation) or ``-x.c`` (cosine on normalised vectors, dot), computed with one ``addmm`` into
-a reused buffer; a running (best, argmin) per row is kept across K tiles with a strict
-comparison, so ties stay with the lowest index, and exact duplicate codes are mapped to
-their lowest copy (see lowest_duplicate). The winner's distance is then
-recomputed exactly by direct difference.
+Per tile one ``mm`` into a reused buffer gives the score: for l2, ``[x, 1]`` times
+``[-2c, ||c||^2]`` is ``||c||^2 - 2 x.c`` (``||x||^2`` is constant per row and left out;
+where a large common offset dominates, both sides are first centred on the codebook
+mean, which leaves l2 distances unchanged but removes the cancellation); for cosine (on
+normalised vectors) and dot it is ``x.c`` and the largest wins. A running best per row
+is kept across K tiles with a strict comparison, so ties stay with the lowest index, and
+exact duplicate codes are mapped to their lowest copy (see lowest_duplicate). The
+winner's distance is then recomputed exactly by direct difference.
 """
 from __future__ import annotations
 
@@ -102,10 +103,11 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     tile_n, tile_k = tile_sizes(N, K, D, x.device.type)
     k_tiles = -(-K // tile_k)
     if metric == "l2":
-        bias, alpha = c.pow(2).sum(1), -2.0
+        # One GEMM gives the whole score: [x, 1] . [-2c, ||c||^2] = ||c||^2 - 2 x.c, so no
+        # separate pass adds the bias (-2c is exact: a power-of-two scaling).
+        codes_t = torch.cat([-2.0 * c, c.pow(2).sum(1, keepdim=True)], 1).t().contiguous()
     else:
-        bias, alpha = torch.zeros(K, dtype=dtype, device=x.device), -1.0
-    c_t = c.t()
+        codes_t = c.t().contiguous()  # score = x.c, the nearest code has the largest
     indices = torch.empty(N, dtype=torch.int64, device=x.device)
     distances = torch.empty(N, dtype=dtype, device=x.device)
     scores = torch.empty(tile_n, tile_k, dtype=dtype, device=x.device)
@@ -116,14 +118,14 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
             xs = F.normalize(xs, dim=1)
         elif centre is not None:
             xs = xs - centre
+        lhs = torch.cat([xs, xs.new_ones(n1 - n0, 1)], 1) if metric == "l2" else xs
+        pick = torch.Tensor.argmin if metric == "l2" else torch.Tensor.argmax  # first hit: lowest index
         best = best_idx = None
         for k0 in range(0, K, tile_k):
             k1 = min(K, k0 + tile_k)
             s = scores[: n1 - n0, : k1 - k0]
-            torch.addmm(bias[k0:k1], xs, c_t[:, k0:k1], beta=1, alpha=alpha, out=s)
-            # argmin (first minimum: lowest index within the tile) is about twice as fast
-            # as min(dim) with values; the values are gathered only when tiles compete.
-            idx = s.argmin(1)
+            torch.mm(lhs, codes_t[:, k0:k1], out=s)
+            idx = pick(s, 1)
             if k_tiles == 1:
                 best_idx = idx
                 break
@@ -131,7 +133,8 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
             if best is None:
                 best, best_idx = vals, idx
             else:
-                better = vals < best  # strict: an equal score in a later tile keeps the earlier code
+                # strict: an equal score in a later tile keeps the earlier code
+                better = vals < best if metric == "l2" else vals > best
                 best = torch.where(better, vals, best)
                 best_idx = torch.where(better, idx + k0, best_idx)
         if canon is not None:
