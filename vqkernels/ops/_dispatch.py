@@ -80,8 +80,6 @@ class Backend:
         if reason is not None:
             return reason
         if dtype is not None and dtype not in self.dtypes:
-            if self.name == "triton" and dtype == torch.bfloat16 and device_type == "cpu":
-                return "the Triton interpreter has no bfloat16"
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"dtype {str(dtype).replace('torch.', '')} is not supported (supports {names})"
         return None

@@ -1,0 +1,470 @@
+"""Triton ``assign``: fused distance + argmin, one pass over the codebook per row block.
+
+Each program owns ``BLOCK_N`` rows of ``x`` and streams the codebook through ``tl.dot``
+in ``BLOCK_K``-code tiles with fp32 accumulation. The score of a tile is
+
+    score[n, k] = bias[k] + mult[k] * <x[n], c[k]>
+
+with per-code terms computed once per call in fp32:
+
+* ``l2``:     bias = ||c||^2 (:func:`_code_norms_kernel`), mult = -2 (||x||^2 is the same
+  for every code of a row, so it is left out)
+* ``cosine``: the codebook is normalised once per call (``F.normalize``); the score is
+  ``-<x, c/||c||>`` with raw x (``1 - cos`` ranks codes the same way for any ||x|| > 0), so
+  codes that normalise to the same vector tie exactly. For 16-bit inputs the unit codes
+  are kept as hi + lo parts of the input dtype and each tile takes two dots: a single
+  rounded copy would put errors of 1e-3 into ``1 - cos``.
+* ``dot``:    bias = 0, mult = -1
+
+A running ``(min, argmin)`` per row stays in registers across tiles; an equal score in a
+later tile never replaces the earlier one (strict ``<``) and ``tl.min(return_indices=True)``
+breaks ties within a tile to the left, so ties go to the lowest index. Only the int64
+index and the fp32 distance are written -- never an N x K matrix. The winner's distance is
+then recomputed exactly in fp32 by direct difference (:func:`_exact_distance`).
+
+Layout of the work:
+
+* padded rows of at most 512 staged bytes (D <= 256 in 16-bit, D <= 128 in fp32/tf32,
+  D <= 64 in fp32/tf32x3, D <= 32 in fp32/ieee; ``BLOCK_D`` = D padded to a power of two
+  >= 16, as ``tl.dot`` needs; the codebook is zero-padded to ``BLOCK_D`` columns once per
+  call so its tiles load unmasked): the row block is loaded once and stays on chip while
+  the codebook tiles stream past.
+* larger ``D``: each tile's dot is accumulated over 128-staged-byte chunks of D.
+* few rows (fewer row blocks than SMs): the codebook is split into ``S`` ranges, one
+  program per (range, row block); partial minima are combined by a small torch argmin
+  (first minimum: the lowest range, hence the lowest index, wins ties) and the exact
+  distance by a second kernel. Programs are ordered range-major, so the programs resident
+  together read the same codebook range and its tiles are served from L2.
+
+Launch configs are autotuned per (K bucket, D, dtype, metric, precision, split) -- never
+on N, which changes every batch -- over a short list pruned by ``BLOCK_K <= next_pow2(K)``
+and a shared-memory estimate; ``VQKERNELS_TRITON_AUTOTUNE=0`` skips the timing and takes
+the first config that fits. fp32 inputs use ``tl.dot(input_precision=...)`` from
+``torch.get_float32_matmul_precision()`` ("highest" ieee, "high" tf32x3, "medium" tf32).
+
+Offsets: block bases are int64 (``row0 * D``, ``k_start * D``, ``code * D``; codebook tiles
+advance by pointer steps) and only in-tile offsets are int32, so N*D and K*D may exceed 2^31.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) one small fixed config is used, tiles are
+multiplied by a broadcast product and sum instead of ``tl.dot`` (numpy's matmul rounds
+equal columns differently by position, which would break exact ties), all-NaN score rows
+are mapped to +inf (numpy's argmin raises on them) and bf16 inputs are upcast to fp32
+(the interpreter has no bf16 matmul); the GPU code path has none of these.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import _triton_utils as tu
+
+_METRIC_ID = {"l2": 0, "cosine": 1, "dot": 2}  # norms use F.normalize's eps: max(||v||, 1e-12)
+
+# Largest padded row kept on chip as a single chunk (bytes: D <= 256 for 16-bit inputs,
+# D <= 128 for fp32); above it D is looped in chunks of _CHUNK_BYTES (128 B rows, the
+# width of one swizzled shared-memory line).
+_MAX_SINGLE_CHUNK_BYTES = 512
+_CHUNK_BYTES = 128
+
+# Fixed config for the interpreter: small, and with a low single-chunk limit so that the
+# D-chunked path is exercised by small test shapes.
+_INTERP = {"BLOCK_N": 32, "BLOCK_K": 32, "MAX_SINGLE_BYTES": 256, "CHUNK_BYTES": 128}
+
+# Tests set this to force the split-codebook path (None: decide from N and the SM count).
+_FORCE_SPLIT: Optional[int] = None
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _code_norms_kernel(c_ptr, bias_ptr, mult_ptr, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """l2 score terms: bias[k] = ||c_k||^2 (one fp32 pass over the codebook), mult[k] = -2."""
+    pid = tl.program_id(0)
+    ks = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    dd = tl.arange(0, BLOCK_D)
+    ss = tl.zeros([BLOCK_K], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        m = kmask[:, None] & ((d0 + dd) < D)[None, :]
+        c = tl.load(c_ptr + ks[:, None] * D + (d0 + dd)[None, :], mask=m, other=0.0).to(tl.float32)
+        ss += tl.sum(c * c, axis=1)
+    tl.store(bias_ptr + ks, ss, mask=kmask)
+    mult = tl.full([BLOCK_K], -2.0, tl.float32)
+    tl.store(mult_ptr + ks, mult, mask=kmask)
+
+
+@triton.jit
+def _exact_distance(x_blk, c_ptr, c_stride, r, rmask, code, D, metric, BLOCK_D: tl.constexpr):
+    """Exact fp32 distance of rows ``x_blk[r]`` to codes ``code`` [BLOCK_N], by direct difference.
+
+    ``metric`` is a runtime value (0 l2, 1 cosine, 2 dot): the four row sums cost nothing
+    next to the codebook sweep, and one compiled kernel then serves every metric.
+    """
+    dd = tl.arange(0, BLOCK_D)
+    c_rows = c_ptr + code.to(tl.int64)[:, None] * c_stride
+    s_diff = tl.zeros(r.shape, tl.float32)
+    s_xc = tl.zeros(r.shape, tl.float32)
+    s_xx = tl.zeros(r.shape, tl.float32)
+    s_cc = tl.zeros(r.shape, tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        m = rmask[:, None] & ((d0 + dd) < D)[None, :]
+        xv = tl.load(x_blk + r[:, None] * D + (d0 + dd)[None, :], mask=m, other=0.0).to(tl.float32)
+        cv = tl.load(c_rows + (d0 + dd)[None, :], mask=m, other=0.0).to(tl.float32)
+        diff = xv - cv
+        s_diff += tl.sum(diff * diff, axis=1)
+        s_xc += tl.sum(xv * cv, axis=1)
+        s_xx += tl.sum(xv * xv, axis=1)
+        s_cc += tl.sum(cv * cv, axis=1)
+    nx = tl.maximum(tl.sqrt_rn(s_xx), 1e-12)
+    nc = tl.maximum(tl.sqrt_rn(s_cc), 1e-12)
+    cos_dist = 1.0 - s_xc / (nx * nc)
+    return tl.where(metric == 0, s_diff, tl.where(metric == 1, cos_dist, -s_xc))
+
+
+@triton.jit
+def _tile_dot(a, b, acc, PRECISION: tl.constexpr, INTERP: tl.constexpr):
+    """acc + a @ b^T for a [BLOCK_N, BLOCK_D] and b [BLOCK_K, BLOCK_D] (fp32 accumulation).
+
+    In the interpreter tl.dot is numpy's matmul, whose BLAS rounds equal columns
+    differently by position; the broadcast product summed along D is computed the same
+    way for every (row, code), so equal codes keep bit-identical scores there as on the GPU.
+    """
+    if INTERP:
+        prod = a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
+        return acc + tl.sum(prod, axis=2)
+    else:
+        return tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+
+
+# N, K and the range arguments change with every batch or codebook: specialising on their
+# value (== 1, divisible by 16) would compile new variants for no gain.
+@triton.jit(do_not_specialize=["N", "K", "k_split", "k_bucket", "metric"])
+def _assign_kernel(
+    x_ptr,  # [N, D] rows
+    c_ptr, c2_ptr,  # [K, c_stride] score operand(s): the codebook, or its normalised hi / lo parts
+    e_ptr,  # [K, D] the codebook itself, for the exact distance
+    bias_ptr, mult_ptr,  # [K] fp32 per-code score terms
+    idx_ptr, dist_ptr,  # outputs [N] int64 / fp32 (unsplit)
+    part_score_ptr, part_idx_ptr,  # [S, N] fp32 / int64 partial minima (split)
+    N, K, D, k_split, c_stride, k_bucket, metric,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, EVEN_D: tl.constexpr,
+    TWO_PART: tl.constexpr, SPLIT: tl.constexpr, EPI_D: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    # Range-major order: programs that run together share one codebook range (L2 reuse).
+    pid_s = pid // n_blocks
+    pid_n = pid % n_blocks
+    k_start = pid_s * k_split
+    k_end = tl.minimum(k_start + k_split, K)
+
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    r = tl.arange(0, BLOCK_N)
+    rmask = (row0 + r) < N
+    dd = tl.arange(0, BLOCK_D)
+    kk = tl.arange(0, BLOCK_K)
+    x_blk = x_ptr + row0 * D  # int64 base; in-tile offsets below are int32
+    x_off = r[:, None] * D + dd[None, :]  # [BLOCK_N, BLOCK_D]
+
+    if ONE_CHUNK:
+        # The codebook was zero-padded to BLOCK_D columns by the launcher: a constexpr
+        # stride and no mask along D, so codebook tiles load as wide vectors and pipeline.
+        c_off = kk[:, None] * BLOCK_D + dd[None, :]  # [BLOCK_K, BLOCK_D], row-major like the codebook
+        c_step = BLOCK_K * BLOCK_D
+        # The row block stays on chip for the whole codebook sweep.
+        if EVEN_D:
+            xt = tl.load(x_blk + x_off, mask=rmask[:, None], other=0.0)
+        else:
+            xt = tl.load(x_blk + x_off, mask=rmask[:, None] & (dd < D)[None, :], other=0.0)
+    else:
+        c_off = kk[:, None] * c_stride + dd[None, :]
+        c_step = BLOCK_K * c_stride
+
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_N], tl.int32) + k_start
+    c_blk = c_ptr + k_start.to(tl.int64) * c_stride  # then advanced by pointer steps: no int32 k0*D
+    c2_blk = c2_ptr + k_start.to(tl.int64) * c_stride
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + kk
+        kmask = cols < k_end
+        if ONE_CHUNK:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            ct = tl.load(c_blk + c_off, mask=kmask[:, None], other=0.0)
+            acc = _tile_dot(xt, ct, acc, PRECISION, INTERP)
+            if TWO_PART:
+                ct2 = tl.load(c2_blk + c_off, mask=kmask[:, None], other=0.0)
+                acc = _tile_dot(xt, ct2, acc, PRECISION, INTERP)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                if EVEN_D:
+                    cmask = kmask[:, None]
+                    xc = tl.load(x_blk + d0 + x_off, mask=rmask[:, None], other=0.0)
+                else:
+                    dmask = (d0 + dd) < D
+                    cmask = kmask[:, None] & dmask[None, :]
+                    xc = tl.load(x_blk + d0 + x_off, mask=rmask[:, None] & dmask[None, :], other=0.0)
+                ct = tl.load(c_blk + d0 + c_off, mask=cmask, other=0.0)
+                acc = _tile_dot(xc, ct, acc, PRECISION, INTERP)
+                if TWO_PART:
+                    ct2 = tl.load(c2_blk + d0 + c_off, mask=cmask, other=0.0)
+                    acc = _tile_dot(xc, ct2, acc, PRECISION, INTERP)
+        # Codes outside the range score +inf (bias inf, mult 0), so they never win.
+        bias = tl.load(bias_ptr + cols, mask=kmask, other=float("inf"))
+        mult = tl.load(mult_ptr + cols, mask=kmask, other=0.0)
+        score = bias[None, :] + mult[None, :] * acc
+        if INTERP:
+            # The interpreter's argmin raises on an all-NaN row (a non-finite row of x); on
+            # the GPU such a row just keeps index k_start, and the caller overwrites it.
+            score = tl.where(score == score, score, float("inf"))
+        tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_min < best  # strict: an equal score in a later tile keeps the earlier code
+        best = tl.where(better, tile_min, best)
+        best_idx = tl.where(better, tile_arg + k0, best_idx)
+        c_blk += c_step
+        c2_blk += c_step
+
+    rows = row0 + r
+    if SPLIT:
+        part = pid_s.to(tl.int64) * N + rows
+        tl.store(part_score_ptr + part, best, mask=rmask)
+        tl.store(part_idx_ptr + part, best_idx.to(tl.int64), mask=rmask)
+    else:
+        # Narrow D chunks here: a [BLOCK_N, BLOCK_D] fp32 pair would not fit in registers.
+        dist = _exact_distance(x_blk, e_ptr, D, r, rmask, best_idx, D, metric, EPI_D)
+        tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=rmask)
+        tl.store(dist_ptr + rows, dist, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["N", "metric"])
+def _exact_distance_kernel(x_ptr, c_ptr, idx_ptr, dist_ptr, N, D, c_stride, metric, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """Exact distance of each row to its (already chosen) code: the split path's epilogue."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    r = tl.arange(0, BLOCK_N)
+    rmask = (row0 + r) < N
+    code = tl.load(idx_ptr + row0 + r, mask=rmask, other=0)
+    dist = _exact_distance(x_ptr + row0 * D, c_ptr, c_stride, r, rmask, code, D, metric, BLOCK_D)
+    tl.store(dist_ptr + row0 + r, dist, mask=rmask)
+
+
+# --------------------------------------------------------------------------- autotuning
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, which D). Short on purpose: every config that
+# survives pruning is compiled once per (D, dtype, metric, precision, split) and timed once
+# per K bucket. "narrow" rows (BLOCK_D <= 32) are bound by the per-score epilogue (scale,
+# min, argmin), so they want wide tiles and 8 warps; "wide" rows are bound by the matmul
+# and shared memory, so they want deeper pipelines within the smem budget.
+_CONFIG_TABLE = [
+    (128, 128, 8, 3, "any"),
+    (128, 64, 8, 3, "wide"),
+    (128, 128, 8, 2, "wide"),  # a resident 128 x 256 row block leaves room for two stages
+    (128, 64, 8, 2, "wide"),  # ... and for two stages of a two-part (cosine, 16-bit) codebook
+    (128, 64, 4, 4, "any"),
+    (256, 64, 8, 3, "narrow"),
+    (64, 128, 4, 3, "wide"),
+    (64, 32, 4, 2, "fallback"),  # fits every shape; used when nothing else does
+]
+# The table's order is also the heuristic: with autotuning off, the first config that fits
+# is used, so each class starts with the one that compiled without spills for sm_90.
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st) for bn, bk, w, st, _ in _CONFIG_TABLE
+]
+_CONFIG_CLASS = {id(c): row[4] for c, row in zip(_CONFIGS, _CONFIG_TABLE)}
+# VQKERNELS_TRITON_AUTOTUNE=0: no timing at all, the first config of the table that fits
+# (for short jobs and test suites, where timing every new shape costs more than it saves).
+_AUTOTUNE_ENV = "VQKERNELS_TRITON_AUTOTUNE"
+
+
+def _operand_bytes(dtype_size: int, precision: str) -> int:
+    """Bytes per operand element as the kernel stages it: tf32x3 keeps a high and a low
+    tf32 part of each fp32 operand (twice the shared memory); an "ieee" fp32 dot runs on
+    the FMA units from registers, where wide D chunks spill (counted as 4x to keep it narrow)."""
+    if dtype_size == 4 and precision == "tf32x3":
+        return 8
+    if dtype_size == 4 and precision == "ieee":
+        return 16
+    return dtype_size
+
+
+def _smem_estimate(cfg, block_d: int, one_chunk: bool, elem: int, parts: int = 1) -> int:
+    bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    stages = max(1, cfg.num_stages)
+    if one_chunk:  # resident row block + pipelined codebook tiles (one per operand part)
+        return (bn * block_d + stages * parts * bk * block_d) * elem
+    return stages * (bn + parts * bk) * block_d * elem
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    K = min(int(args["K"]), int(args.get("k_split", args["K"])))
+    block_d = int(args["BLOCK_D"])
+    one_chunk = bool(args["ONE_CHUNK"])
+    elem = _operand_bytes(args["x_ptr"].element_size(), str(args.get("PRECISION", "ieee")))
+    parts = 2 if args.get("TWO_PART", False) else 1
+    k_cap = max(32, tu.next_power_of_2(K))
+    width = "narrow" if one_chunk and block_d <= 32 else "wide"
+    kept = [
+        c
+        for c in configs
+        if _CONFIG_CLASS.get(id(c), "any") in ("any", width)
+        and c.kwargs["BLOCK_K"] <= k_cap
+        and tu.smem_bytes_ok(_smem_estimate(c, block_d, one_chunk, elem, parts))
+    ]
+    if not kept:
+        kept = [c for c in configs if _CONFIG_CLASS.get(id(c)) == "fallback"] or [configs[-1]]
+    return kept
+
+
+# Tuned per K bucket, not per K: ``k_bucket`` is next_pow2(K) capped at _K_BUCKET_CAP (by
+# then every config streams >= 16 tiles and ranks the same), and it is a plain int argument
+# the kernel ignores, so a new bucket re-times already compiled kernels instead of
+# compiling new ones. Dtypes are added to the key by Triton. Never N.
+_K_BUCKET_CAP = 4096
+_assign_kernel_tuned = triton.autotune(
+    configs=_CONFIGS,
+    key=["k_bucket", "D", "metric", "PRECISION", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_assign_kernel)
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def _block_d(D: int, elem: int, interp: bool) -> tuple[int, bool]:
+    """(BLOCK_D, ONE_CHUNK): D padded to a power of two >= 16, or the chunk width."""
+    max_single = _INTERP["MAX_SINGLE_BYTES"] if interp else _MAX_SINGLE_CHUNK_BYTES
+    chunk = _INTERP["CHUNK_BYTES"] if interp else _CHUNK_BYTES
+    padded = max(16, tu.next_power_of_2(D))
+    if padded * elem <= max_single:
+        return padded, True
+    return max(16, chunk // elem), False
+
+
+def _split_count(N: int, K: int, device: torch.device, interp: bool) -> int:
+    """Codebook ranges: 1 unless there are too few row blocks to fill the GPU."""
+    if _FORCE_SPLIT is not None:
+        return max(1, min(_FORCE_SPLIT, tu.cdiv(K, 32)))
+    if interp:
+        return 1
+    sms = tu.sm_count(device)
+    row_blocks = tu.cdiv(N, 128)
+    if row_blocks >= sms or K < 1024:
+        return 1
+    return max(1, min(tu.cdiv(2 * sms, row_blocks), K // 512))
+
+
+def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
+    """Nearest code per row. x ``[N, D]``, codebook ``[K, D]`` (same dtype, contiguous).
+
+    Returns ``(indices int64 [N], distances float32 [N])``: ties go to the lowest index,
+    distances are the winner's exact fp32 distance.
+    """
+    N, D = x.shape
+    K = codebook.shape[0]
+    device = x.device
+    interp = tu.interpreting()
+    x = x.contiguous()
+    codebook = codebook.contiguous()
+    if interp and x.dtype == torch.bfloat16:
+        # The interpreter's tl.dot mishandles bf16 (numpy has no bf16). bf16 -> fp32 is
+        # exact and the GPU path accumulates bf16 products in fp32 too, so this computes
+        # the same function.
+        x, codebook = x.float(), codebook.float()
+    metric_id = _METRIC_ID[metric]
+    precision = tu.dot_precision(x.dtype)
+    block_d, one_chunk = _block_d(D, _operand_bytes(x.element_size(), precision), interp)
+    even_d = D % block_d == 0
+    epi_d = 16  # narrow epilogue chunks: its [BLOCK_N, EPI_D] fp32 tiles must not push the kernel into spills
+
+    with tu.device_guard(x):
+        # Score operand(s) and per-code terms, once per call, in fp32.
+        two_part = False
+        if metric == "l2":
+            operands = [codebook]
+            bias = torch.empty(K, dtype=torch.float32, device=device)
+            mult = torch.empty(K, dtype=torch.float32, device=device)
+            _code_norms_kernel[(tu.cdiv(K, 32),)](
+                codebook, bias, mult, K, D, BLOCK_K=32, BLOCK_D=min(64, max(16, tu.next_power_of_2(D)))
+            )
+        else:
+            bias = torch.zeros(K, dtype=torch.float32, device=device)
+            mult = torch.full((K,), -1.0, dtype=torch.float32, device=device)
+            if metric == "dot":
+                operands = [codebook]
+            else:
+                # F.normalize's definition (eps 1e-12); 16-bit inputs get the normalised codes
+                # as hi + lo parts of their own dtype (about 16 / 22 significant bits: a
+                # rounded copy would put 1e-3 errors into 1 - cos) and two dots per tile.
+                unit = F.normalize(codebook.float(), dim=1)
+                if x.dtype == torch.float32:
+                    operands = [unit]
+                else:
+                    hi = unit.to(x.dtype)
+                    operands = [hi, (unit - hi.float()).to(x.dtype)]
+                    two_part = True
+        if one_chunk and not even_d:
+            # Zero-pad the operands to BLOCK_D columns (K x BLOCK_D, small next to the N x K
+            # work): their tiles then load without a D mask, as wide vectors, and pipeline.
+            padded_ops = []
+            for op in operands:
+                padded = torch.zeros(K, block_d, dtype=op.dtype, device=device)
+                padded[:, :D] = op
+                padded_ops.append(padded)
+            operands = padded_ops
+        c_op, c2_op = operands[0], operands[-1]  # c2 is read only when TWO_PART
+        c_stride = c_op.shape[1]
+
+        S = _split_count(N, K, device, interp)
+        # Ranges are whole multiples of 256 codes, so every BLOCK_K tiles them exactly.
+        k_split = tu.cdiv(tu.cdiv(K, S), 256) * 256 if S > 1 else K
+        S = tu.cdiv(K, k_split)
+        split = S > 1
+
+        indices = torch.empty(N, dtype=torch.int64, device=device)
+        distances = torch.empty(N, dtype=torch.float32, device=device)
+        if split:
+            part_score = torch.empty(S, N, dtype=torch.float32, device=device)
+            part_idx = torch.empty(S, N, dtype=torch.int64, device=device)
+        else:
+            part_score, part_idx = distances, indices  # unused (SPLIT is a constexpr)
+
+        k_bucket = min(tu.next_power_of_2(min(K, k_split)), _K_BUCKET_CAP)
+        args = (x, c_op, c2_op, codebook, bias, mult, indices, distances, part_score, part_idx, N, K, D, k_split,
+                c_stride, k_bucket, metric_id)
+        meta = dict(
+            PRECISION=precision, BLOCK_D=block_d, ONE_CHUNK=one_chunk, EVEN_D=even_d, TWO_PART=two_part,
+            SPLIT=split, EPI_D=epi_d, INTERP=interp,
+        )
+        if interp:
+            bn = _INTERP["BLOCK_N"]
+            grid = (S * tu.cdiv(N, bn),)
+            _assign_kernel[grid](*args, **meta, BLOCK_N=bn, BLOCK_K=_INTERP["BLOCK_K"])
+        elif os.environ.get(_AUTOTUNE_ENV, "1") == "0":
+            # No timing: the first config of the table that fits this shape.
+            named = dict(zip(_assign_kernel.arg_names, args))
+            cfg = _prune_configs(_CONFIGS, named, **meta)[0]
+            bn = cfg.kwargs["BLOCK_N"]
+            _assign_kernel[(S * tu.cdiv(N, bn),)](
+                *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            )
+        else:
+            grid = lambda m: (S * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+            _assign_kernel_tuned[grid](*args, **meta)
+
+        if split:
+            # First minimum over ranges: the lowest range (so the lowest index) wins ties.
+            which = part_score.argmin(0, keepdim=True)
+            indices = part_idx.gather(0, which).squeeze(0)
+            eb_n = 32 if interp else 64
+            _exact_distance_kernel[(tu.cdiv(N, eb_n),)](
+                x, codebook, indices, distances, N, D, D, metric_id, BLOCK_N=eb_n, BLOCK_D=epi_d
+            )
+    return indices, distances

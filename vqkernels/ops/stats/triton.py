@@ -1,0 +1,250 @@
+"""Triton ``cluster_stats`` (atomic and deterministic) and the fused ``ema_update``.
+
+cluster_stats, ``deterministic=False``: one program per (row block, D block) loads its rows
+once and scatters them with fp32 atomics into ``sums[code]``; the D-block-0 programs also add 1 to
+an int64 ``counts[code]`` (exact; converted to fp32 at the end). Float sums depend on the
+order of the atomics.
+
+cluster_stats, ``deterministic=True`` (bitwise reproducible, no float atomics):
+
+1. counts per code by the Triton histogram (integer atomics: exact), masked rows under an
+   extra code K;
+2. a stable sort of the codes (``torch.sort(stable=True)``): each code's rows become one
+   contiguous segment, in input order;
+3. every segment is cut into pieces of ``_PIECE_ROWS`` rows, so that a code that took
+   most of the batch (codebook collapse) is summed by many programs, not one;
+4. ``_segment_sum_kernel``: one program per (piece, D block) sums its rows in a fixed
+   order; a code with a single piece writes its sums directly (its one write), the
+   pieces of a longer code go to a scratch buffer;
+5. ``_combine_pieces_kernel``: one program per (long code, D block) adds the code's piece
+   sums in piece order and writes them (one write per code).
+
+Every order is fixed by the data and the constant block sizes below (never autotuned:
+another config would change the rounding), so two runs give the same bits.
+
+ema_update: a small kernel per head lerps ``cluster_size`` and sums it into ``n``; then
+one fused pass over K x D lerps ``embed_avg``, smooths the sizes and writes the codebook.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _triton_utils as tu
+from ..histogram import triton as _hist
+
+# Deterministic path constants: part of the result's bit pattern, keep them fixed.
+# (The interpreter uses short pieces so that small test batches exercise the combine step.)
+_PIECE_ROWS = 512
+_PIECE_ROWS_INTERP = 32
+_SEG_BLOCK_R = 32
+_SEG_BLOCK_D = 64
+_SEG_BLOCK_D_INTERP = 256  # the interpreter pays per program: fewer, wider ones
+_SEG_WARPS = 4
+
+
+# --------------------------------------------------------------------------- atomic stats
+
+
+@triton.jit(do_not_specialize=["N"])
+def _stats_atomic_kernel(x_ptr, idx_ptr, counts_ptr, sums_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    code = tl.load(idx_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    valid = rmask & (code >= 0)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = valid[:, None] & (dd < D)[None, :]
+    xv = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.atomic_add(sums_ptr + code[:, None] * D + dd[None, :], xv, mask=m, sem="relaxed")
+    ones = tl.full([BLOCK_N], 1, tl.int64)  # integer counts: exact at any batch size
+    tl.atomic_add(counts_ptr + code, ones, mask=tu.block_and(valid, pid_d == 0), sem="relaxed")
+
+
+# --------------------------------------------------------------------------- deterministic stats
+
+
+@triton.jit(do_not_specialize=["K"])
+def _segment_sum_kernel(
+    x_ptr, order_ptr, piece_code_ptr, piece_start_ptr, row_start_ptr, lengths_ptr, n_pieces_ptr, slot_ptr,
+    sums_ptr, scratch_ptr, K, D,
+    PIECE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    code = tl.load(piece_code_ptr + t)  # K: no piece here (the grid is an upper bound)
+    valid = code < K
+    code_c = tl.where(valid, code, 0)
+    j = t - tl.load(piece_start_ptr + code_c)  # which piece of its code
+    seg_start = tl.load(row_start_ptr + code_c)
+    seg_end = seg_start + tl.load(lengths_ptr + code_c)
+    r0 = seg_start + j * PIECE_ROWS
+    r1 = tl.minimum(r0 + PIECE_ROWS, seg_end)
+    r1 = tl.where(valid, r1, r0)  # empty loop for an unused program
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for r in range(r0, r1, BLOCK_R):
+        rows = r + rr
+        rmask = rows < r1
+        src = tl.load(order_ptr + rows, mask=rmask, other=0)
+        xv = tl.load(x_ptr + src[:, None] * D + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(xv.to(tl.float32), axis=0)
+    single = tl.load(n_pieces_ptr + code_c) == 1
+    tl.store(sums_ptr + code_c.to(tl.int64) * D + dd, acc, mask=tu.block_and(dmask, valid & single))
+    slot = tl.load(slot_ptr + code_c) + j
+    tl.store(scratch_ptr + slot.to(tl.int64) * D + dd, acc, mask=tu.block_and(dmask, valid & (~single)))
+
+
+@triton.jit
+def _combine_pieces_kernel(codes_ptr, n_pieces_ptr, slot_ptr, sums_ptr, scratch_ptr, D, BLOCK_D: tl.constexpr):
+    code = tl.load(codes_ptr + tl.program_id(0))  # a candidate long code (single-piece ones are skipped)
+    pid_d = tl.program_id(1)
+    n = tl.load(n_pieces_ptr + code)
+    first = tl.load(slot_ptr + code)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    n_loop = tl.where(n > 1, n, 0)  # single-piece codes were written by the segment kernel
+    for j in range(0, n_loop):
+        acc += tl.load(scratch_ptr + (first + j).to(tl.int64) * D + dd, mask=dmask, other=0.0)
+    tl.store(sums_ptr + code * D + dd, acc, mask=tu.block_and(dmask, n > 1))
+
+
+def _cluster_stats_deterministic(x: torch.Tensor, indices: torch.Tensor, K: int):
+    N, D = x.shape
+    device = x.device
+    piece_rows = _PIECE_ROWS_INTERP if tu.interpreting() else _PIECE_ROWS
+    keys = torch.where(indices >= 0, indices, torch.full_like(indices, K)).to(torch.int64)
+    lengths_all = _hist.histogram(keys, K + 1, None)  # int64 [K + 1]; masked rows under K
+    lengths = lengths_all[:K]
+    counts = lengths.to(torch.float32)
+    order = torch.sort(keys, stable=True).indices  # rows of each code contiguous, in input order
+    row_start = torch.cumsum(lengths, 0) - lengths
+    n_pieces = (lengths + (piece_rows - 1)) // piece_rows
+    piece_end = torch.cumsum(n_pieces, 0)
+    piece_start = piece_end - n_pieces
+    multi = torch.where(n_pieces > 1, n_pieces, torch.zeros_like(n_pieces))
+    slot = torch.cumsum(multi, 0) - multi  # first scratch row of each multi-piece code
+    # Static upper bounds (no host sync): a code's pieces <= its rows / PIECE_ROWS + 1, and at
+    # most min(K, N) codes have rows, so pieces <= N / PIECE_ROWS + min(K, N); a long code has
+    # < 2 rows / PIECE_ROWS pieces, so scratch rows < 2 N / PIECE_ROWS; at most
+    # N / (PIECE_ROWS + 1) codes are long.
+    max_pieces = N // piece_rows + min(K, N)
+    max_scratch = max(1, 2 * N // piece_rows + 1)
+    max_long = max(1, min(K, N // (piece_rows + 1)))
+    piece_code = torch.searchsorted(piece_end, torch.arange(max_pieces, device=device), right=True)
+    # Long codes first (stable: in code order), so the combine grid covers only them.
+    long_codes = torch.sort((n_pieces > 1).to(torch.int8), descending=True, stable=True).indices[:max_long]
+    sums = torch.zeros(K, D, dtype=torch.float32, device=device)
+    scratch = torch.empty(max_scratch, D, dtype=torch.float32, device=device)
+    block_d = min(_SEG_BLOCK_D_INTERP if tu.interpreting() else _SEG_BLOCK_D, max(16, tu.next_power_of_2(D)))
+    d_blocks = tu.cdiv(D, block_d)
+    _segment_sum_kernel[(max_pieces, d_blocks)](
+        x, order, piece_code, piece_start, row_start, lengths, n_pieces, slot, sums, scratch, K, D,
+        PIECE_ROWS=piece_rows, BLOCK_R=_SEG_BLOCK_R, BLOCK_D=block_d, num_warps=_SEG_WARPS,
+    )
+    _combine_pieces_kernel[(long_codes.numel(), d_blocks)](
+        long_codes, n_pieces, slot, sums, scratch, D, BLOCK_D=block_d, num_warps=_SEG_WARPS
+    )
+    return counts, sums
+
+
+def cluster_stats(x: torch.Tensor, indices: torch.Tensor, K: int, deterministic: bool):
+    """Counts and per-code sums. x ``[N, D]``, indices ``[N]`` (negative = masked, < K).
+
+    Returns ``(counts float32 [K], sums float32 [K, D])``.
+    """
+    N, D = x.shape
+    x = x.contiguous()
+    indices = indices.contiguous()
+    with tu.device_guard(x):
+        if deterministic:
+            return _cluster_stats_deterministic(x, indices, K)
+        counts = torch.zeros(K, dtype=torch.int64, device=x.device)
+        sums = torch.zeros(K, D, dtype=torch.float32, device=x.device)
+        # 16 elements per thread: each carries a 64-bit address for the atomic.
+        block_d = min(128, max(16, tu.next_power_of_2(D)))
+        block_n = max(16, 4096 // block_d)
+        grid = (tu.cdiv(N, block_n), tu.cdiv(D, block_d))
+        _stats_atomic_kernel[grid](x, indices, counts, sums, N, D, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8)
+        return counts.to(torch.float32), sums
+
+
+# --------------------------------------------------------------------------- EMA update
+
+
+@triton.jit
+def _ema_sizes_kernel(cs_ptr, counts_ptr, n_ptr, params_ptr, K, BLOCK_K: tl.constexpr):
+    """cluster_size[h] = decay * cluster_size[h] + (1 - decay) * counts[h]; n[h] = its sum."""
+    h = tl.program_id(0).to(tl.int64)
+    decay = tl.load(params_ptr)
+    weight = tl.load(params_ptr + 1)
+    kk = tl.arange(0, BLOCK_K)
+    total = tl.zeros([BLOCK_K], params_ptr.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + kk
+        m = ks < K
+        cs = tl.load(cs_ptr + h * K + ks, mask=m, other=0.0).to(params_ptr.dtype.element_ty)
+        cnt = tl.load(counts_ptr + h * K + ks, mask=m, other=0.0).to(params_ptr.dtype.element_ty)
+        cs = decay * cs + weight * cnt
+        tl.store(cs_ptr + h * K + ks, cs.to(cs_ptr.dtype.element_ty), mask=m)
+        total += tl.where(m, cs, 0.0)
+    tl.store(n_ptr + h, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _ema_codebook_kernel(
+    cs_ptr, ea_ptr, cb_ptr, sums_ptr, n_ptr, params_ptr, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """embed_avg = lerp; codebook = embed_avg / ((cs + eps) / (n + K eps) * n), one pass over K x D."""
+    h = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    decay = tl.load(params_ptr)
+    weight = tl.load(params_ptr + 1)
+    eps = tl.load(params_ptr + 2)
+    n = tl.load(n_ptr + h)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    cs = tl.load(cs_ptr + h * K + ks, mask=kmask, other=1.0).to(params_ptr.dtype.element_ty)
+    smoothed = (cs + eps) / (n + K * eps) * n
+    base = (h * K + ks.to(tl.int64)) * D  # [BLOCK_K] int64 row offsets
+    dd = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        m = kmask[:, None] & ((d0 + dd) < D)[None, :]
+        off = base[:, None] + (d0 + dd)[None, :]
+        ea = tl.load(ea_ptr + off, mask=m, other=0.0).to(params_ptr.dtype.element_ty)
+        s = tl.load(sums_ptr + off, mask=m, other=0.0).to(params_ptr.dtype.element_ty)
+        ea = decay * ea + weight * s
+        tl.store(ea_ptr + off, ea.to(ea_ptr.dtype.element_ty), mask=m)
+        cb = ea / smoothed[:, None]
+        tl.store(cb_ptr + off, cb.to(cb_ptr.dtype.element_ty), mask=m)
+
+
+def ema_update(cluster_size, embed_avg, codebook, counts, sums, decay, eps):
+    """In-place EMA update. cluster_size ``[H, K]``, embed_avg/codebook/sums ``[H, K, D]``, counts ``[H, K]``.
+
+    Computes in fp32 (fp64 when any statistic is fp64), following the formula of
+    :mod:`vqkernels.ops.stats`.
+    """
+    H, K, D = embed_avg.shape
+    interp = tu.interpreting()
+    f64 = any(t.dtype == torch.float64 for t in (cluster_size, embed_avg, counts, sums))
+    dtype = torch.float64 if f64 else torch.float32
+    device = codebook.device
+    counts = counts.contiguous()
+    sums = sums.contiguous()
+    with tu.device_guard(codebook):
+        # decay, 1 - decay and eps as a tensor of the compute dtype: Python floats would
+        # reach the kernel as fp32 scalars, too coarse for fp64 statistics.
+        params = torch.tensor([decay, 1.0 - decay, eps], dtype=dtype, device=device)
+        n = torch.empty(H, dtype=dtype, device=device)
+        _ema_sizes_kernel[(H,)](cluster_size, counts, n, params, K, BLOCK_K=128 if interp else 1024, num_warps=4)
+        block_k = 16 if interp else 32
+        block_d = min(32 if interp else 64, max(16, tu.next_power_of_2(D)))
+        _ema_codebook_kernel[(H, tu.cdiv(K, block_k))](
+            cluster_size, embed_avg, codebook, sums, n, params, K, D, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4
+        )
