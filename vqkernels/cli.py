@@ -46,14 +46,18 @@ def info_lines() -> list[str]:
             state = "available" if reason is None else f"unavailable: {reason}"
             tag = " (automatic choice order: %d)" % (auto.index(name) + 1) if name in auto and reason is None else ""
             lines.append(f"  {device_type:<5} {name:<10} {state}{tag}")
-    forced = _dispatch.requested_backend(None)
-    lines.append(f"VQKERNELS_BACKEND={forced or '(unset: automatic)'}")
+    try:
+        forced = _dispatch.requested_backend(None)
+        lines.append(f"VQKERNELS_BACKEND={forced or '(unset: automatic)'}")
+    except ValueError as exc:  # a bad value must not hide the rest of the report it is needed with
+        lines.append(f"VQKERNELS_BACKEND is invalid (every op call will raise): {exc}")
     return lines
 
 
 def _info(args) -> int:
-    print("\n".join(info_lines()))
-    return 0
+    lines = info_lines()
+    print("\n".join(lines))
+    return 2 if lines[-1].startswith("VQKERNELS_BACKEND is invalid") else 0
 
 
 def _demo_parser(sub):

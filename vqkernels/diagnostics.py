@@ -27,7 +27,9 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 import torch
 
 from .ops import assign, histogram
-from .ops._validation import check_codebook_size, check_tensor
+from .ops._validation import check_codebook_size, check_finite, check_indices_in_range, check_metric, check_tensor
+
+METRICS = ("l2", "cosine")
 
 
 # ---------------------------------------------------------------------------- usage
@@ -45,8 +47,15 @@ class Usage(NamedTuple):
 def usage_from_counts(counts: torch.Tensor) -> Usage:
     """Usage statistics from a histogram ``counts [K]`` (from :func:`vqkernels.histogram`)."""
     check_tensor("counts", counts, dims=(1,))
+    if counts.is_complex() or counts.dtype == torch.bool:
+        raise TypeError(f"counts must be a real integer or floating tensor, got dtype {counts.dtype}")
     K = counts.shape[0]
+    if K < 1:
+        raise ValueError(f"counts must hold one count per code (K >= 1), got shape {tuple(counts.shape)}")
     c = counts.detach().to(torch.float64)
+    check_finite("counts", c)
+    if bool((c < 0).any()):
+        raise ValueError(f"counts holds a negative count ({float(c.min())}); expected counts >= 0")
     total = float(c.sum())
     used = int((c > 0).sum())
     if total > 0:
@@ -159,6 +168,7 @@ def total_variance(x: torch.Tensor) -> float:
 def variance_ratio(codebook: torch.Tensor, embeddings: torch.Tensor) -> float:
     """trace Cov(codebook) / trace Cov(embeddings): ~1 when the codes spread like the data,
     well below 1 when the codebook has shrunk into part of it."""
+    _check_same_features(_rows("embeddings", embeddings), _rows("codebook", codebook))
     denominator = total_variance(embeddings)
     return total_variance(codebook) / denominator if denominator > 0 else float("nan")
 
@@ -166,6 +176,17 @@ def variance_ratio(codebook: torch.Tensor, embeddings: torch.Tensor) -> float:
 class Coverage(NamedTuple):
     embedding_to_code: float  #: mean distance from each embedding to its nearest code
     code_to_embedding: float  #: mean distance from each code to its nearest embedding
+
+
+def _check_same_features(embeddings: torch.Tensor, codebook: torch.Tensor) -> None:
+    """Embeddings and codes must live in the same space (rows ``[N, D]`` and ``[K, D]``)."""
+    if embeddings.shape[-1] != codebook.shape[-1]:
+        raise ValueError(
+            f"embeddings has {embeddings.shape[-1]} features but codebook has {codebook.shape[-1]} "
+            f"(shape {tuple(codebook.shape)}); expected embeddings of shape [..., {codebook.shape[-1]}]"
+        )
+    if embeddings.device != codebook.device:
+        raise ValueError(f"codebook is on {codebook.device} but embeddings is on {embeddings.device}; expected the same device")
 
 
 def _distance(d: torch.Tensor, metric: str) -> torch.Tensor:
@@ -178,9 +199,16 @@ def coverage(embeddings: torch.Tensor, codebook: torch.Tensor, metric: str = "l2
 
     A large code -> embedding distance means codes sit where no data is (dead, stranded
     codes); a large embedding -> code distance means data the codebook does not reach.
+    ``metric`` is ``"l2"`` or ``"cosine"``. No embeddings (N = 0): both distances are NaN.
     """
+    check_metric(metric, METRICS)
     e = _rows("embeddings", embeddings).float()
     c = _rows("codebook", codebook).float()
+    _check_same_features(e, c)
+    if c.shape[0] < 1:
+        raise ValueError(f"codebook must hold at least one code (K >= 1), got shape {tuple(codebook.shape)}")
+    if e.shape[0] == 0:
+        return Coverage(float("nan"), float("nan"))
     to_code = assign(e, c, metric, backend=backend).distances
     to_embedding = assign(c, e, metric, backend=backend).distances
     return Coverage(float(_distance(to_code, metric).mean()), float(_distance(to_embedding, metric).mean()))
@@ -208,10 +236,13 @@ def class_coverage(indices: torch.Tensor, labels: torch.Tensor, codebook_size: i
     """
     check_tensor("indices", indices, integer=True)
     check_tensor("labels", labels)
+    check_codebook_size("codebook_size", codebook_size)
     idx = indices.detach().reshape(-1)
     lab = labels.detach().reshape(-1).to(idx.device)
     if lab.shape != idx.shape:
         raise ValueError(f"labels has {lab.numel()} entries but indices has {idx.numel()}; expected one label per row")
+    # checked here, not left to the joint histogram below, whose message would name a joint index
+    check_indices_in_range("indices", idx, codebook_size)
     classes, lab = torch.unique(lab, return_inverse=True)
     C, K = classes.numel(), codebook_size
     # joint (code, class) histogram in one histogram-op call; masked rows stay negative
@@ -255,13 +286,23 @@ _ROWS = (
 
 def _codebook_and_space(codebook, embeddings, metric):
     """Accept a Quantizer for ``codebook``: its codes, its metric, embeddings mapped into its space."""
+    check_tensor("embeddings", embeddings, floating=True, min_dim=1)
     if isinstance(codebook, torch.nn.Module):
         quantizer = codebook
         if not hasattr(quantizer, "to_codebook_space"):
             raise TypeError("codebook must be a [K, D] tensor or a vqkernels.Quantizer")
+        if embeddings.shape[-1] != quantizer.dim:
+            raise ValueError(
+                f"embeddings has {embeddings.shape[-1]} features (shape {tuple(embeddings.shape)}); expected the "
+                f"quantizer's input size dim={quantizer.dim} (channel-last)"
+            )
         with torch.no_grad():
             embeddings = quantizer.to_codebook_space(embeddings.detach())
         return quantizer.codebook.detach(), embeddings, quantizer.metric
+    if not isinstance(codebook, torch.Tensor):
+        raise TypeError(f"codebook must be a [K, D] tensor or a vqkernels.Quantizer, got {type(codebook).__name__}")
+    check_tensor("codebook", codebook, floating=True, dims=(2,))
+    check_metric(metric, METRICS)
     return codebook.detach(), embeddings, metric
 
 
@@ -303,9 +344,17 @@ def report(
     codes, emb, metric = _codebook_and_space(codebook, embeddings, metric)
     emb = _rows("embeddings", emb).float()
     codes = _rows("codebook", codes).float()
+    _check_same_features(emb, codes)
     K = codes.shape[0]
     if indices is None:
         indices = assign(emb, codes, metric, backend=backend).indices
+    else:
+        check_tensor("indices", indices, integer=True)
+        if indices.numel() != emb.shape[0]:
+            raise ValueError(
+                f"indices has {indices.numel()} entries (shape {tuple(indices.shape)}) but embeddings has "
+                f"{emb.shape[0]} rows; expected one code per embedding"
+            )
     out: Dict[str, Any] = dict(extra or {})
     if monitor is not None:
         out.update(monitor.summary())
