@@ -9,7 +9,9 @@
 #      (a failed extension build is reported, then the package is installed pure Python)
 #                                                                               -> install.log
 #   3. runs the GPU tests: python -m pytest -m gpu                              -> pytest_gpu.log
-#   4. runs benchmarks/gpu_bench.py in the time that is left  -> gpu_bench.json, gpu_bench.log
+#   4. runs benchmarks/gpu_bench.py (kernel-level table)       -> gpu_bench.json, gpu_bench.log
+#   5. runs `vqkernels bench --device cuda --quick` (every op and peer, Quantizer step)
+#                                                  -> bench_cuda.json, bench_cuda.png, bench_cuda.log
 #
 # Everything is also appended to OUTDIR/gpu_check.log; the summary table is printed last.
 # The whole run is planned to end inside VQK_CHECK_BUDGET_S seconds (default 470, under
@@ -111,7 +113,7 @@ grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -n 30 | tee -a "$LOG"
 say "GPU tests: rc=$RC_TESTS: $TESTS_LINE"
 
 # --- 4. benchmarks ---------------------------------------------------------------------
-T_BENCH=$(( $(left) - 20 ))
+T_BENCH=$(( $(left) - 110 ))  # leave ~90 s for step 5
 if (( T_BENCH < 30 )); then
   say "benchmark skipped: only ${T_BENCH}s left"
   RC_BENCH=3
@@ -120,6 +122,19 @@ else
   TRITON_PRINT_AUTOTUNING=1 timeout -k 15 $(( T_BENCH + 15 )) "$PY" benchmarks/gpu_bench.py --out "$OUT" \
     --time-budget "$T_BENCH" 2>&1 | tee -a "$LOG" | grep -v "^\[gpu_bench" | tail -n 5
   RC_BENCH=${PIPESTATUS[0]}
+fi
+
+# --- 5. the user-facing benchmark suite on the GPU --------------------------------------
+T_SUITE=$(( $(left) - 10 ))
+if (( T_SUITE < 30 )); then
+  say "vqkernels bench skipped: only ${T_SUITE}s left"
+  RC_SUITE=3
+else
+  say "vqkernels bench --device cuda --quick (timeout ${T_SUITE}s)"
+  timeout -s INT -k 10 "$T_SUITE" "$PY" -m vqkernels.cli bench --device cuda --quick \
+    --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png" > "$OUT/bench_cuda.log" 2>&1
+  RC_SUITE=$?
+  tail -n 5 "$OUT/bench_cuda.log" | tee -a "$LOG"
 fi
 
 # --- optional: the rest of the suite ---------------------------------------------------
@@ -133,6 +148,6 @@ fi
 if [ -f "$OUT/gpu_bench.log" ]; then
   sed -n '/summary (x floor/,$p' "$OUT/gpu_bench.log" | tail -n 120
 fi
-say "done in $(elapsed)s: install: $INSTALL | extension: $EXT | tests rc=$RC_TESTS ($TESTS_LINE) | benchmark rc=$RC_BENCH"
+say "done in $(elapsed)s: install: $INSTALL | extension: $EXT | tests rc=$RC_TESTS ($TESTS_LINE) | benchmark rc=$RC_BENCH | vqkernels bench rc=$RC_SUITE"
 say "files: $(cd "$OUT" && ls | tr '\n' ' ')"
-[ "$RC_TESTS" = 0 ] && [ "$RC_BENCH" = 0 ]
+[ "$RC_TESTS" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_SUITE" = 0 ]
