@@ -19,7 +19,8 @@ from .ops import (
     histogram,
     kmeans,
 )
-from . import diagnostics
+from . import checkpoints, diagnostics, distributed
+from .checkpoints import UnknownLayoutError
 from .diagnostics import CodebookMonitor, report
 from .quantizer import LossBreakdown, Quantizer, QuantizerOutput, QuantizerOutputWithBreakdown
 
@@ -41,4 +42,7 @@ __all__ = [
     "CodebookMonitor",
     "report",
     "diagnostics",
+    "checkpoints",
+    "distributed",
+    "UnknownLayoutError",
 ]

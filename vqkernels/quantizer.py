@@ -13,6 +13,13 @@ Deferred Quantization (Zhao et al., 2026, "Early Quantization Shrinks Codebook")
 keeps a reservoir sample of its inputs; at call ``T + 1`` it k-means-initialises the
 codebook from that sample (mature embeddings, not the untrained encoder's) and quantizes
 from then on.
+
+Under ``torch.distributed`` (``sync_codebook``, on by default when a process group of world
+size > 1 is initialised) every rank holds the same codebook: each step's counts and sums
+are all-reduced in one packed buffer before the EMA update, and every random choice
+(random init, dead-code restart, k-means seeding, the deferred switch over all ranks'
+reservoirs) is made once on rank 0 over candidates from all ranks and broadcast. The
+collectives live in :mod:`vqkernels.distributed`.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checkpoints as _checkpoints
+from . import distributed as _dist
 from .ops import assign, cluster_stats, ema_update_, histogram, kmeans
 from .ops._validation import check_codebook_size, check_finite, check_metric, check_tensor
 
@@ -98,6 +107,23 @@ class _QuantizeFunction(torch.autograd.Function):
         return grad_z, None, None, None, None, None, None
 
 
+@torch.library.custom_op("vqkernels::quantizer_checked_keep", mutates_args=())
+def _checked_keep(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """``check_finite`` of the kept rows as an op, for ``torch.compile``: the check reads the
+    data (a host sync, a graph break in Python), but inside an op it is traced as a call.
+    Returns the keep mask (all True for ``None``), so everything that touches a buffer
+    depends on the check and runs after it."""
+    check_finite("x", x, ignore_rows=None if keep is None else ~keep)
+    if keep is None:
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return keep.clone()
+
+
+@_checked_keep.register_fake
+def _(x, keep):
+    return x.new_empty(x.shape[0], dtype=torch.bool)
+
+
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.mse_loss(a, b)`` over the kept rows only (no boolean indexing, so no host sync)."""
     if a.shape[0] == 0:  # an empty batch has no error (F.mse_loss would give NaN)
@@ -139,7 +165,15 @@ class Quantizer(nn.Module):
         deterministic: bitwise-reproducible statistics (see :func:`vqkernels.cluster_stats`).
         check_finite: in training, raise a ``ValueError`` naming the rows when an unmasked input
             row holds NaN/Inf, before any buffer is touched, so one bad batch never poisons the
-            EMA statistics (costs one host sync per training call; eval never checks).
+            EMA statistics (costs one host sync per training call; eval never checks). Under
+            ``torch.compile`` the check runs inside an op, so it causes no graph break.
+        sync_codebook: ``None`` (default) or ``True``: when ``torch.distributed`` is initialised
+            with world size > 1, keep one codebook across ranks (one all-reduce of the packed
+            counts and sums per training step; initialisation, dead-code restarts and the
+            deferred switch decided on rank 0 from all ranks' rows and broadcast; the first
+            training call broadcasts rank 0's codebook). Every rank must make the same number
+            of training calls; a rank may see fewer rows, or none after masking. ``False``:
+            each rank keeps its own statistics. A no-op in a single process.
         backend: force an ops backend (see :func:`vqkernels.assign`).
 
     Returns (forward):
@@ -176,6 +210,7 @@ class Quantizer(nn.Module):
         reservoir_size: Optional[int] = None,
         deterministic: bool = False,
         check_finite: bool = True,
+        sync_codebook: Optional[bool] = None,
         backend: Optional[str] = None,
     ):
         super().__init__()
@@ -216,6 +251,9 @@ class Quantizer(nn.Module):
         self.reservoir_size = reservoir_size
         self.deterministic = deterministic
         self.check_finite = check_finite
+        if sync_codebook not in (None, True, False):
+            raise ValueError(f"sync_codebook must be None, True or False, got {sync_codebook!r}")
+        self.sync_codebook = sync_codebook
         self.backend = backend
 
         needs_projection = codebook_dim != dim
@@ -249,6 +287,7 @@ class Quantizer(nn.Module):
         self._initted = initted
         self._quantizing = deferred_steps == 0
         self._deferred_calls = 0
+        self._state_broadcast = False  # rank 0's codebook sent to the other ranks (first synced call)
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -296,16 +335,25 @@ class Quantizer(nn.Module):
 
         ``batch_rows``: rows per training batch, to put the EMA cluster sizes in per-batch
         units (default: the rows of ``x``). Does not end a deferred continuous phase.
+        With ``sync_codebook`` under ``torch.distributed``, every rank calls it with its own
+        ``x``: k-means runs over all ranks' rows (and ``batch_rows`` means all ranks' rows).
         """
         check_tensor("x", x, floating=True, min_dim=1)
         rows = self.to_codebook_space(x.detach().reshape(-1, self.dim))
-        if rows.shape[0] < self.codebook_size:
-            raise ValueError(f"init_codebook needs at least codebook_size={self.codebook_size} rows, got {rows.shape[0]}")
-        self._kmeans_init(rows, float(rows.shape[0] if batch_rows is None else batch_rows))
+        n = self._total_rows(rows.shape[0], rows.device)
+        if n < self.codebook_size:
+            where = " across all ranks" if self._sync_active() else ""
+            raise ValueError(f"init_codebook needs at least codebook_size={self.codebook_size} rows{where}, got {n}")
+        self._kmeans_init(rows, None if batch_rows is None else float(batch_rows))
 
     @torch.no_grad()
     def start_quantization(self) -> None:
-        """End the continuous phase now: k-means-initialise the codebook from the reservoir."""
+        """End the continuous phase now: k-means-initialise the codebook from the reservoir.
+
+        With ``sync_codebook`` under ``torch.distributed``, every rank must call it (the
+        automatic switch at call ``deferred_steps + 1`` does): k-means runs over the union of
+        all ranks' reservoirs, statistics all-reduced, and every rank gets the same codebook.
+        """
         if self._quantizing:
             return
         if not self.deferred_steps:
@@ -313,10 +361,17 @@ class Quantizer(nn.Module):
         seen = int(self.reservoir_seen)
         rows = self.reservoir[: min(seen, self.reservoir_size)]
         K = self.codebook_size
-        if rows.shape[0] < K:
+        n_rows = rows.shape[0]
+        sync = self._sync_active()
+        if sync:  # all ranks' reservoirs together (one collective; every rank raises alike)
+            totals = torch.tensor([n_rows, seen], dtype=torch.int64, device=rows.device)
+            _dist.all_reduce_sum_(totals)
+            n_rows, seen = (int(v) for v in totals.tolist())
+        if n_rows < K:
+            where = " (all ranks together)" if sync else ""
             raise RuntimeError(
-                f"Deferred Quantization needs at least codebook_size={K} reservoir rows to k-means-initialise "
-                f"the codebook, but only {rows.shape[0]} rows were seen in {self._deferred_calls} training calls; "
+                f"Deferred Quantization needs at least codebook_size={K} reservoir rows{where} to k-means-initialise "
+                f"the codebook, but only {n_rows} rows were seen in {self._deferred_calls} training calls; "
                 "train longer before switching (raise deferred_steps)"
             )
         # EMA statistics are per batch: scale the k-means counts to the mean batch size seen.
@@ -361,7 +416,13 @@ class Quantizer(nn.Module):
             keep = mask.reshape(-1)
         flat = xl.reshape(-1, self.dim)
         if self.training and self.check_finite:
-            check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
+            if torch.compiler.is_compiling():
+                keep = _checked_keep(flat.detach(), keep)
+            else:
+                check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
+        sync = self.training and self._sync_active()
+        if sync and not self._state_broadcast:
+            self._broadcast_state()
 
         if not self._quantizing:
             if self.training and self._deferred_calls >= self.deferred_steps:
@@ -387,7 +448,7 @@ class Quantizer(nn.Module):
                 q_codebook = F.embedding(indices.clamp_min(0), codebook)
                 codebook_loss = _masked_mse(q_codebook, z.detach(), keep)
                 loss = loss + codebook_loss * self.codebook_weight
-            self._update_codebook(z.detach(), indices, keep)
+            self._update_codebook(z.detach(), indices, keep, sync)
 
         out = self.project_out(q).to(x.dtype)
         if keep is not None:
@@ -401,6 +462,27 @@ class Quantizer(nn.Module):
         return QuantizerOutput(quantized, indices, loss)
 
     # ------------------------------------------------------------------ internals
+    def _sync_active(self) -> bool:
+        """Codebook sync is on: not switched off, and a process group of world size > 1 exists.
+        (``torch.compile`` folds this to a constant: no graph break.)"""
+        return self.sync_codebook is not False and _dist.is_distributed()
+
+    def _total_rows(self, n: int, device) -> int:
+        """``n`` summed over the ranks when synced (one collective), else ``n``."""
+        if not self._sync_active():
+            return n
+        total = torch.tensor([n], dtype=torch.int64, device=device)
+        _dist.all_reduce_sum_(total)
+        return int(total)
+
+    @torch.no_grad()
+    def _broadcast_state(self) -> None:
+        """Every rank starts from rank 0's codebook and statistics (one packed broadcast), so
+        ranks that built the module with different random codes still agree."""
+        tensors = [self.embed.data, self.cluster_size] + ([self.embed_avg] if self.learning == "ema" else [])
+        _dist.broadcast_(*tensors)
+        self._state_broadcast = True
+
     def _effective_codebook(self) -> torch.Tensor:
         if self.metric == "cosine" and self.learning == "gradient":
             return F.normalize(self.embed, dim=-1)
@@ -444,17 +526,28 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _initialise(self, z: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
-        """First training batch: k-means or random rows (a one-off host sync is fine here)."""
+        """First training batch: k-means or random rows (a one-off host sync is fine here).
+
+        Synced: k-means over all ranks' rows, or K random rows of all ranks chosen on rank 0;
+        every rank raises alike when all ranks together hold too few rows."""
         rows = z if keep is None else z[keep]
         K = self.codebook_size
+        sync = self._sync_active()
+        where = " (all ranks together)" if sync else ""
         if self.init == "kmeans":
-            if rows.shape[0] < K:
+            n = self._total_rows(rows.shape[0], rows.device)
+            if n < K:
                 raise ValueError(
-                    f"init='kmeans' needs at least codebook_size={K} rows in the first training batch, got "
-                    f"{rows.shape[0]}; use a bigger first batch, init='random', or deferred_steps (k-means on a "
+                    f"init='kmeans' needs at least codebook_size={K} rows in the first training batch{where}, got "
+                    f"{n}; use a bigger first batch, init='random', or deferred_steps (k-means on a "
                     "reservoir of reservoir_size rows)"
                 )
-            self._kmeans_init(rows, float(rows.shape[0]))
+            self._kmeans_init(rows, None)
+        elif sync:  # "random", chosen on rank 0 among all ranks' rows
+            codes = _dist.sample_rows(rows, K, replacement=True)
+            if codes.shape[0] == 0:
+                raise ValueError(f"init='random' needs at least one unmasked row in the first training batch{where}")
+            self._load_codes(codes, torch.ones(K, device=z.device))
         else:  # "random"
             if rows.shape[0] == 0:
                 raise ValueError("init='random' needs at least one unmasked row in the first training batch")
@@ -462,10 +555,19 @@ class Quantizer(nn.Module):
             pick = torch.randperm(n, device=z.device)[:K] if n >= K else torch.randint(n, (K,), device=z.device)
             self._load_codes(rows[pick], torch.ones(K, device=z.device))
 
-    def _kmeans_init(self, rows: torch.Tensor, batch_rows: float) -> None:
-        result = kmeans(rows, self.codebook_size, self.kmeans_iters, metric=self.metric, backend=self.backend)
+    def _kmeans_init(self, rows: torch.Tensor, batch_rows: Optional[float]) -> None:
+        """k-means on ``rows`` (all ranks' when synced); cluster sizes scaled to ``batch_rows``
+        rows per step (default: as many as k-means saw)."""
+        sync = self._sync_active()
+        result = kmeans(rows, self.codebook_size, self.kmeans_iters, metric=self.metric, backend=self.backend, distributed=sync)
         counts = histogram(result.indices, self.codebook_size).to(self.cluster_size.dtype)
-        self._load_codes(result.centroids.to(self.embed.dtype), counts * (batch_rows / rows.shape[0]))
+        n = rows.shape[0]
+        if sync:  # global counts: every rank's rows under the shared centroids (one packed collective)
+            total = torch.tensor([n], dtype=counts.dtype, device=counts.device)
+            _dist.all_reduce_sum_(counts, total)
+            n = float(total)
+        scale = (n if batch_rows is None else batch_rows) / n
+        self._load_codes(result.centroids.to(self.embed.dtype), counts * scale)
 
     def _load_codes(self, codes: torch.Tensor, cluster_size: torch.Tensor) -> None:
         """Set the codebook and EMA statistics consistently (embed_avg = codes * size)."""
@@ -479,18 +581,35 @@ class Quantizer(nn.Module):
         self._initted = True
 
     @torch.no_grad()
-    def _update_codebook(self, z: torch.Tensor, indices: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
+    def _update_codebook(self, z: torch.Tensor, indices: torch.Tensor, keep: Optional[torch.Tensor], sync: bool = False) -> None:
         K = self.codebook_size
         if self.learning == "ema":
             counts, sums = cluster_stats(z, indices, K, deterministic=self.deterministic, backend=self.backend)
-            ema_update_(self.cluster_size, self.embed_avg, self.embed, counts, sums, self.decay, self.eps, backend=self.backend)
+            if sync:  # the statistics of all ranks' rows: one all-reduce, counts and sums packed
+                _dist.all_reduce_sum_(counts, sums)
+            if torch.compiler.is_compiling():
+                # Inductor (torch 2.13) may compute this step's output (the gather of the codes,
+                # fused into a later kernel) AFTER an op that overwrites the codebook buffer in
+                # place, and return the next step's codes. So the op writes fresh codes into a
+                # scratch tensor, and a plain copy_ (a buffer mutation inductor orders after
+                # every read) stores them.
+                codes = self.embed.new_empty(self.embed.shape)
+                ema_update_(self.cluster_size, self.embed_avg, codes, counts, sums, self.decay, self.eps, backend=self.backend)
+                self.embed.copy_(codes)
+            else:
+                ema_update_(self.cluster_size, self.embed_avg, self.embed, counts, sums, self.decay, self.eps, backend=self.backend)
             if self.metric == "cosine":
                 self.embed.copy_(F.normalize(self.embed, dim=-1))
         else:
             counts = histogram(indices, K, backend=self.backend).to(self.cluster_size.dtype)
+            if sync:  # usage of all ranks, so every rank sees the same dead codes
+                _dist.all_reduce_sum_(counts)
             self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         if self.dead_code_threshold > 0:
-            self._restart_dead_codes(z, keep)
+            if sync:
+                self._restart_dead_codes_synced(z, keep)
+            else:
+                self._restart_dead_codes(z, keep)
         self.steps.add_(1)
 
     def _restart_dead_codes(self, z: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
@@ -520,7 +639,85 @@ class Quantizer(nn.Module):
         if self.learning == "ema":
             self.embed_avg.copy_(torch.where(replace.unsqueeze(-1), sample * self.reset_cluster_size, self.embed_avg))
 
+    def _restart_dead_codes_synced(self, z: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
+        """:meth:`_restart_dead_codes` across ranks: the dead codes are the same on every rank
+        (the sizes are all-reduced), so the ranks agree on whether and how many to re-seed
+        (one host sync); rank 0 draws distinct rows among all ranks' kept rows and every rank
+        receives them. A rank with no kept rows takes part and offers nothing."""
+        dead = self.cluster_size < self.dead_code_threshold
+        n_dead = int(dead.sum())  # identical on every rank
+        if n_dead == 0:
+            return
+        rows = z if keep is None else z[keep]
+        sample = _dist.sample_rows(rows, n_dead)  # min(n_dead, all kept rows), same on every rank
+        m = sample.shape[0]
+        if m == 0:
+            return
+        codes = dead.nonzero().flatten()[:m]  # the first dead codes now, the rest at later steps
+        sample = sample.to(self.embed.dtype)
+        if self.metric == "cosine":
+            sample = F.normalize(sample, dim=-1)
+        self.embed.data[codes] = sample
+        self.cluster_size[codes] = self.reset_cluster_size
+        if self.learning == "ema":
+            self.embed_avg[codes] = sample * self.reset_cluster_size
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained_state(cls, state, prefix: str = "", *, strict: bool = True, **kwargs) -> "Quantizer":
+        """A ``Quantizer`` built and loaded from a state dict in any layout of
+        :data:`vqkernels.checkpoints.LAYOUTS` (vector-quantize-pytorch's ``VectorQuantize``,
+        taming-transformers' ``VectorQuantizer2``, encodec/audiocraft's ``EuclideanCodebook``,
+        or ours).
+
+        ``dim``, ``codebook_size`` and ``codebook_dim`` come from the shapes; the source
+        library's defaults that differ from ours are applied (taming: ``learning="gradient"``,
+        ``commitment_weight=0.25``, ``channel_last=False``; encodec: ``decay=0.99``,
+        ``dead_code_threshold=2``); ``kwargs`` override everything (e.g. ``metric="cosine"``
+        for a cosine-similarity codebook, which the state cannot tell).
+
+        Args:
+            state: a state dict; a whole model's is fine with ``prefix``.
+            prefix: where the quantizer sits in ``state`` (e.g. ``"quantize."``).
+
+        Example:
+            >>> theirs = VectorQuantize(dim=64, codebook_size=512)  # vector_quantize_pytorch
+            >>> ours = Quantizer.from_pretrained_state(theirs.state_dict())
+        """
+        config = _checkpoints.infer_config(state, prefix)
+        config.update(kwargs)
+        module = cls(**config)
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(own, strict=strict)
+        return module
+
+    def _convert_foreign_state(self, state_dict, prefix, error_msgs) -> None:
+        """Rewrite another library's quantizer state under ``prefix`` into ours, in place."""
+        if prefix + "embed" in state_dict and prefix + "quantizing" in state_dict:
+            return  # ours
+        if _checkpoints.detect_layout(state_dict, prefix) in (None, _checkpoints.VQKERNELS):
+            # (torch passes strict=True here whatever the caller asked, so judge by the keys:)
+            # foreign keys and no codebook is a layout we do not know; no keys at all is
+            # torch's "missing keys", which load_state_dict(strict=False) accepts.
+            own = set(self._parameters) | set(self._buffers) | set(self._modules)
+            foreign = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] not in own]
+            if foreign and prefix + "embed" not in state_dict:
+                error_msgs.append(str(_checkpoints.unknown_layout_error(state_dict, prefix, "No quantizer state in a known layout")))
+            return
+        try:
+            converted = _checkpoints.convert_state_dict(
+                state_dict, prefix, learning=self.learning, deferred=bool(self.deferred_steps)
+            )
+        except _checkpoints.UnknownLayoutError as e:
+            error_msgs.append(str(e))
+            return
+        for key in converted.consumed:
+            state_dict.pop(key)
+        for key, value in converted.entries.items():
+            state_dict[prefix + key] = value
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._convert_foreign_state(state_dict, prefix, error_msgs)
         key = prefix + "reservoir"
         if self.deferred_steps and key in state_dict and state_dict[key].shape != self.reservoir.shape:
             # the reservoir is released at the switch: take the checkpoint's size (full or empty)

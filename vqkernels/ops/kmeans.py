@@ -6,6 +6,7 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as _dist
 from ._validation import check_codebook_size, check_metric, check_tensor, compute_dtype, check_finite
 from .assign import assign
 from .stats import cluster_stats
@@ -14,9 +15,9 @@ INITS = ("kmeans++", "random")
 
 
 class KMeansResult(NamedTuple):
-    centroids: torch.Tensor  #: ``[K, D]`` float32 (fp64 for fp64 x)
-    indices: torch.Tensor  #: ``[N]`` int64, each row's centroid under the returned centroids
-    inertia: float  #: sum of the rows' distances to their centroids (metric's distance)
+    centroids: torch.Tensor  #: ``[K, D]`` float32 (fp64 for fp64 x); identical on every rank when distributed
+    indices: torch.Tensor  #: ``[N]`` int64, each (local) row's centroid under the returned centroids
+    inertia: float  #: sum of the rows' distances to their centroids (metric's distance; all ranks' rows when distributed)
     n_iter: int  #: Lloyd iterations run
     inertia_history: List[float]  #: inertia after the initial assignment and after each iteration
 
@@ -69,6 +70,8 @@ def kmeans(
     deterministic: bool = False,
     progress: bool = False,
     backend: Optional[str] = None,
+    distributed: bool = False,
+    group=None,
 ) -> KMeansResult:
     """Lloyd's k-means on ``x``, with every assignment and statistic through vqkernels' ops.
 
@@ -83,8 +86,18 @@ def kmeans(
         seed: seeds a private generator (the global RNG is used when ``None``).
         init_centroids: ``[K, D]`` starting centroids; overrides ``init``.
         deterministic: bitwise-reproducible statistics (see :func:`cluster_stats`).
-        progress: show a tqdm progress bar (needs ``tqdm``).
+        progress: show a tqdm progress bar (needs ``tqdm``; rank 0 only when distributed).
         backend: as for :func:`vqkernels.assign`.
+        distributed: ``x`` is this rank's shard of a dataset split across the ranks of
+            ``group`` (``torch.distributed``, any backend): fit one set of centroids to the
+            union. Every rank must call ``kmeans`` with the same arguments (except ``x``,
+            whose row count may differ and may be 0). Seeding samples rows from all shards
+            (about proportionally to their sizes) and runs on rank 0; each Lloyd iteration
+            all-reduces the counts, sums and inertia in one packed buffer; empty clusters
+            take the farthest rows of all shards. Every rank returns the same centroids,
+            inertia and history; ``indices`` are its own rows'. A no-op without a process
+            group of world size > 1.
+        group: the process group (default: the world).
 
     Empty clusters are re-seeded from the rows farthest from their centroid, so the
     inertia never increases from one iteration to the next.
@@ -96,6 +109,8 @@ def kmeans(
         >>> result = vqkernels.kmeans(torch.randn(10_000, 16), K=64, iters=10, seed=0)
         >>> result.centroids.shape
         torch.Size([64, 16])
+        >>> # under torchrun, each rank with its own shard:
+        >>> # result = vqkernels.kmeans(my_shard, K=64, iters=10, seed=0, distributed=True)
     """
     check_tensor("x", x, floating=True, min_dim=1)
     check_codebook_size("K", K)
@@ -108,6 +123,10 @@ def kmeans(
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     D = x.shape[-1]
     data = x.detach().reshape(-1, D)
+    if distributed and _dist.is_distributed(group):
+        return _kmeans_distributed(
+            data, K, iters, metric, init, tol, seed, sample_size, init_centroids, deterministic, progress, backend, group
+        )
     N = data.shape[0]
     if N < K:
         raise ValueError(f"kmeans needs at least K={K} rows to place K centroids, got {N} rows (x shape {tuple(x.shape)})")
@@ -164,6 +183,97 @@ def _update(data, centroids, indices, K, metric, deterministic, backend):
         far = _distance_rows(data, own, metric)
         rows = torch.topk(far, n_empty).indices  # distinct rows, farthest first
         new[(~filled).nonzero().flatten()] = data[rows]
+    return new
+
+
+def _kmeans_distributed(data, K, iters, metric, init, tol, seed, sample_size, init_centroids, deterministic, progress, backend, group):
+    """Lloyd's k-means over the union of every rank's ``data`` (see ``kmeans(distributed=True)``).
+
+    Every rank enters the same collectives in the same order whatever its row count, and
+    every decision that ends a loop or skips a step is taken on all-reduced values, so a
+    rank with zero rows neither hangs nor diverges.
+    """
+    D = data.shape[1]
+    rank = _dist.world_info(group).rank
+    # One collective for the checks every rank must agree on: total rows, and any rank's
+    # non-finite rows (raised on every rank, so no rank is left waiting in a collective).
+    finite = torch.isfinite(data).all(1)
+    flags = torch.tensor([data.shape[0], int((~finite).sum())], dtype=torch.int64, device=data.device)
+    _dist.all_reduce_sum_(flags, group=group)
+    N, n_bad = (int(v) for v in flags.tolist())
+    if n_bad:
+        check_finite("x", data)  # the rank holding them names the rows
+        raise ValueError(f"x contains NaN or Inf on another rank ({n_bad} rows in all); expected finite values")
+    if N < K:
+        raise ValueError(f"kmeans needs at least K={K} rows to place K centroids, got {N} rows across all ranks")
+    dtype = compute_dtype(data.dtype)
+    data = data.to(dtype)
+    if metric == "cosine":
+        data = F.normalize(data, dim=1)
+    gen = _generator(data.device, seed)
+
+    if init_centroids is not None:
+        check_tensor("init_centroids", init_centroids, floating=True, dims=(2,))
+        if tuple(init_centroids.shape) != (K, D):
+            raise ValueError(f"init_centroids has shape {tuple(init_centroids.shape)}; expected ({K}, {D})")
+        check_finite("init_centroids", init_centroids)
+        centroids = init_centroids.detach().to(device=data.device, dtype=dtype).clone()
+        _dist.broadcast_(centroids, group=group)  # rank 0's, should the ranks disagree
+    elif init == "random":
+        centroids = _dist.sample_rows(data, K, generator=gen, group=group).clone()  # K distinct rows, same on every rank
+    else:
+        size = min(N, sample_size if sample_size is not None else max(4 * K, 2048))
+        sample = _dist.sample_rows(data, max(size, K), generator=gen, group=group)
+        centroids = torch.empty(K, D, dtype=dtype, device=data.device)
+        if rank == 0:
+            centroids = _kmeans_plus_plus(sample, K, metric, sample.shape[0], gen)
+        _dist.broadcast_(centroids, group=group)
+    if metric == "cosine":
+        centroids = F.normalize(centroids, dim=1)
+
+    indices, dist = assign(data, centroids, metric, backend=backend)
+    history: List[float] = []
+    bar = _progress_bar(iters) if progress and rank == 0 else None
+    n_iter = 0
+    for it in range(iters + 1):
+        # Statistics of the current assignment and its inertia, in one packed all-reduce.
+        counts, sums = cluster_stats(data, indices, K, deterministic=deterministic, backend=backend)
+        inertia = dist.sum().reshape(1).to(counts.dtype)
+        _dist.all_reduce_sum_(counts, sums, inertia, group=group)
+        history.append(float(inertia))
+        if it > 0:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(inertia=f"{history[-1]:.4g}")
+            if history[-2] - history[-1] <= tol * abs(history[-1]):
+                break
+        if it == iters:
+            break
+        n_iter = it + 1
+        centroids = _update_distributed(data, centroids, indices, counts, sums, metric, group)
+        indices, dist = assign(data, centroids, metric, backend=backend)
+    if bar is not None:
+        bar.close()
+    return KMeansResult(centroids, indices, history[-1], n_iter, history)
+
+
+def _update_distributed(data, centroids, indices, counts, sums, metric, group):
+    """Means from all-reduced statistics; empty clusters take the farthest rows of all ranks."""
+    filled = counts > 0
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    if metric == "cosine":
+        means = F.normalize(means, dim=1)
+    new = torch.where(filled.unsqueeze(1), means, centroids)
+    n_empty = int((~filled).sum())  # the same on every rank (all-reduced counts)
+    if n_empty:
+        far = _distance_rows(data, new[indices], metric) if data.shape[0] else data.new_zeros(0)
+        top = torch.topk(far, min(n_empty, far.shape[0]))
+        # each rank offers its n_empty farthest rows, distance first; the farthest of all win
+        offered, _ = _dist.all_gather_rows(torch.cat([top.values.unsqueeze(1), data[top.indices]], 1), group=group)
+        take = min(n_empty, offered.shape[0])
+        rows = offered[torch.topk(offered[:, 0], take).indices, 1:].contiguous()
+        _dist.broadcast_(rows, group=group)  # rank 0's choice, should ties be broken differently
+        new[(~filled).nonzero().flatten()[:take]] = rows
     return new
 
 
