@@ -123,9 +123,7 @@ CASES = [
     ("Quantizer: codebook_dim = 0", lambda b: Quantizer(4, 6, codebook_dim=0, backend=b), ValueError, ["codebook_dim", "0"]),
     ("Quantizer: dot metric", lambda b: Quantizer(4, 6, metric="dot", backend=b), ValueError, ["metric", "dot"]),
     ("Quantizer: decay > 1", lambda b: Quantizer(4, 6, decay=1.5, backend=b), ValueError, ["decay", "[0, 1]", "1.5"]),
-    ("Quantizer: decay as a string", lambda b: Quantizer(4, 6, decay="0.9", backend=b), TypeError, ["decay", "'0.9'"],
-     "Quantizer.__init__ compares decay with floats unchecked: TypeError \"'<=' not supported between instances of "
-     "'float' and 'str'\" names neither decay nor the value; fix: check isinstance(decay, (int, float)) first, as ema_update_ does"),
+    ("Quantizer: decay as a string", lambda b: Quantizer(4, 6, decay="0.9", backend=b), TypeError, ["decay", "'0.9'"]),
     ("Quantizer: eps = 0", lambda b: Quantizer(4, 6, eps=0.0, backend=b), ValueError, ["eps", "> 0"]),
     ("Quantizer: unknown learning", lambda b: Quantizer(4, 6, learning="adam", backend=b), ValueError, ["learning", "adam"]),
     ("Quantizer: unknown gradient", lambda b: Quantizer(4, 6, gradient="sgd", backend=b), ValueError, ["gradient", "sgd", "rotation"]),
@@ -135,9 +133,7 @@ CASES = [
     ("Quantizer: dead_code_threshold < 0", lambda b: Quantizer(4, 6, dead_code_threshold=-1, backend=b), ValueError, ["dead_code_threshold", "-1"]),
     ("Quantizer: commitment_weight < 0", lambda b: Quantizer(4, 6, commitment_weight=-1, backend=b), ValueError, ["commitment_weight=-1"]),
     ("Quantizer: reservoir < K", lambda b: Quantizer(4, 6, deferred_steps=2, reservoir_size=5, backend=b), ValueError, ["reservoir_size", "codebook_size=6", "5"]),
-    ("Quantizer: unknown backend", lambda b: Quantizer(4, 6, backend="fast"), ValueError, ["backend=", "fast"],
-     "Quantizer.__init__ stores backend unchecked; the bad name only raises at the first forward. "
-     "Fix: call vqkernels.ops._dispatch.requested_backend(backend) in __init__"),
+    ("Quantizer: unknown backend", lambda b: Quantizer(4, 6, backend="fast"), ValueError, ["backend=", "fast"]),
     # --------------------------------------------------------------- Quantizer forward
     ("forward: x not a tensor", lambda b: Quantizer(4, 6, backend=b)([[1.0] * 4]), TypeError, ["x", "torch.Tensor", "list"]),
     ("forward: integer x", lambda b: Quantizer(4, 6, backend=b)(x.long()), TypeError, ["x", "floating", "int64"]),
@@ -152,36 +148,22 @@ CASES = [
     ("forward: NaN rows in training", lambda b: Quantizer(4, 6, backend=b)(_with_bad_rows(x, [4, 7])), ValueError, ["x", "NaN or Inf", "rows [4, 7]"]),
     ("forward: non-finite codebook in training", _nonfinite_codebook, ValueError, ["codebook", "NaN", "rows [3]"]),
     ("forward: x on another device (eval)", lambda b: _eval(Quantizer(4, 6, backend=b))(x.to(META)), ValueError, ["meta", "cpu", "same device"]),
-    ("forward: x on another device (training)", lambda b: Quantizer(4, 6, backend=b)(x.to(META)), ValueError, ["x", "meta", "cpu"],
-     "Quantizer.forward does not compare x's device with its codebook's before check_finite / the first-batch "
-     "initialisation: the mismatch surfaces as an unrelated error (here 'Tensor.item() cannot be called on meta "
-     "tensors'; on a GPU, init='random'/'kmeans' would first copy the batch into the codebook). Fix: check_same_device "
-     "(x, codebook) at the top of forward"),
-    ("forward: mask on another device", lambda b: Quantizer(4, 6, backend=b)(x, mask=torch.ones(10, dtype=torch.bool, device=META)), ValueError, ["mask", "meta", "cpu"],
-     "Quantizer.forward checks the mask's dtype and shape but not its device: the error is torch's 'Tensor on device "
-     "meta is not on the expected device cpu!'. Fix: check_same_device(x=x, mask=mask)"),
+    ("forward: x on another device (training)", lambda b: Quantizer(4, 6, backend=b)(x.to(META)), ValueError, ["x", "meta", "cpu"]),
+    ("forward: mask on another device", lambda b: Quantizer(4, 6, backend=b)(x, mask=torch.ones(10, dtype=torch.bool, device=META)), ValueError, ["mask", "meta", "cpu"]),
     ("forward: kmeans init, first batch < K rows", lambda b: Quantizer(4, 6, init="kmeans", backend=b)(x[:3]), ValueError, ["init='kmeans'", "codebook_size=6", "got 3"]),
     ("forward: random init, all rows masked", lambda b: Quantizer(4, 6, init="random", backend=b)(x, mask=torch.zeros(10, dtype=torch.bool)), ValueError, ["init='random'", "unmasked"]),
     # --------------------------------------------------------------- Quantizer methods
-    ("decode: index >= K", lambda b: Quantizer(4, 6, backend=b).decode(torch.tensor([0, 6])), ValueError, ["indices", "6", "[0, 6)"],
-     "Quantizer.decode gathers with F.embedding unchecked: IndexError 'index out of range in self' names neither "
-     "the argument, the index nor K (and on CUDA it is a device-side assert). Fix: check_indices_in_range('indices', "
-     "indices, codebook_size) in get_codes_from_indices"),
-    ("get_codes_from_indices: index >= K", lambda b: Quantizer(4, 6, backend=b).get_codes_from_indices(torch.tensor([100])), ValueError, ["indices", "100", "[0, 6)"],
-     "as decode: F.embedding's IndexError 'index out of range in self'. Fix: check_indices_in_range in get_codes_from_indices"),
+    ("decode: index >= K", lambda b: Quantizer(4, 6, backend=b).decode(torch.tensor([0, 6])), ValueError, ["indices", "6", "[0, 6)"]),
+    ("get_codes_from_indices: index >= K", lambda b: Quantizer(4, 6, backend=b).get_codes_from_indices(torch.tensor([100])), ValueError, ["indices", "100", "[0, 6)"]),
     ("decode: float indices", lambda b: Quantizer(4, 6, backend=b).decode(torch.tensor([1.0])), TypeError, ["indices", "int64", "float32"]),
     ("get_codes_from_indices: not a tensor", lambda b: Quantizer(4, 6, backend=b).get_codes_from_indices([1]), TypeError, ["indices", "torch.Tensor"]),
     ("codebook setter: shape", lambda b: _set_codebook(Quantizer(4, 6, backend=b), torch.randn(5, 4)), ValueError, ["codes", "(5, 4)", "(6, 4)"]),
     ("codebook setter: integer codes", lambda b: _set_codebook(Quantizer(4, 6, backend=b), torch.ones(6, 4, dtype=torch.long)), TypeError, ["codes", "floating", "int64"]),
-    ("codebook setter: NaN codes", lambda b: _set_codebook(Quantizer(4, 6, backend=b), _with_bad_rows(cb, 2)), ValueError, ["codes", "NaN", "rows [2]"],
-     "the codebook setter accepts non-finite codes silently (the next training call then fails in assign). "
-     "Fix: check_finite('codes', codes) in the setter"),
+    ("codebook setter: NaN codes", lambda b: _set_codebook(Quantizer(4, 6, backend=b), _with_bad_rows(cb, 2)), ValueError, ["codes", "NaN", "rows [2]"]),
     ("init_codebook: fewer rows than K", lambda b: Quantizer(4, 6, backend=b).init_codebook(x[:3]), ValueError, ["codebook_size=6", "got 3"]),
     ("init_codebook: integer x", lambda b: Quantizer(4, 6, backend=b).init_codebook(x.long()), TypeError, ["x", "floating"]),
     ("init_codebook: NaN x", lambda b: Quantizer(4, 6, backend=b).init_codebook(_with_bad_rows(x, 1)), ValueError, ["x", "NaN", "rows [1]"]),
-    ("init_codebook: wrong dim", lambda b: Quantizer(4, 6, backend=b).init_codebook(torch.randn(10, 5)), ValueError, ["x", "5 features", "dim=4"],
-     "init_codebook reshapes x to [-1, dim] unchecked: RuntimeError \"shape '[-1, 4]' is invalid for input of size 50\". "
-     "Fix: compare x.shape[-1] with self.dim first, as forward does"),
+    ("init_codebook: wrong dim", lambda b: Quantizer(4, 6, backend=b).init_codebook(torch.randn(10, 5)), ValueError, ["x", "5 features", "dim=4"]),
     ("start_quantization: reservoir < K rows", lambda b: (lambda vq: (vq(x[:3]), vq.start_quantization()))(Quantizer(4, 6, deferred_steps=5, backend=b)), RuntimeError, ["at least codebook_size=6", "3 rows"]),
     # --------------------------------------------------------------- diagnostics
     ("usage: float indices", lambda b: dg.usage(idx.float(), 6), TypeError, ["indices", "int64", "float32"]),

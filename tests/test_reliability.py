@@ -325,12 +325,6 @@ def test_training_rejects_a_nonfinite_batch_before_touching_state(config):
     vq(good)  # and training carries on
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Quantizer bug (quantizer.py, _masked_mse): masked rows are zeroed by multiplying with the mask, "
-    "and NaN * 0 = NaN, so a masked non-finite row makes the loss (and every gradient) NaN; fix: "
-    "torch.where(keep, err, 0) instead of err * keep",
-)
 @pytest.mark.parametrize("config", ["ema", "gradient"])
 def test_masked_nonfinite_rows_stay_out_of_the_loss(config):
     torch.manual_seed(0)
@@ -344,13 +338,6 @@ def test_masked_nonfinite_rows_stay_out_of_the_loss(config):
     assert torch.isfinite(loss), f"loss {float(loss)} from a masked NaN row"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with decay=0 a batch with no kept row (empty, or fully masked) leaves cluster_size all 0, and "
-    "ema_update_'s smoothing (cs + eps) / (n + K eps) * n is 0 when n = 0, so the codebook becomes 0/0 = NaN and "
-    "every later training call raises. Fix (Quantizer._update_codebook, or ema_update_ for every backend): leave "
-    "the codebook unchanged where the smoothed size is 0, e.g. torch.where(n > 0, embed_avg / smoothed, codebook)",
-)
 @pytest.mark.parametrize("batch", ["empty", "fully-masked"])
 def test_a_batch_without_kept_rows_never_poisons_the_codebook_even_with_decay_0(batch):
     torch.manual_seed(0)

@@ -31,8 +31,15 @@ import torch.nn.functional as F
 
 from . import checkpoints as _checkpoints
 from . import distributed as _dist
-from .ops import assign, cluster_stats, ema_update_, histogram, kmeans
-from .ops._validation import check_codebook_size, check_finite, check_metric, check_tensor
+from .ops import _dispatch, assign, cluster_stats, ema_update_, histogram, kmeans
+from .ops._validation import (
+    check_codebook_size,
+    check_finite,
+    check_indices_in_range,
+    check_metric,
+    check_same_device,
+    check_tensor,
+)
 
 METRICS = ("l2", "cosine")
 LEARNING = ("ema", "gradient")
@@ -130,7 +137,9 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, keep: Optional[torch.Tensor]) 
         return a.new_zeros(())
     if keep is None:
         return F.mse_loss(a, b)
-    err = (a - b).pow(2).sum(-1) * keep.to(a.dtype)
+    # where, not a multiplication: a masked row may hold NaN, and NaN * 0 is NaN
+    diff = torch.where(keep.unsqueeze(-1), a - b, torch.zeros((), dtype=a.dtype, device=a.device))
+    err = diff.pow(2).sum(-1)
     return err.sum() / (keep.sum().clamp_min(1) * a.shape[-1]).to(a.dtype)
 
 
@@ -222,6 +231,10 @@ class Quantizer(nn.Module):
         for name, value, allowed in (("learning", learning, LEARNING), ("gradient", gradient, GRADIENTS), ("init", init, INITS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        for name, value in (("decay", decay), ("eps", eps), ("commitment_weight", commitment_weight),
+                            ("codebook_weight", codebook_weight), ("dead_code_threshold", dead_code_threshold)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay!r}")
         if not eps > 0:
@@ -254,6 +267,7 @@ class Quantizer(nn.Module):
         if sync_codebook not in (None, True, False):
             raise ValueError(f"sync_codebook must be None, True or False, got {sync_codebook!r}")
         self.sync_codebook = sync_codebook
+        _dispatch.requested_backend(backend)  # an unknown name fails here, not at the first forward
         self.backend = backend
 
         needs_projection = codebook_dim != dim
@@ -300,6 +314,7 @@ class Quantizer(nn.Module):
         check_tensor("codes", codes, floating=True, dims=(2,))
         if tuple(codes.shape) != tuple(self.embed.shape):
             raise ValueError(f"codes has shape {tuple(codes.shape)}; expected {tuple(self.embed.shape)}")
+        check_finite("codes", codes.detach())
         with torch.no_grad():
             self._load_codes(codes.to(self.embed), self.cluster_size.clone())
 
@@ -316,6 +331,8 @@ class Quantizer(nn.Module):
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes ``[..., codebook_dim]`` (channel-last, codebook space) for ``indices [...]``; -1 gives zeros."""
         check_tensor("indices", indices, integer=True)
+        check_same_device(indices=indices, codebook=self.embed)
+        check_indices_in_range("indices", indices, self.codebook_size)
         codebook = self._effective_codebook()
         codes = F.embedding(indices.clamp_min(0).long(), codebook)
         return codes * (indices >= 0).unsqueeze(-1).to(codes.dtype)
@@ -339,6 +356,9 @@ class Quantizer(nn.Module):
         ``x``: k-means runs over all ranks' rows (and ``batch_rows`` means all ranks' rows).
         """
         check_tensor("x", x, floating=True, min_dim=1)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}); expected [..., dim={self.dim}]")
+        check_finite("x", x.detach().reshape(-1, self.dim))
         rows = self.to_codebook_space(x.detach().reshape(-1, self.dim))
         n = self._total_rows(rows.shape[0], rows.device)
         if n < self.codebook_size:
@@ -406,9 +426,11 @@ class Quantizer(nn.Module):
             where = "last" if self.channel_last else "second (channel_last=False)"
             raise ValueError(f"x has {xl.shape[-1]} features in its {where} dimension (shape {tuple(x.shape)}); expected dim={self.dim}")
         lead = xl.shape[:-1]
+        check_same_device(x=x, codebook=self.embed)
         keep = None
         if mask is not None:
             check_tensor("mask", mask)
+            check_same_device(x=x, mask=mask)
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must be a bool tensor (True = keep), got dtype {mask.dtype}")
             if tuple(mask.shape) != tuple(lead):
@@ -597,7 +619,12 @@ class Quantizer(nn.Module):
                 ema_update_(self.cluster_size, self.embed_avg, codes, counts, sums, self.decay, self.eps, backend=self.backend)
                 self.embed.copy_(codes)
             else:
+                previous = self.embed.clone() if self.decay == 0.0 else None
                 ema_update_(self.cluster_size, self.embed_avg, self.embed, counts, sums, self.decay, self.eps, backend=self.backend)
+                if previous is not None:
+                    # decay 0 keeps only this batch's statistics: a batch without kept rows
+                    # leaves every size 0 and the smoothed codes 0/0, so keep the old codes
+                    self.embed.copy_(torch.where(self.cluster_size.sum() > 0, self.embed, previous))
             if self.metric == "cosine":
                 self.embed.copy_(F.normalize(self.embed, dim=-1))
         else:
