@@ -49,9 +49,8 @@ def _set_codebook(vq, codes):
     vq.codebook = codes
 
 
-XFAIL = "xfail"  # marks a case the code does not meet yet (listed in the report to the lead)
 
-# (label, call, exception type, words the message must contain[, XFAIL reason])
+# (label, call, exception type, words the message must contain[, reason for a strict xfail])
 CASES = [
     # --------------------------------------------------------------- assign
     ("assign: x not a tensor", lambda b: vqkernels.assign([[1.0]], cb, backend=b), TypeError, ["x", "torch.Tensor"]),
