@@ -30,6 +30,15 @@ def _generator(device: torch.device, seed: Optional[int]) -> Optional[torch.Gene
     return g
 
 
+def _given_centroids(init_centroids: torch.Tensor, K: int, D: int, data: torch.Tensor) -> torch.Tensor:
+    """Validated copy of the caller's ``[K, D]`` starting centroids, on data's device and dtype."""
+    check_tensor("init_centroids", init_centroids, floating=True, dims=(2,))
+    if tuple(init_centroids.shape) != (K, D):
+        raise ValueError(f"init_centroids has shape {tuple(init_centroids.shape)}; expected ({K}, {D})")
+    check_finite("init_centroids", init_centroids)
+    return init_centroids.detach().to(device=data.device, dtype=data.dtype).clone()
+
+
 def _kmeans_plus_plus(x: torch.Tensor, K: int, metric: str, sample_size: int, gen) -> torch.Tensor:
     """k-means++ seeding on a random subsample: each new centre is drawn with probability
     proportional to the current distance to the nearest centre."""
@@ -138,11 +147,7 @@ def kmeans(
     gen = _generator(data.device, seed)
 
     if init_centroids is not None:
-        check_tensor("init_centroids", init_centroids, floating=True, dims=(2,))
-        if tuple(init_centroids.shape) != (K, D):
-            raise ValueError(f"init_centroids has shape {tuple(init_centroids.shape)}; expected ({K}, {D})")
-        check_finite("init_centroids", init_centroids)
-        centroids = init_centroids.detach().to(device=data.device, dtype=dtype).clone()
+        centroids = _given_centroids(init_centroids, K, D, data)
     elif init == "random":
         centroids = data[torch.randperm(N, device=data.device, generator=gen)[:K]].clone()
     else:
@@ -213,11 +218,7 @@ def _kmeans_distributed(data, K, iters, metric, init, tol, seed, sample_size, in
     gen = _generator(data.device, seed)
 
     if init_centroids is not None:
-        check_tensor("init_centroids", init_centroids, floating=True, dims=(2,))
-        if tuple(init_centroids.shape) != (K, D):
-            raise ValueError(f"init_centroids has shape {tuple(init_centroids.shape)}; expected ({K}, {D})")
-        check_finite("init_centroids", init_centroids)
-        centroids = init_centroids.detach().to(device=data.device, dtype=dtype).clone()
+        centroids = _given_centroids(init_centroids, K, D, data)
         _dist.broadcast_(centroids, group=group)  # rank 0's, should the ranks disagree
     elif init == "random":
         centroids = _dist.sample_rows(data, K, generator=gen, group=group).clone()  # K distinct rows, same on every rank
