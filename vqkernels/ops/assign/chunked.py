@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from .._validation import compute_dtype
 
 # Score-tile budget in elements. On CPU a sweep of 2**18 .. 2**22 on the 2-core
-# development machine (N=16k-64k, K=1k-8k, D=8-64) put 2**20 (4 MiB of fp32 scores, about
-# the L2 of both cores plus a slice of L3) first or within noise of first at every shape;
+# development machine (N=16k-64k, K=1k-8k, D=8-64) put 2**20 (4 MiB of fp32 scores, held
+# in the 32 MiB L3) first or within noise of first at every shape;
 # smaller tiles pay per-tile overhead, larger ones re-read the scores from DRAM. On GPU a
 # bigger tile keeps the matmul efficient while memory stays O(tile), not O(N*K).
 _TILE_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
