@@ -30,6 +30,14 @@ def _generator(device: torch.device, seed: Optional[int]) -> Optional[torch.Gene
     return g
 
 
+def _prepare(data: torch.Tensor, metric: str, seed: Optional[int]):
+    """Rows in the accumulation dtype (unit rows for cosine) and the seeded generator."""
+    data = data.to(compute_dtype(data.dtype))
+    if metric == "cosine":
+        data = F.normalize(data, dim=1)
+    return data, _generator(data.device, seed)
+
+
 def _given_centroids(init_centroids: torch.Tensor, K: int, D: int, data: torch.Tensor) -> torch.Tensor:
     """Validated copy of the caller's ``[K, D]`` starting centroids, on data's device and dtype."""
     check_tensor("init_centroids", init_centroids, floating=True, dims=(2,))
@@ -140,11 +148,7 @@ def kmeans(
     if N < K:
         raise ValueError(f"kmeans needs at least K={K} rows to place K centroids, got {N} rows (x shape {tuple(x.shape)})")
     check_finite("x", data)
-    dtype = compute_dtype(data.dtype)
-    data = data.to(dtype)
-    if metric == "cosine":
-        data = F.normalize(data, dim=1)
-    gen = _generator(data.device, seed)
+    data, gen = _prepare(data, metric, seed)
 
     if init_centroids is not None:
         centroids = _given_centroids(init_centroids, K, D, data)
@@ -211,11 +215,7 @@ def _kmeans_distributed(data, K, iters, metric, init, tol, seed, sample_size, in
         raise ValueError(f"x contains NaN or Inf on another rank ({n_bad} rows in all); expected finite values")
     if N < K:
         raise ValueError(f"kmeans needs at least K={K} rows to place K centroids, got {N} rows across all ranks")
-    dtype = compute_dtype(data.dtype)
-    data = data.to(dtype)
-    if metric == "cosine":
-        data = F.normalize(data, dim=1)
-    gen = _generator(data.device, seed)
+    data, gen = _prepare(data, metric, seed)
 
     if init_centroids is not None:
         centroids = _given_centroids(init_centroids, K, D, data)
@@ -225,7 +225,7 @@ def _kmeans_distributed(data, K, iters, metric, init, tol, seed, sample_size, in
     else:
         size = min(N, sample_size if sample_size is not None else max(4 * K, 2048))
         sample = _dist.sample_rows(data, max(size, K), generator=gen, group=group)
-        centroids = torch.empty(K, D, dtype=dtype, device=data.device)
+        centroids = torch.empty(K, D, dtype=data.dtype, device=data.device)
         if rank == 0:
             centroids = _kmeans_plus_plus(sample, K, metric, sample.shape[0], gen)
         _dist.broadcast_(centroids, group=group)
