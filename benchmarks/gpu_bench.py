@@ -137,25 +137,13 @@ def plan_rows(args):
 
 
 def _versions():
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "triton", "numpy", "vqkernels"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception as exc:
-            out[name] = f"unavailable ({type(exc).__name__})"
+    """Versions and machine, from the package's one home for them (never raises)."""
     try:
-        from importlib import metadata
+        from vqkernels.benchmarking import machine_info
 
-        out["flash_kmeans"] = metadata.version("flash-kmeans")
-    except Exception:
-        out["flash_kmeans"] = "not installed"
-    try:
-        import torch
-
-        out["cuda"] = torch.version.cuda
-    except Exception:
-        pass
-    return out
+        return machine_info()
+    except Exception as exc:  # a broken torch or package still gets a JSON that says so
+        return {"python": sys.version.split()[0], "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _machine(torch, device):
