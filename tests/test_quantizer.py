@@ -232,7 +232,9 @@ def test_gradient_learning_moves_the_codebook_towards_its_inputs():
 
 
 # ---------------------------------------------------------------- initialisation
-def test_kmeans_init_on_first_batch(monkeypatch):
+@pytest.fixture
+def kmeans_calls(monkeypatch):
+    """The rows the Quantizer hands to k-means, one entry per call (k-means still runs)."""
     calls = []
 
     def spy(x, K, iters, **kw):
@@ -240,6 +242,11 @@ def test_kmeans_init_on_first_batch(monkeypatch):
         return kmeans(x, K, iters, **kw)
 
     monkeypatch.setattr(quantizer_module, "kmeans", spy)
+    return calls
+
+
+def test_kmeans_init_on_first_batch(kmeans_calls):
+    calls = kmeans_calls
     torch.manual_seed(0)
     vq = Quantizer(4, 8, init="kmeans", decay=1.0)  # decay 1: the EMA keeps the k-means codebook
     x = torch.randn(100, 4, generator=torch.Generator().manual_seed(5))
@@ -366,14 +373,8 @@ def test_fresh_module_loads_strictly():
 
 
 # ---------------------------------------------------------------- Deferred Quantization
-def test_deferred_switch_at_the_right_step_from_the_reservoir(monkeypatch):
-    calls = []
-
-    def spy(x, K, iters, **kw):
-        calls.append(x.clone())
-        return kmeans(x, K, iters, **kw)
-
-    monkeypatch.setattr(quantizer_module, "kmeans", spy)
+def test_deferred_switch_at_the_right_step_from_the_reservoir(kmeans_calls):
+    calls = kmeans_calls
     torch.manual_seed(0)
     T = 3
     vq = Quantizer(4, 8, deferred_steps=T, reservoir_size=200)
