@@ -2,6 +2,7 @@
 import torch
 
 from .._validation import compute_dtype
+from ..histogram.chunked import binned_indices
 
 _ROW_TILE_ELEMENTS = 1 << 22  # bound the fp32 copy of x made for the scatter
 
@@ -9,14 +10,13 @@ _ROW_TILE_ELEMENTS = 1 << 22  # bound the fp32 copy of x made for the scatter
 def cluster_stats(x, indices, K, deterministic):
     N, D = x.shape
     dtype = compute_dtype(x.dtype)
-    # Masked rows go to an extra bin K that is dropped at the end: no boolean indexing, no sync.
-    binned = torch.where(indices >= 0, indices, torch.full_like(indices, K)).to(torch.int64)
-    counts = torch.bincount(binned, minlength=K + 1).to(dtype)
+    binned = binned_indices(indices, K)
+    lengths = torch.bincount(binned, minlength=K + 1)
+    counts = lengths.to(dtype)
     if deterministic:
         # Stable sort keeps rows of a code in input order; each code is one segment summed
         # in that order, so the result does not depend on thread scheduling.
         order = torch.argsort(binned, stable=True)
-        lengths = torch.bincount(binned, minlength=K + 1)
         sums = torch.segment_reduce(x[order].to(dtype), "sum", lengths=lengths, axis=0, unsafe=True)
         return counts[:K], sums[:K].contiguous()
     sums = torch.zeros(K + 1, D, dtype=dtype, device=x.device)
