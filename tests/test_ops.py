@@ -11,7 +11,8 @@ import vqkernels
 from conftest import FAST_BACKEND_CASES, backend_cases, dtypes_for, interpreted
 from helpers import check_assign, first_mismatches
 from vqkernels.ops.histogram import reference as histogram_reference
-from vqkernels.ops.stats import reference as stats_reference
+from vqkernels.ops.cluster_stats import reference as stats_reference
+from vqkernels.ops.ema_update import reference as ema_reference
 
 ALL = backend_cases()
 
@@ -219,7 +220,7 @@ def test_ema_update_matches_reference(backend, device, H, K, D):
         counts = torch.randint(0, 5, (*lead, K), generator=g).float().to(device)
         sums = torch.randn(*lead, K, D, generator=g).to(device)
         want = [t.clone().cpu() for t in (cluster_size, embed_avg, codebook)]
-        stats_reference.ema_update(*want, counts.cpu(), sums.cpu(), 0.9, 1e-5)
+        ema_reference.ema_update(*want, counts.cpu(), sums.cpu(), 0.9, 1e-5)
         out = vqkernels.ema_update_(cluster_size, embed_avg, codebook, counts, sums, 0.9, 1e-5, backend=backend)
         assert out is codebook
         torch.testing.assert_close(cluster_size.cpu(), want[0], rtol=1e-6, atol=1e-6)

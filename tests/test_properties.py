@@ -14,7 +14,8 @@ from conftest import FAST_BACKEND_CASES, backend_cases, dtypes_for, interpreted
 from helpers import check_assign
 from vqkernels.ops.assign import reference as assign_reference
 from vqkernels.ops.histogram import reference as histogram_reference
-from vqkernels.ops.stats import reference as stats_reference
+from vqkernels.ops.cluster_stats import reference as stats_reference
+from vqkernels.ops.ema_update import reference as ema_reference
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True)
 
@@ -150,7 +151,7 @@ def test_ema_update_property(backend, device):
         counts = torch.randint(0, 6, (*lead, K), generator=g).float()
         sums = torch.randn(*lead, K, D, generator=g) * counts.unsqueeze(-1)
         want = [t.clone() for t in (cluster_size, embed_avg, codebook)]
-        stats_reference.ema_update(*want, counts, sums, decay, eps)
+        ema_reference.ema_update(*want, counts, sums, decay, eps)
         got = [t.to(device) for t in (cluster_size, embed_avg, codebook)]
         vqkernels.ema_update_(*got, counts.to(device), sums.to(device), decay, eps, backend=backend)
         torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-6, atol=1e-6)
@@ -218,7 +219,7 @@ def test_quantizer_training_step_property(backend, device):
         torch.testing.assert_close(loss.detach().cpu().float(), want_loss, rtol=1e-5, atol=1e-6)
         counts, sums = stats_reference.cluster_stats(z, flat_idx, K, True)
         want = [cs0.clone(), ea0.clone(), cb0.clone()]
-        stats_reference.ema_update(*want, counts, sums, decay, vq.eps)
+        ema_reference.ema_update(*want, counts, sums, decay, vq.eps)
         if metric == "cosine":
             want[2] = F.normalize(want[2], dim=-1)
         for name, w in zip(("cluster_size", "embed_avg", "codebook"), want):

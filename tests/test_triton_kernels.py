@@ -27,7 +27,8 @@ triton = pytest.importorskip("triton")
 from vqkernels.ops import _dispatch, _triton_utils  # noqa: E402
 from vqkernels.ops.assign import reference as assign_ref  # noqa: E402
 from vqkernels.ops.histogram import reference as hist_ref  # noqa: E402
-from vqkernels.ops.stats import reference as stats_ref  # noqa: E402
+from vqkernels.ops.cluster_stats import reference as stats_ref  # noqa: E402
+from vqkernels.ops.ema_update import reference as ema_ref  # noqa: E402
 
 DEVICES = [
     pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=d)
@@ -39,7 +40,8 @@ if not DEVICES:
 
 from vqkernels.ops.assign import triton as tassign  # noqa: E402
 from vqkernels.ops.histogram import triton as thist  # noqa: E402
-from vqkernels.ops.stats import triton as tstats  # noqa: E402
+from vqkernels.ops.cluster_stats import triton as tstats  # noqa: E402
+from vqkernels.ops.ema_update import triton as tema  # noqa: E402
 
 
 def _dtypes(device):
@@ -290,8 +292,8 @@ def test_ema_update_matches_reference(device, stats_dtype):
             sums = torch.randn(H, K, D, generator=g, dtype=torch.float64).to(stats_dtype)
             mine = [t.clone().to(device) for t in (cs, ea, cb)]
             ref = [t.clone() for t in (cs, ea, cb)]
-            tstats.ema_update(*mine, counts.to(device), sums.to(device), decay, 1e-5)
-            stats_ref.ema_update(*ref, counts, sums, decay, 1e-5)
+            tema.ema_update(*mine, counts.to(device), sums.to(device), decay, 1e-5)
+            ema_ref.ema_update(*ref, counts, sums, decay, 1e-5)
             for name, a, b in zip(("cluster_size", "embed_avg", "codebook"), mine, ref):
                 a = a.cpu()
                 assert a.dtype == b.dtype
@@ -311,7 +313,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from vqkernels.ops.assign import triton as A
     from vqkernels.ops.histogram import triton as H
-    from vqkernels.ops.stats import triton as S
+    from vqkernels.ops.cluster_stats import triton as S
+    from vqkernels.ops.ema_update import triton as E
 
     def comp(fn, sig, consts, num_warps=4, num_stages=3):
         attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
@@ -334,7 +337,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                                      row_start_ptr="*i64", lengths_ptr="*i64", n_pieces_ptr="*i64", slot_ptr="*i64",
                                      sums_ptr="*fp32", scratch_ptr="*fp32", K="i32", D="i32"),
          dict(PIECE_ROWS=512, BLOCK_R=32, BLOCK_D=64))
-    comp(S._ema_codebook_kernel, dict(cs_ptr="*fp32", ea_ptr="*fp32", cb_ptr="*bf16", sums_ptr="*fp32", n_ptr="*fp32",
+    comp(E._ema_codebook_kernel, dict(cs_ptr="*fp32", ea_ptr="*fp32", cb_ptr="*bf16", sums_ptr="*fp32", n_ptr="*fp32",
                                       params_ptr="*fp32", K="i32", D="i32"), dict(BLOCK_K=32, BLOCK_D=64))
     print("ALL OK")
     """

@@ -153,7 +153,7 @@ def status() -> str:
 def ops():
     """``torch.ops.vqkernels`` with the ``*_cuda`` ops loaded, or raise BackendUnavailableError."""
     if load() is None:
-        from .ops._dispatch import BackendUnavailableError
+        from .errors import BackendUnavailableError
 
         raise BackendUnavailableError(f"the vqkernels 'cuda' backend cannot run: {_state['reason']}")
     import torch

@@ -1,9 +1,10 @@
 """The public ops; each folder holds the op's definition (reference.py) beside its backends."""
-from ._dispatch import BackendUnavailableError
+from ..errors import BackendUnavailableError
 from .assign import AssignResult, assign
+from .cluster_stats import ClusterStats, cluster_stats
+from .ema_update import ema_update_
 from .histogram import histogram
 from .kmeans import KMeansResult, kmeans
-from .stats import ClusterStats, cluster_stats, ema_update_
 
 __all__ = [
     "assign",

@@ -26,16 +26,14 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import BackendUnavailableError
+
 logger = logging.getLogger("vqkernels")
 
 ENV_VAR = "VQKERNELS_BACKEND"
+# One name per op: the folder vqkernels/ops/<op>/, the function each backend module defines,
+# and (with a trailing underscore for the in-place ema_update_) the public function and custom op.
 OPS = ("assign", "histogram", "cluster_stats", "ema_update")
-# op name -> folder under vqkernels/ops holding its backends
-_OP_PACKAGE = {"assign": "assign", "histogram": "histogram", "cluster_stats": "stats", "ema_update": "stats"}
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was requested (argument or VQKERNELS_BACKEND) that cannot run the given tensors."""
 
 
 def _always(_device_type: str) -> Optional[str]:
@@ -145,11 +143,21 @@ def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend:
 
 def implementation(op: str, backend: str) -> Callable:
     """The function implementing ``op`` in ``backend`` (imports the backend module on first use)."""
-    module = importlib.import_module(f"vqkernels.ops.{_OP_PACKAGE[op]}.{backend}")
+    module = importlib.import_module(f"vqkernels.ops.{op}.{backend}")
     try:
         return getattr(module, op)
     except AttributeError:
         raise BackendUnavailableError(f"the {backend!r} backend has no implementation of {op}") from None
+
+
+def call(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype], *args):
+    """Run ``op`` on the backend selected for (device, dtype) -- the one call path of every op.
+
+    ``backend`` is the requested name ('' or None: automatic); ``dtype`` is the dtype that
+    decides support (None when the op has no floating input, as an unweighted histogram).
+    """
+    name = select(op, device, dtype, backend or None)
+    return implementation(op, name)(*args)
 
 
 def availability(device_type: str) -> dict:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import distributed as _dist
 from ._validation import check_codebook_size, check_metric, check_tensor, compute_dtype, check_finite
 from .assign import assign
-from .stats import cluster_stats
+from .cluster_stats import cluster_stats
 
 INITS = ("kmeans++", "random")
 

@@ -67,8 +67,7 @@ def _assign_op(
     N = x.shape[0]
     if N == 0:
         return x.new_empty(0, dtype=torch.int64), x.new_empty(0, dtype=compute_dtype(x.dtype))
-    name = _dispatch.select("assign", x.device, x.dtype, backend or None)
-    indices, distances = _dispatch.implementation("assign", name)(x, codebook, metric)
+    indices, distances = _dispatch.call("assign", backend, x.device, x.dtype, x, codebook, metric)
     # Non-finite policy, in one place for every backend: such rows get -1 and NaN.
     finite = torch.isfinite(x).all(1)
     indices = torch.where(finite, indices, torch.full_like(indices, -1))

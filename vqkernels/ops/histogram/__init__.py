@@ -17,8 +17,8 @@ def _histogram_op(indices: torch.Tensor, K: int, weights: Optional[torch.Tensor]
     dtype = torch.int64 if weights is None else torch.float32
     if indices.numel() == 0:
         return torch.zeros(K, dtype=dtype, device=indices.device)
-    name = _dispatch.select("histogram", indices.device, None if weights is None else weights.dtype, backend or None)
-    return _dispatch.implementation("histogram", name)(indices, K, weights)
+    dtype = None if weights is None else weights.dtype
+    return _dispatch.call("histogram", backend, indices.device, dtype, indices, K, weights)
 
 
 @_histogram_op.register_fake

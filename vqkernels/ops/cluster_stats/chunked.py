@@ -1,4 +1,4 @@
-"""Chunked statistics: scatter-add (or sort + segment sums) over row tiles, in-place EMA."""
+"""Chunked ``cluster_stats``: scatter-add (or sort + segment sums) over row tiles."""
 import torch
 
 from .._validation import compute_dtype
@@ -24,13 +24,3 @@ def cluster_stats(x, indices, K, deterministic):
     for n0 in range(0, N, rows):
         sums.index_add_(0, binned[n0 : n0 + rows], x[n0 : n0 + rows].to(dtype))
     return counts[:K], sums[:K]
-
-
-def ema_update(cluster_size, embed_avg, codebook, counts, sums, decay, eps):
-    K = cluster_size.shape[-1]
-    weight = 1.0 - decay
-    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=weight)
-    embed_avg.mul_(decay).add_(sums.to(embed_avg.dtype), alpha=weight)
-    n = cluster_size.sum(-1, keepdim=True)
-    smoothed = (cluster_size + eps) / (n + K * eps) * n
-    codebook.copy_(embed_avg / smoothed.unsqueeze(-1))
