@@ -1,5 +1,10 @@
 """Triton-specific tests: the backend functions against the references, at awkward shapes.
 
+Every backend function takes a leading codebook axis C (x ``[C, N, D]``, codebook
+``[C, K, D]``, indices ``[C, N]``, ...) and serves it in ONE launch. The single-codebook
+tests call it with C = 1; the codebook-axis tests compare C = 3 with a loop over the
+references, one codebook at a time, and count the launches.
+
 Without a GPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by
 conftest), which is slow: shapes stay small (N, K <= 300, D <= 257), and the interpreter
 uses small fixed block sizes (32 rows / 32 codes / 32-wide D chunks, short pieces for the
@@ -7,7 +12,7 @@ deterministic statistics) so that these shapes cross every tile, chunk and piece
 boundary. With a GPU the same tests run on CUDA (marker ``gpu``), autotuned unless
 VQKERNELS_TRITON_AUTOTUNE=0 (which benchmarks/gpu_check.sh sets to save compile time).
 
-The last test compiles a representative set of kernels for sm_90 with the real compiler
+The last test compiles every kernel (with representative constexprs) for sm_90 with the real compiler
 (no GPU needed: Triton ships ptxas), so that code the interpreter accepts but the
 compiler rejects fails here, not on the first GPU machine.
 """
@@ -56,6 +61,30 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _assign1(x, c, metric):
+    """The backend on one codebook (C = 1): checks the [1, N] outputs, returns them as [N]."""
+    indices, distances = tassign.assign(x.unsqueeze(0), c.unsqueeze(0), metric)
+    assert indices.dtype == torch.int64 and distances.dtype == torch.float32
+    assert indices.shape == (1, x.shape[0]) and distances.shape == (1, x.shape[0])
+    return indices[0], distances[0]
+
+
+def _ref_hist(idx, K, weights=None):
+    """Reference counts [C, K] by a loop over the codebooks (one reference call per codebook;
+    the [1, N] slices suit a reference with or without the codebook axis)."""
+    return torch.stack([
+        hist_ref.histogram(idx[c : c + 1], K, None if weights is None else weights[c : c + 1]).reshape(K)
+        for c in range(idx.shape[0])
+    ])
+
+
+def _ref_stats(x, idx, K, deterministic):
+    """Reference (counts [C, K], sums [C, K, D]) by a loop over the codebooks."""
+    per = [stats_ref.cluster_stats(x[c : c + 1], idx[c : c + 1], K, deterministic) for c in range(x.shape[0])]
+    D = x.shape[-1]
+    return torch.stack([p[0].reshape(K) for p in per]), torch.stack([p[1].reshape(K, D) for p in per])
+
+
 # --------------------------------------------------------------------------- assign
 
 # (N, K, D): N=1 / K=1 / D=1, D=3 (padded to 16), K and N off the 32-multiples, D=64 (one
@@ -74,9 +103,7 @@ def test_assign_matches_reference(device, shape, metric):
             continue  # every dtype at a few shapes, fp32 at all of them
         x = torch.randn(N, D, generator=g).to(dtype).to(device)
         c = torch.randn(K, D, generator=g).to(dtype).to(device)
-        indices, distances = tassign.assign(x, c, metric)
-        assert indices.dtype == torch.int64 and distances.dtype == torch.float32
-        assert indices.shape == (N,) and distances.shape == (N,)
+        indices, distances = _assign1(x, c, metric)  # checks int64 / fp32 and shapes [1, N]
         check_assign(x, c, metric, indices, distances, rtol_key=_rtol_key(dtype))
 
 
@@ -100,7 +127,7 @@ def test_assign_ties_go_to_lowest_index_across_tiles(device):
     for dtype in _dtypes(device):
         xd, cd = x.to(dtype).to(device), c.to(dtype).to(device)
         for metric in ("l2", "dot", "cosine"):
-            indices, distances = tassign.assign(xd, cd, metric)
+            indices, distances = _assign1(xd, cd, metric)
             check_assign(xd, cd, metric, indices, distances, rtol_key=_rtol_key(dtype))
             if metric == "l2":
                 assert indices[:5].tolist() == [5, 7, 9, 11, 40]
@@ -118,7 +145,7 @@ def test_assign_split_codebook_ranges(device, monkeypatch):
     c[300] = c[3]
     x = torch.cat([c[3:4], _int_data((20, D), g), torch.randn(20, D, generator=g)])
     for metric in ("l2", "cosine", "dot"):
-        indices, distances = tassign.assign(x.to(device), c.to(device), metric)
+        indices, distances = _assign1(x.to(device), c.to(device), metric)
         check_assign(x, c, metric, indices, distances, rtol_key=_rtol_key(torch.float32))
         if metric == "l2":
             assert indices[0].item() == 3
@@ -132,7 +159,7 @@ def test_assign_cosine_scale_invariance_and_zero_vectors(device):
     c[2] = 2.0 * c[258]  # same direction: an exact tie in cosine distance; index 2 must win
     c[5] = 0.0  # a zero code: distance 1 (F.normalize's eps), never a crash
     x = torch.cat([c[258:259] * 3.0, torch.zeros(1, D), torch.randn(30, D, generator=g)])
-    indices, distances = tassign.assign(x.to(device), c.to(device), "cosine")
+    indices, distances = _assign1(x.to(device), c.to(device), "cosine")
     check_assign(x, c, "cosine", indices, distances, rtol_key=_rtol_key(torch.float32))
     assert indices[0].item() == 2
     assert indices[1].item() == 0  # a zero row ties with every code: the lowest index
@@ -142,7 +169,7 @@ def test_assign_cosine_scale_invariance_and_zero_vectors(device):
     x1 = torch.randn(25, 1, generator=g)
     for dtype in _dtypes(device):
         xd, cd = x1.to(dtype).to(device), c1.to(dtype).to(device)
-        indices, distances = tassign.assign(xd, cd, "cosine")
+        indices, distances = _assign1(xd, cd, "cosine")
         check_assign(xd, cd, "cosine", indices, distances)
         first_pos = int((c1[:, 0] > 0).to(torch.int64).argmax())
         first_neg = int((c1[:, 0] < 0).to(torch.int64).argmax())
@@ -159,7 +186,7 @@ def test_assign_nonfinite_rows_do_not_crash(device):
     x[3, 2] = float("nan")
     x[17, 0] = float("inf")
     x[30] = float("-inf")
-    indices, distances = tassign.assign(x.to(device), c.to(device), "l2")
+    indices, distances = _assign1(x.to(device), c.to(device), "l2")
     indices, distances = indices.cpu(), distances.cpu()
     assert bool(((indices >= 0) & (indices < 50)).all())
     finite = torch.isfinite(x).all(1)
@@ -212,10 +239,10 @@ def test_histogram_matches_reference(device, path, monkeypatch):
     for N, K in cases:
         for idtype in (torch.int64, torch.int32):
             idx = torch.randint(-2, K, (N,), generator=g).to(idtype)
-            got = thist.histogram(idx.to(device), K, None).cpu()
-            assert got.dtype == torch.int64
-            assert torch.equal(got, hist_ref.histogram(idx, K, None)), (N, K, idtype)
-    masked = torch.full((50,), -1, dtype=torch.int64)
+            got = thist.histogram(idx[None].to(device), K, None).cpu()
+            assert got.dtype == torch.int64 and got.shape == (1, K)
+            assert torch.equal(got, _ref_hist(idx[None], K)), (N, K, idtype)
+    masked = torch.full((1, 50), -1, dtype=torch.int64)
     assert int(thist.histogram(masked.to(device), 5, None).sum()) == 0
 
 
@@ -227,9 +254,9 @@ def test_histogram_weighted(device):
         idx[0] = K - 1
         w = torch.rand(N, generator=g)
         for wdtype in (torch.float32, torch.float16):
-            got = thist.histogram(idx.to(device), K, w.to(wdtype).to(device)).cpu()
-            assert got.dtype == torch.float32
-            ref = hist_ref.histogram(idx, K, w.to(wdtype))
+            got = thist.histogram(idx[None].to(device), K, w[None].to(wdtype).to(device)).cpu()
+            assert got.dtype == torch.float32 and got.shape == (1, K)
+            ref = _ref_hist(idx[None], K, w[None].to(wdtype))
             assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -256,9 +283,10 @@ def test_cluster_stats_matches_reference(device, deterministic):
             if dtype != torch.float32 and D != 33:
                 continue
             x, idx = _stats_case(N, K, D, N + K + D, collapse, dtype)
-            counts, sums = tstats.cluster_stats(x.to(device), idx.to(device), K, deterministic)
-            rc, rs = stats_ref.cluster_stats(x, idx, K, deterministic)
+            counts, sums = tstats.cluster_stats(x[None].to(device), idx[None].to(device), K, deterministic)
+            rc, rs = _ref_stats(x[None], idx[None], K, deterministic)
             assert counts.dtype == torch.float32 and sums.dtype == torch.float32
+            assert counts.shape == (1, K) and sums.shape == (1, K, D)
             assert torch.equal(counts.cpu(), rc), (N, K, D)
             assert torch.allclose(sums.cpu(), rs, rtol=1e-5, atol=1e-4), (N, K, D, (sums.cpu() - rs).abs().max())
 
@@ -267,12 +295,12 @@ def test_cluster_stats_matches_reference(device, deterministic):
 def test_cluster_stats_deterministic_is_bitwise_reproducible(device):
     x, idx = _stats_case(300, 6, 20, 8, collapse=True)
     idx = idx.to(torch.int32)
-    first = tstats.cluster_stats(x.to(device), idx.to(device), 6, True)
-    second = tstats.cluster_stats(x.to(device), idx.to(device), 6, True)
+    first = tstats.cluster_stats(x[None].to(device), idx[None].to(device), 6, True)
+    second = tstats.cluster_stats(x[None].to(device), idx[None].to(device), 6, True)
     assert torch.equal(first[0], second[0])
     assert torch.equal(first[1].view(torch.int32), second[1].view(torch.int32))  # the same bits
     # the long code really went through several pieces and the combine kernel
-    assert first[0][3].item() > 2 * tstats._PIECE_ROWS_INTERP or device == "cuda"
+    assert first[0][0, 3].item() > 2 * tstats._PIECE_ROWS_INTERP or device == "cuda"
 
 
 # --------------------------------------------------------------------------- EMA
@@ -283,7 +311,7 @@ def test_cluster_stats_deterministic_is_bitwise_reproducible(device):
 @pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64])
 def test_ema_update_matches_reference(device, stats_dtype):
     g = _gen(9)
-    for H, K, D, decay in ((1, 1, 1, 0.5), (2, 37, 19, 0.99), (1, 40, 70, 0.0), (1, 5, 4, 1.0)):
+    for H, K, D, decay in ((1, 1, 1, 0.5), (2, 37, 19, 0.99), (1, 40, 70, 0.0), (1, 5, 4, 1.0), (3, 21, 35, 0.9)):
         for cb_dtype in _dtypes(device):
             cs = torch.rand(H, K, generator=g, dtype=torch.float64).to(stats_dtype) + 0.1
             ea = torch.randn(H, K, D, generator=g, dtype=torch.float64).to(stats_dtype)
@@ -323,6 +351,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
                            options=dict(num_warps=num_warps, num_stages=num_stages))
         print(fn.__name__, "ok", k.metadata.shared)
 
+    # The assign kernel at both ends of its constexpr space: one resident bf16 chunk with a
+    # two-part (cosine) codebook, and D-chunked fp32 tf32x3 with the split epilogue.
     sig = dict(x_ptr="*bf16", c_ptr="*bf16", c2_ptr="*bf16", e_ptr="*bf16", bias_ptr="*fp32", mult_ptr="*fp32",
                idx_ptr="*i64", dist_ptr="*fp32",
                part_score_ptr="*fp32", part_idx_ptr="*i64", N="i32", K="i32", D="i32", k_split="i32", c_stride="i32",
@@ -332,11 +362,26 @@ _COMPILE_SCRIPT = textwrap.dedent(
     comp(A._assign_kernel, dict(sig, x_ptr="*fp32", c_ptr="*fp32", c2_ptr="*fp32", e_ptr="*fp32"),
          dict(PRECISION="tf32x3", BLOCK_D=16, ONE_CHUNK=False, EVEN_D=False, TWO_PART=False, SPLIT=True, EPI_D=32, INTERP=False,
               BLOCK_N=64, BLOCK_K=64), 4, 2)
-    comp(H._hist_small_kernel, dict(idx_ptr="*i64", out_ptr="*i64", N="i32", K="i32"), dict(BINS=1024, BLOCK=1024))
+    comp(A._code_norms_kernel, dict(c_ptr="*fp16", bias_ptr="*fp32", mult_ptr="*fp32", K="i32", D="i32"),
+         dict(BLOCK_K=32, BLOCK_D=64))
+    comp(A._exact_distance_kernel, dict(x_ptr="*bf16", c_ptr="*bf16", idx_ptr="*i64", dist_ptr="*fp32", N="i32",
+                                        K="i32", D="i32", metric="i32"), dict(BLOCK_N=64, BLOCK_D=16))
+    comp(H._hist_small_kernel, dict(idx_ptr="*i64", out_ptr="*i64", N="i32", K="i32", P="i32"),
+         dict(BINS=1024, BLOCK=1024))
+    comp(H._hist_sort_kernel, dict(idx_ptr="*i32", w_ptr="*fp16", out_ptr="*fp32", N="i32", K="i32"),
+         dict(HAS_WEIGHTS=True, BLOCK=1024))
+    comp(H._hist_sort_kernel, dict(idx_ptr="*i64", w_ptr="*i64", out_ptr="*i64", N="i32", K="i32"),
+         dict(HAS_WEIGHTS=False, BLOCK=1024))
+    comp(S._stats_atomic_kernel, dict(x_ptr="*bf16", idx_ptr="*i64", counts_ptr="*i64", sums_ptr="*fp32", N="i32",
+                                      K="i32", D="i32"), dict(BLOCK_N=32, BLOCK_D=128), 8)
     comp(S._segment_sum_kernel, dict(x_ptr="*fp16", order_ptr="*i64", piece_code_ptr="*i64", piece_start_ptr="*i64",
                                      row_start_ptr="*i64", lengths_ptr="*i64", n_pieces_ptr="*i64", slot_ptr="*i64",
-                                     sums_ptr="*fp32", scratch_ptr="*fp32", K="i32", D="i32"),
+                                     sums_ptr="*fp32", scratch_ptr="*fp32", G="i32", K1="i32", D="i32"),
          dict(PIECE_ROWS=512, BLOCK_R=32, BLOCK_D=64))
+    comp(S._combine_pieces_kernel, dict(codes_ptr="*i64", n_pieces_ptr="*i64", slot_ptr="*i64", sums_ptr="*fp32",
+                                        scratch_ptr="*fp32", K1="i32", D="i32"), dict(BLOCK_D=64))
+    comp(E._ema_sizes_kernel, dict(cs_ptr="*fp32", counts_ptr="*fp32", n_ptr="*fp64", params_ptr="*fp64", K="i32"),
+         dict(BLOCK_K=1024))
     comp(E._ema_codebook_kernel, dict(cs_ptr="*fp32", ea_ptr="*fp32", cb_ptr="*bf16", sums_ptr="*fp32", n_ptr="*fp32",
                                       params_ptr="*fp32", K="i32", D="i32"), dict(BLOCK_K=32, BLOCK_D=64))
     print("ALL OK")
@@ -345,10 +390,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 
 def test_kernels_compile_for_sm90():
-    """Compile (not run) the kernels most likely to trip the real compiler, for Hopper.
+    """Compile (not run) every kernel for Hopper, with its codebook-axis signature.
 
     (The interpreter accepts code the compiler rejects: constexpr branches, dtype
-    plumbing, dot layouts. The full set is compiled by benchmarks/gpu_check.sh's tests.)"""
+    plumbing, dot layouts, int64 offset arithmetic. Running them is benchmarks/gpu_check.sh's job.)"""
     try:
         from triton.backends.nvidia import compiler as _nv  # noqa: F401
     except Exception as exc:  # a Triton build without the NVIDIA backend

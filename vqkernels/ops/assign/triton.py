@@ -1,14 +1,19 @@
 """Triton ``assign``: fused distance + argmin, one pass over the codebook per row block.
 
-Each program owns ``BLOCK_N`` rows of ``x`` and streams the codebook through ``tl.dot``
-in ``BLOCK_K``-code tiles with fp32 accumulation. The score of a tile is
+``C`` independent codebooks are served by one launch: the codebook axis is folded into
+``program_id(0)`` (codebook-major, so the programs resident together read one codebook),
+and every per-codebook array (rows, codes, per-code terms, outputs, partial minima) is
+addressed from an int64 base ``c * N * D``, ``c * K * D``, ``c * K``, ``c * N``.
+
+Each program owns ``BLOCK_N`` rows of one codebook's ``x`` and streams that codebook
+through ``tl.dot`` in ``BLOCK_K``-code tiles with fp32 accumulation. The score of a tile is
 
     score[n, k] = bias[k] + mult[k] * <x[n], c[k]>
 
 with per-code terms computed once per call in fp32:
 
-* ``l2``:     bias = ||c||^2 (:func:`_code_norms_kernel`), mult = -2 (||x||^2 is the same
-  for every code of a row, so it is left out)
+* ``l2``:     bias = ||c||^2 (:func:`_code_norms_kernel`, over all C * K codes), mult = -2
+  (||x||^2 is the same for every code of a row, so it is left out)
 * ``cosine``: the codebook is normalised once per call (``F.normalize``); the score is
   ``-<x, c/||c||>`` with raw x (``1 - cos`` ranks codes the same way for any ||x|| > 0), so
   codes that normalise to the same vector tie exactly. For 16-bit inputs the unit codes
@@ -18,7 +23,9 @@ with per-code terms computed once per call in fp32:
 
 A running ``(min, argmin)`` per row stays in registers across tiles; an equal score in a
 later tile never replaces the earlier one (strict ``<``) and ``tl.min(return_indices=True)``
-breaks ties within a tile to the left, so ties go to the lowest index. Only the int64
+breaks ties within a tile to the left, so ties go to the lowest index. A NaN score (a row
+of x holding NaN/Inf, or a NaN code) is mapped to +inf before the tile's minimum, so it
+can never hide the minimum of the tile's other codes. Only the int64
 index and the fp32 distance are written -- never an N x K matrix. The winner's distance is
 then recomputed exactly in fp32 by direct difference (:func:`_exact_distance`).
 
@@ -30,26 +37,27 @@ Layout of the work:
   call so its tiles load unmasked): the row block is loaded once and stays on chip while
   the codebook tiles stream past.
 * larger ``D``: each tile's dot is accumulated over 128-staged-byte chunks of D.
-* few rows (fewer row blocks than SMs): the codebook is split into ``S`` ranges, one
-  program per (range, row block); partial minima are combined by a small torch argmin
-  (first minimum: the lowest range, hence the lowest index, wins ties) and the exact
-  distance by a second kernel. Programs are ordered range-major, so the programs resident
-  together read the same codebook range and its tiles are served from L2.
+* few rows (fewer row blocks, over all codebooks, than SMs): each codebook is split into
+  ``S`` ranges, one program per (codebook, range, row block); partial minima ``[C, S, N]``
+  are combined by a small torch argmin over S (first minimum: the lowest range, hence the
+  lowest index, wins ties) and the exact distance by a second kernel. Programs are ordered
+  codebook-major then range-major, so the programs resident together read the same
+  codebook range and its tiles are served from L2.
 
 Launch configs are autotuned per (K bucket, D, dtype, metric, precision, split) -- never
-on N, which changes every batch -- over a short list pruned by ``BLOCK_K <= next_pow2(K)``
+on N or C, which change every batch or model -- over a short list pruned by ``BLOCK_K <= next_pow2(K)``
 and a shared-memory estimate; ``VQKERNELS_TRITON_AUTOTUNE=0`` skips the timing and takes
 the first config that fits. fp32 inputs use ``tl.dot(input_precision=...)`` from
 ``torch.get_float32_matmul_precision()`` ("highest" ieee, "high" tf32x3, "medium" tf32).
 
-Offsets: block bases are int64 (``row0 * D``, ``k_start * D``, ``code * D``; codebook tiles
-advance by pointer steps) and only in-tile offsets are int32, so N*D and K*D may exceed 2^31.
+Offsets: block bases are int64 (``(c * N + row0) * D``, ``(c * K + k_start) * D``,
+``code * D``; codebook tiles advance by pointer steps) and only in-tile offsets are int32,
+so C*N*D and C*K*D may exceed 2^31.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) one small fixed config is used, tiles are
 multiplied by a broadcast product and sum instead of ``tl.dot`` (numpy's matmul rounds
-equal columns differently by position, which would break exact ties), all-NaN score rows
-are mapped to +inf (numpy's argmin raises on them) and bf16 inputs are upcast to fp32
-(the interpreter has no bf16 matmul); the GPU code path has none of these.
+equal columns differently by position, which would break exact ties) and bf16 inputs are
+upcast to fp32 (the interpreter has no bf16 matmul); the GPU code path has neither.
 """
 from __future__ import annotations
 
@@ -146,12 +154,12 @@ def _tile_dot(a, b, acc, PRECISION: tl.constexpr, INTERP: tl.constexpr):
 # value (== 1, divisible by 16) would compile new variants for no gain.
 @triton.jit(do_not_specialize=["N", "K", "k_split", "k_bucket", "metric"])
 def _assign_kernel(
-    x_ptr,  # [N, D] rows
-    c_ptr, c2_ptr,  # [K, c_stride] score operand(s): the codebook, or its normalised hi / lo parts
-    e_ptr,  # [K, D] the codebook itself, for the exact distance
-    bias_ptr, mult_ptr,  # [K] fp32 per-code score terms
-    idx_ptr, dist_ptr,  # outputs [N] int64 / fp32 (unsplit)
-    part_score_ptr, part_idx_ptr,  # [S, N] fp32 / int64 partial minima (split)
+    x_ptr,  # [C, N, D] rows
+    c_ptr, c2_ptr,  # [C, K, c_stride] score operand(s): the codebook, or its normalised hi / lo parts
+    e_ptr,  # [C, K, D] the codebook itself, for the exact distance
+    bias_ptr, mult_ptr,  # [C, K] fp32 per-code score terms
+    idx_ptr, dist_ptr,  # outputs [C, N] int64 / fp32 (unsplit)
+    part_score_ptr, part_idx_ptr,  # [C, S, N] fp32 / int64 partial minima (split)
     N, K, D, k_split, c_stride, k_bucket, metric,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, EVEN_D: tl.constexpr,
     TWO_PART: tl.constexpr, SPLIT: tl.constexpr, EPI_D: tl.constexpr, INTERP: tl.constexpr,
@@ -159,18 +167,25 @@ def _assign_kernel(
 ):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
-    # Range-major order: programs that run together share one codebook range (L2 reuse).
-    pid_s = pid // n_blocks
-    pid_n = pid % n_blocks
+    n_split = tl.cdiv(K, k_split)
+    # Codebook-major, then range-major: programs that run together share one codebook
+    # range (L2 reuse). The codebook axis rides on axis 0, which has no 65535 limit.
+    per_codebook = n_split * n_blocks
+    cb = pid // per_codebook
+    pid_sn = pid % per_codebook
+    pid_s = pid_sn // n_blocks
+    pid_n = pid_sn % n_blocks
     k_start = pid_s * k_split
     k_end = tl.minimum(k_start + k_split, K)
+    cb64 = cb.to(tl.int64)
 
     row0 = pid_n.to(tl.int64) * BLOCK_N
     r = tl.arange(0, BLOCK_N)
     rmask = (row0 + r) < N
     dd = tl.arange(0, BLOCK_D)
     kk = tl.arange(0, BLOCK_K)
-    x_blk = x_ptr + row0 * D  # int64 base; in-tile offsets below are int32
+    x_blk = x_ptr + (cb64 * N + row0) * D  # int64 base; in-tile offsets below are int32
+    code0 = cb64 * K  # this codebook's first code in the [C * K] per-code arrays
     x_off = r[:, None] * D + dd[None, :]  # [BLOCK_N, BLOCK_D]
 
     if ONE_CHUNK:
@@ -189,8 +204,8 @@ def _assign_kernel(
 
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int32) + k_start
-    c_blk = c_ptr + k_start.to(tl.int64) * c_stride  # then advanced by pointer steps: no int32 k0*D
-    c2_blk = c2_ptr + k_start.to(tl.int64) * c_stride
+    c_blk = c_ptr + (code0 + k_start) * c_stride  # then advanced by pointer steps: no int32 k0*D
+    c2_blk = c2_ptr + (code0 + k_start) * c_stride
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + kk
         kmask = cols < k_end
@@ -217,13 +232,13 @@ def _assign_kernel(
                     ct2 = tl.load(c2_blk + d0 + c_off, mask=cmask, other=0.0)
                     acc = _tile_dot(xc, ct2, acc, PRECISION, INTERP)
         # Codes outside the range score +inf (bias inf, mult 0), so they never win.
-        bias = tl.load(bias_ptr + cols, mask=kmask, other=float("inf"))
-        mult = tl.load(mult_ptr + cols, mask=kmask, other=0.0)
+        bias = tl.load(bias_ptr + code0 + cols, mask=kmask, other=float("inf"))
+        mult = tl.load(mult_ptr + code0 + cols, mask=kmask, other=0.0)
         score = bias[None, :] + mult[None, :] * acc
-        if INTERP:
-            # The interpreter's argmin raises on an all-NaN row (a non-finite row of x); on
-            # the GPU such a row just keeps index k_start, and the caller overwrites it.
-            score = tl.where(score == score, score, float("inf"))
+        # NaN (a non-finite row of x, or a NaN code) -> +inf: a NaN must never hide the
+        # tile's minimum (a GPU min may return it), and the interpreter's argmin raises on an
+        # all-NaN row. Such a row keeps index k_start; the public op overwrites it.
+        score = tl.where(score == score, score, float("inf"))
         tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_min < best  # strict: an equal score in a later tile keeps the earlier code
         best = tl.where(better, tile_min, best)
@@ -233,26 +248,34 @@ def _assign_kernel(
 
     rows = row0 + r
     if SPLIT:
-        part = pid_s.to(tl.int64) * N + rows
+        part = (cb64 * n_split + pid_s) * N + rows
         tl.store(part_score_ptr + part, best, mask=rmask)
         tl.store(part_idx_ptr + part, best_idx.to(tl.int64), mask=rmask)
     else:
         # Narrow D chunks here: a [BLOCK_N, BLOCK_D] fp32 pair would not fit in registers.
-        dist = _exact_distance(x_blk, e_ptr, D, r, rmask, best_idx, D, metric, EPI_D)
-        tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=rmask)
-        tl.store(dist_ptr + rows, dist, mask=rmask)
+        dist = _exact_distance(x_blk, e_ptr + code0 * D, D, r, rmask, best_idx, D, metric, EPI_D)
+        tl.store(idx_ptr + cb64 * N + rows, best_idx.to(tl.int64), mask=rmask)
+        tl.store(dist_ptr + cb64 * N + rows, dist, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["N", "metric"])
-def _exact_distance_kernel(x_ptr, c_ptr, idx_ptr, dist_ptr, N, D, c_stride, metric, BLOCK_N: tl.constexpr,
+@triton.jit(do_not_specialize=["N", "K", "metric"])
+def _exact_distance_kernel(x_ptr, c_ptr, idx_ptr, dist_ptr, N, K, D, metric, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr):
-    """Exact distance of each row to its (already chosen) code: the split path's epilogue."""
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    """Exact distance of each row to its (already chosen) code: the split path's epilogue.
+
+    x ``[C, N, D]``, codebook ``[C, K, D]``, idx / dist ``[C, N]``; the codebook axis is
+    folded into ``program_id(0)`` as in the assign kernel."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    cb64 = (pid // n_blocks).to(tl.int64)
+    row0 = (pid % n_blocks).to(tl.int64) * BLOCK_N
     r = tl.arange(0, BLOCK_N)
     rmask = (row0 + r) < N
-    code = tl.load(idx_ptr + row0 + r, mask=rmask, other=0)
-    dist = _exact_distance(x_ptr + row0 * D, c_ptr, c_stride, r, rmask, code, D, metric, BLOCK_D)
-    tl.store(dist_ptr + row0 + r, dist, mask=rmask)
+    out = cb64 * N + row0 + r
+    code = tl.load(idx_ptr + out, mask=rmask, other=0)
+    dist = _exact_distance(x_ptr + (cb64 * N + row0) * D, c_ptr + cb64 * K * D, D, r, rmask, code, D, metric,
+                           BLOCK_D)
+    tl.store(dist_ptr + out, dist, mask=rmask)
 
 
 # --------------------------------------------------------------------------- autotuning
@@ -348,27 +371,34 @@ def _block_d(D: int, elem: int, interp: bool) -> tuple[int, bool]:
     return max(16, chunk // elem), False
 
 
-def _split_count(N: int, K: int, device: torch.device, interp: bool) -> int:
-    """Codebook ranges: 1 unless there are too few row blocks to fill the GPU."""
+def _split_count(C: int, N: int, K: int, device: torch.device, interp: bool) -> int:
+    """Codebook ranges: 1 unless there are too few row blocks (over all C codebooks) to fill the GPU."""
     if _FORCE_SPLIT is not None:
         return max(1, min(_FORCE_SPLIT, tu.cdiv(K, 32)))
     if interp:
         return 1
     sms = tu.sm_count(device)
-    row_blocks = tu.cdiv(N, 128)
+    row_blocks = C * tu.cdiv(N, 128)
     if row_blocks >= sms or K < 1024:
         return 1
     return max(1, min(tu.cdiv(2 * sms, row_blocks), K // 512))
 
 
 def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
-    """Nearest code per row. x ``[N, D]``, codebook ``[K, D]`` (same dtype, contiguous).
+    """Nearest code per row, for C independent codebooks in one launch.
 
-    Returns ``(indices int64 [N], distances float32 [N])``: ties go to the lowest index,
-    distances are the winner's exact fp32 distance.
+    x ``[C, N, D]``, codebook ``[C, K, D]`` (same dtype; C, N, K >= 1): the rows ``x[c]``
+    are assigned to the codes ``codebook[c]``.
+
+    Returns ``(indices int64 [C, N], distances float32 [C, N])``: ties go to the lowest
+    index, distances are the winner's exact fp32 distance.
+
+    Example (under ``TRITON_INTERPRET=1`` on CPU, or with CUDA tensors):
+        >>> x, codebook = torch.randn(2, 100, 16), torch.randn(2, 64, 16)
+        >>> indices, distances = assign(x, codebook, "l2")  # [2, 100] each
     """
-    N, D = x.shape
-    K = codebook.shape[0]
+    C, N, D = x.shape
+    K = codebook.shape[1]
     device = x.device
     interp = tu.interpreting()
     x = x.contiguous()
@@ -385,25 +415,27 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     epi_d = 16  # narrow epilogue chunks: its [BLOCK_N, EPI_D] fp32 tiles must not push the kernel into spills
 
     with tu.device_guard(x):
-        # Score operand(s) and per-code terms, once per call, in fp32.
+        # Score operand(s) and per-code terms [C, K], once per call, in fp32.
         two_part = False
         if metric == "l2":
             operands = [codebook]
-            bias = torch.empty(K, dtype=torch.float32, device=device)
-            mult = torch.empty(K, dtype=torch.float32, device=device)
-            _code_norms_kernel[(tu.cdiv(K, 32),)](
-                codebook, bias, mult, K, D, BLOCK_K=32, BLOCK_D=min(64, max(16, tu.next_power_of_2(D)))
+            bias = torch.empty(C, K, dtype=torch.float32, device=device)
+            mult = torch.empty(C, K, dtype=torch.float32, device=device)
+            # The C codebooks are one contiguous [C * K, D] block of codes: one flat pass.
+            _code_norms_kernel[(tu.cdiv(C * K, 32),)](
+                codebook, bias, mult, C * K, D, BLOCK_K=32, BLOCK_D=min(64, max(16, tu.next_power_of_2(D)))
             )
         else:
-            bias = torch.zeros(K, dtype=torch.float32, device=device)
-            mult = torch.full((K,), -1.0, dtype=torch.float32, device=device)
+            bias = torch.zeros(C, K, dtype=torch.float32, device=device)
+            mult = torch.full((C, K), -1.0, dtype=torch.float32, device=device)
             if metric == "dot":
                 operands = [codebook]
             else:
-                # F.normalize's definition (eps 1e-12); 16-bit inputs get the normalised codes
-                # as hi + lo parts of their own dtype (about 16 / 22 significant bits: a
-                # rounded copy would put 1e-3 errors into 1 - cos) and two dots per tile.
-                unit = F.normalize(codebook.float(), dim=1)
+                # F.normalize's definition (eps 1e-12), per code of every codebook; 16-bit
+                # inputs get the normalised codes as hi + lo parts of their own dtype (about
+                # 16 / 22 significant bits: a rounded copy would put 1e-3 errors into
+                # 1 - cos) and two dots per tile.
+                unit = F.normalize(codebook.float(), dim=-1)
                 if x.dtype == torch.float32:
                     operands = [unit]
                 else:
@@ -411,28 +443,28 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
                     operands = [hi, (unit - hi.float()).to(x.dtype)]
                     two_part = True
         if one_chunk and not even_d:
-            # Zero-pad the operands to BLOCK_D columns (K x BLOCK_D, small next to the N x K
-            # work): their tiles then load without a D mask, as wide vectors, and pipeline.
+            # Zero-pad the operands to BLOCK_D columns (C x K x BLOCK_D, small next to the
+            # C x N x K work): their tiles then load without a D mask, as wide vectors, and pipeline.
             padded_ops = []
             for op in operands:
-                padded = torch.zeros(K, block_d, dtype=op.dtype, device=device)
-                padded[:, :D] = op
+                padded = torch.zeros(C, K, block_d, dtype=op.dtype, device=device)
+                padded[:, :, :D] = op
                 padded_ops.append(padded)
             operands = padded_ops
         c_op, c2_op = operands[0], operands[-1]  # c2 is read only when TWO_PART
-        c_stride = c_op.shape[1]
+        c_stride = c_op.shape[-1]
 
-        S = _split_count(N, K, device, interp)
+        S = _split_count(C, N, K, device, interp)
         # Ranges are whole multiples of 256 codes, so every BLOCK_K tiles them exactly.
         k_split = tu.cdiv(tu.cdiv(K, S), 256) * 256 if S > 1 else K
-        S = tu.cdiv(K, k_split)
+        S = tu.cdiv(K, k_split)  # the kernel derives the same S from K and k_split
         split = S > 1
 
-        indices = torch.empty(N, dtype=torch.int64, device=device)
-        distances = torch.empty(N, dtype=torch.float32, device=device)
+        indices = torch.empty(C, N, dtype=torch.int64, device=device)
+        distances = torch.empty(C, N, dtype=torch.float32, device=device)
         if split:
-            part_score = torch.empty(S, N, dtype=torch.float32, device=device)
-            part_idx = torch.empty(S, N, dtype=torch.int64, device=device)
+            part_score = torch.empty(C, S, N, dtype=torch.float32, device=device)
+            part_idx = torch.empty(C, S, N, dtype=torch.int64, device=device)
         else:
             part_score, part_idx = distances, indices  # unused (SPLIT is a constexpr)
 
@@ -445,26 +477,27 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
         )
         if interp:
             bn = _INTERP["BLOCK_N"]
-            grid = (S * tu.cdiv(N, bn),)
+            grid = (C * S * tu.cdiv(N, bn),)
             _assign_kernel[grid](*args, **meta, BLOCK_N=bn, BLOCK_K=_INTERP["BLOCK_K"])
         elif os.environ.get(_AUTOTUNE_ENV, "1") == "0":
             # No timing: the first config of the table that fits this shape.
             named = dict(zip(_assign_kernel.arg_names, args))
             cfg = _prune_configs(_CONFIGS, named, **meta)[0]
             bn = cfg.kwargs["BLOCK_N"]
-            _assign_kernel[(S * tu.cdiv(N, bn),)](
+            _assign_kernel[(C * S * tu.cdiv(N, bn),)](
                 *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
             )
         else:
-            grid = lambda m: (S * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+            grid = lambda m: (C * S * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
             _assign_kernel_tuned[grid](*args, **meta)
 
         if split:
-            # First minimum over ranges: the lowest range (so the lowest index) wins ties.
-            which = part_score.argmin(0, keepdim=True)
-            indices = part_idx.gather(0, which).squeeze(0)
+            # First minimum over each codebook's ranges: the lowest range (so the lowest
+            # index) wins ties.
+            which = part_score.argmin(1, keepdim=True)
+            indices = part_idx.gather(1, which).squeeze(1)
             eb_n = 32 if interp else 64
-            _exact_distance_kernel[(tu.cdiv(N, eb_n),)](
-                x, codebook, indices, distances, N, D, D, metric_id, BLOCK_N=eb_n, BLOCK_D=epi_d
+            _exact_distance_kernel[(C * tu.cdiv(N, eb_n),)](
+                x, codebook, indices, distances, N, K, D, metric_id, BLOCK_N=eb_n, BLOCK_D=epi_d
             )
     return indices, distances

@@ -1,6 +1,11 @@
 """Triton ``ema_update``: a small kernel per codebook lerps ``cluster_size`` and sums it into
 ``n``; then one fused pass over K x D lerps ``embed_avg``, smooths the sizes and writes the
 codebook (formula in :mod:`vqkernels.ops.ema_update`).
+
+Both kernels serve all C codebooks in one launch: the sizes kernel has one program per
+codebook, the codebook kernel folds the codebook axis into ``program_id(0)`` (codebook-major
+over K blocks, so no grid axis meets the 65535 limit of axes 1 and 2). Row offsets are
+int64 (``(c * K + k) * D``).
 """
 from __future__ import annotations
 
@@ -34,9 +39,11 @@ def _ema_sizes_kernel(cs_ptr, counts_ptr, n_ptr, params_ptr, K, BLOCK_K: tl.cons
 def _ema_codebook_kernel(
     cs_ptr, ea_ptr, cb_ptr, sums_ptr, n_ptr, params_ptr, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    """embed_avg = lerp; codebook = embed_avg / ((cs + eps) / (n + K eps) * n), one pass over K x D."""
-    h = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
+    """embed_avg = lerp; codebook = embed_avg / ((cs + eps) / (n + K eps) * n), one pass over C x K x D."""
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    h = (pid // k_blocks).to(tl.int64)
+    pid_k = pid % k_blocks
     decay = tl.load(params_ptr)
     weight = tl.load(params_ptr + 1)
     eps = tl.load(params_ptr + 2)
@@ -59,10 +66,11 @@ def _ema_codebook_kernel(
 
 
 def ema_update(cluster_size, embed_avg, codebook, counts, sums, decay, eps):
-    """In-place EMA update. cluster_size ``[H, K]``, embed_avg/codebook/sums ``[H, K, D]``, counts ``[H, K]``.
+    """In-place EMA update of C codebooks in one launch.
 
-    Computes in fp32 (fp64 when any statistic is fp64), following the formula of
-    :mod:`vqkernels.ops.ema_update`.
+    cluster_size ``[C, K]``, embed_avg / codebook ``[C, K, D]`` (contiguous, updated in
+    place), counts ``[C, K]``, sums ``[C, K, D]``. Computes in fp32 (fp64 when any statistic
+    is fp64), following the formula of :mod:`vqkernels.ops.ema_update`.
     """
     H, K, D = embed_avg.shape
     interp = tu.interpreting()
@@ -79,6 +87,6 @@ def ema_update(cluster_size, embed_avg, codebook, counts, sums, decay, eps):
         _ema_sizes_kernel[(H,)](cluster_size, counts, n, params, K, BLOCK_K=128 if interp else 1024, num_warps=4)
         block_k = 16 if interp else 32
         block_d = min(32 if interp else 64, max(16, tu.next_power_of_2(D)))
-        _ema_codebook_kernel[(H, tu.cdiv(K, block_k))](
+        _ema_codebook_kernel[(H * tu.cdiv(K, block_k),)](
             cluster_size, embed_avg, codebook, sums, n, params, K, D, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4
         )
