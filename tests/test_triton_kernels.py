@@ -329,6 +329,202 @@ def test_ema_update_matches_reference(device, stats_dtype):
                 assert torch.allclose(a.double(), b.double(), rtol=tol, atol=tol), (name, H, K, D, decay)
 
 
+# --------------------------------------------------------------------------- the codebook axis
+# C independent codebooks in one launch, against a loop over the references one codebook at a
+# time. Each codebook gets its own data (and its own ties at its own positions), so a kernel
+# that read another codebook's rows, codes, norms or partial minima fails here.
+
+
+class _Launches:
+    """Stand-in for a @triton.jit kernel (or autotuner) that records the grid of every launch."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+def _count_launches(monkeypatch, module, *names):
+    grids = []
+    for name in names:
+        monkeypatch.setattr(module, name, _Launches(getattr(module, name), grids))
+    return grids
+
+
+def _check_assign_per_codebook(x, c, metric, indices, distances, dtype):
+    C, N = x.shape[0], x.shape[1]
+    assert indices.shape == (C, N) and distances.shape == (C, N)
+    assert indices.dtype == torch.int64 and distances.dtype == torch.float32
+    for i in range(C):
+        check_assign(x[i], c[i], metric, indices[i], distances[i], rtol_key=_rtol_key(dtype))
+
+
+# (N, K, D): N and K off the interpreter's 32-row / 32-code blocks, D not a power of two
+# (5: one padded chunk; 70: ragged 32-wide chunks of the D-chunked path).
+AXIS_SHAPES = [(37, 45, 5), (20, 70, 70)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("shape", AXIS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_assign_codebook_axis(device, C, shape, metric, monkeypatch):
+    N, K, D = shape
+    g = _gen(100 * C + K + D)
+    for dtype in _dtypes(device):
+        # codebook i is shifted by i: a kernel reading codebook 0 for every c picks other codes
+        x = (torch.randn(C, N, D, generator=g) + torch.arange(C).view(C, 1, 1)).to(dtype).to(device)
+        c = (torch.randn(C, K, D, generator=g) + torch.arange(C).view(C, 1, 1)).to(dtype).to(device)
+        grids = _count_launches(monkeypatch, tassign, "_assign_kernel", "_assign_kernel_tuned")
+        indices, distances = tassign.assign(x, c, metric)
+        assert len(grids) == 1, f"{len(grids)} assign launches for {C} codebooks: expected one"
+        _check_assign_per_codebook(x, c, metric, indices, distances, dtype)
+        # the same function as C separate calls (bit-identical: per codebook, nothing else changes)
+        for i in range(C):
+            one_idx, one_dist = _assign1(x[i], c[i], metric)
+            assert torch.equal(indices[i], one_idx) and torch.equal(distances[i], one_dist), i
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 3])
+def test_assign_codebook_axis_split_and_ties(device, C, monkeypatch):
+    # Split codebook ranges (256-code multiples) for every codebook in the same launch; each
+    # codebook has copies of one code inside a tile, one tile later and across range
+    # boundaries, at positions of its own: the lowest copy of its own codebook must win.
+    monkeypatch.setattr(tassign, "_FORCE_SPLIT", 3)
+    K, D, N = 600, 8, 21
+    g = _gen(11 + C)
+    c = _int_data((C, K, D), g)
+    src = [3 + 5 * i for i in range(C)]
+    for i, s in enumerate(src):
+        for dup in (s + 1, s + 32, s + 256, s + 512):
+            c[i, dup] = c[i, s]
+    x = _int_data((C, N, D), g)
+    for i, s in enumerate(src):
+        x[i, 0] = c[i, s]
+        x[i, 1] = c[i, s] * 2.0  # same direction: a cosine tie among the copies
+    for metric in ("l2", "cosine", "dot"):
+        grids = _count_launches(monkeypatch, tassign, "_assign_kernel", "_assign_kernel_tuned",
+                                "_exact_distance_kernel")
+        indices, distances = tassign.assign(x.to(device), c.to(device), metric)
+        assert len(grids) == 2, grids  # the range sweep and the exact-distance epilogue, each one launch
+        _check_assign_per_codebook(x, c, metric, indices, distances, torch.float32)
+        for i, s in enumerate(src):
+            if metric == "l2":
+                assert indices[i, 0].item() == s, (i, indices[i, :2])
+            if metric == "cosine":
+                assert indices[i, 1].item() == s, (i, indices[i, :2])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_codebook_axis_nan_rows_and_codes(device):
+    # NaN / Inf rows in one codebook must not disturb the others; a NaN code scores +inf in
+    # the kernel (on the GPU too), so it never wins and never hides its tile's true minimum.
+    C, N, K, D = 3, 40, 50, 10
+    g = _gen(12)
+    x = torch.randn(C, N, D, generator=g)
+    c = torch.randn(C, K, D, generator=g)
+    x[1, 3, 2] = float("nan")
+    x[1, 17, 0] = float("inf")
+    x[2, 30] = float("-inf")
+    c[0, 0] = float("nan")  # first code of the first tile
+    c[2, 33, 4] = float("nan")  # inside the second tile
+    for metric in ("l2", "cosine", "dot"):
+        indices, distances = tassign.assign(x.to(device), c.to(device), metric)
+        indices, distances = indices.cpu(), distances.cpu()
+        assert bool(((indices >= 0) & (indices < K)).all())
+        for i in range(C):
+            finite_codes = torch.isfinite(c[i]).all(1)
+            assert not bool((~finite_codes)[indices[i]].any()), (i, metric)  # a NaN code never wins
+            rows = torch.isfinite(x[i]).all(1)
+            keep = finite_codes.nonzero().flatten()
+            # judged against the finite codes only: the chosen code is their nearest
+            check_assign(x[i][rows], c[i][keep], metric, torch.searchsorted(keep, indices[i][rows]),
+                         distances[i][rows], rtol_key=_rtol_key(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("path", ["small", "sort", "weighted"])
+def test_histogram_codebook_axis(device, C, path, monkeypatch):
+    if path == "sort":
+        monkeypatch.setattr(thist, "_MAX_SMALL_BINS", 0)  # force the sort kernel (large-K path)
+    g = _gen(13 + C)
+    for N, K in ((1, 3), (200, 37), (300, 5)):  # N off the 128-index interpreter blocks
+        idx = torch.randint(-2, K, (C, N), generator=g)
+        idx[-1, : N // 2] = K - 1  # one codebook's usage collapsed on its last code
+        w = torch.rand(C, N, generator=g) if path == "weighted" else None
+        grids = _count_launches(monkeypatch, thist, "_hist_small_kernel", "_hist_sort_kernel")
+        got = thist.histogram(idx.to(device), K, None if w is None else w.to(device)).cpu()
+        assert len(grids) == 1, grids
+        assert got.shape == (C, K) and got.dtype == (torch.int64 if w is None else torch.float32)
+        ref = _ref_hist(idx, K, w)
+        if w is None:
+            assert torch.equal(got, ref), (N, K, got, ref)
+        else:
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (N, K, (got - ref).abs().max())
+    masked = torch.full((C, 50), -1, dtype=torch.int64)
+    assert torch.equal(thist.histogram(masked.to(device), 5, None).cpu(), torch.zeros(C, 5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_cluster_stats_codebook_axis(device, C, deterministic, monkeypatch):
+    # Masked rows (some holding NaN, which must stay out of the sums), one codebook collapsed
+    # onto one code (several pieces and the combine step in the deterministic path), an
+    # empty code, K and D off the block sizes.
+    N, K, D = 150, 7, 19
+    g = _gen(14 + C)
+    x = torch.randn(C, N, D, generator=g) + torch.arange(C).view(C, 1, 1)
+    idx = torch.randint(-1, K, (C, N), generator=g)
+    idx[0, : (3 * N) // 4] = 2
+    idx[:, 5] = -1
+    x[:, 5] = float("nan")
+    idx[idx == K - 2] = K - 1  # code K - 2 unused in every codebook
+    module_kernels = (("_segment_sum_kernel", "_combine_pieces_kernel") if deterministic else ("_stats_atomic_kernel",))
+    grids = _count_launches(monkeypatch, tstats, *module_kernels)
+    counts, sums = tstats.cluster_stats(x.to(device), idx.to(device), K, deterministic)
+    assert len(grids) == len(module_kernels), grids  # one launch per kernel for all C codebooks
+    assert counts.shape == (C, K) and sums.shape == (C, K, D)
+    assert counts.dtype == torch.float32 and sums.dtype == torch.float32
+    rc, rs = _ref_stats(x, idx, K, deterministic)
+    assert torch.equal(counts.cpu(), rc.to(torch.float32))
+    assert torch.allclose(sums.cpu(), rs.to(torch.float32), rtol=1e-5, atol=1e-4), (sums.cpu() - rs).abs().max()
+    if deterministic:
+        again = tstats.cluster_stats(x.to(device), idx.to(device), K, True)
+        assert torch.equal(counts, again[0])
+        assert torch.equal(sums.view(torch.int32), again[1].view(torch.int32))  # the same bits
+        assert counts[0, 2].item() > 2 * tstats._PIECE_ROWS_INTERP or device == "cuda"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ema_update_codebook_axis(device, monkeypatch):
+    # C codebooks in one launch of each kernel, against the reference one codebook at a time.
+    C, K, D, decay = 3, 21, 35, 0.9
+    g = _gen(15)
+    cs = torch.rand(C, K, generator=g) + 0.1
+    ea = torch.randn(C, K, D, generator=g)
+    cb = torch.randn(C, K, D, generator=g)
+    counts = torch.randint(0, 5, (C, K), generator=g).float()
+    sums = torch.randn(C, K, D, generator=g)
+    mine = [t.clone().to(device) for t in (cs, ea, cb)]
+    grids = _count_launches(monkeypatch, tema, "_ema_sizes_kernel", "_ema_codebook_kernel")
+    tema.ema_update(*mine, counts.to(device), sums.to(device), decay, 1e-5)
+    assert len(grids) == 2, grids
+    for i in range(C):
+        ref = [t[i : i + 1].clone() for t in (cs, ea, cb)]
+        ema_ref.ema_update(*ref, counts[i : i + 1], sums[i : i + 1], decay, 1e-5)
+        for name, a, b in zip(("cluster_size", "embed_avg", "codebook"), mine, ref):
+            assert torch.allclose(a[i : i + 1].cpu(), b, rtol=2e-6, atol=2e-6), (name, i)
+
+
 # --------------------------------------------------------------------------- compiler
 
 
