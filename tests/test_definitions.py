@@ -1,0 +1,186 @@
+"""The reference and chunked backends against formulations written in tests/helpers.py
+(fp64 closed forms and plain loops), not against each other: comparing
+``backend="reference"`` with the reference's own function would test the wrapper only.
+
+Shapes put the chunked backend's tiles at their edges (a tiny tile budget gives several N
+and K tiles); inputs include exact ties between distinct codes, duplicate codes, masked
+rows holding NaN, weights, and each dtype. These are also the tests `make mutation` runs.
+"""
+import pytest
+import torch
+
+import vqkernels
+from helpers import (
+    check_assign,
+    closed_form_ema,
+    exact_distances,
+    first_mismatches,
+    loop_argmin,
+    loop_cluster_stats,
+    loop_histogram,
+)
+
+PORTABLE = ["reference", "chunked"]
+METRICS = ["l2", "cosine", "dot"]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def _randn(*shape, seed, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+@pytest.fixture(params=["one-tile", "small-tiles"])
+def tiles(request, monkeypatch):
+    """The chunked backend with its default tile budget, and with a budget so small that
+    K splits into 16-code tiles and N into several row tiles."""
+    if request.param == "small-tiles":
+        monkeypatch.setenv("VQKERNELS_CHUNK_ELEMENTS", "64")
+    return request.param
+
+
+# --------------------------------------------------------------------------- assign
+
+
+@pytest.mark.parametrize("backend", PORTABLE)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("N,K,D", [(1, 1, 1), (70, 37, 5), (130, 50, 16)])
+def test_assign_is_the_nearest_code_of_the_closed_form(backend, metric, N, K, D, tiles):
+    for i, dtype in enumerate(DTYPES):
+        x = _randn(N, D, seed=N + K + i).to(dtype)
+        codebook = _randn(K, D, seed=K * 3 + D + i, scale=1.5).to(dtype)
+        indices, distances = vqkernels.assign(x, codebook, metric, backend=backend)
+        assert indices.shape == distances.shape == (N,)
+        assert distances.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        d = exact_distances(x, codebook, metric)
+        if dtype == torch.float64:  # random fp64 data: no near-ties, the index is the loop's
+            want = loop_argmin(d)
+            assert torch.equal(indices, want), first_mismatches(indices != want, indices, want)
+            chosen = d.gather(1, want.view(-1, 1)).squeeze(1)
+            torch.testing.assert_close(distances, chosen, rtol=1e-12, atol=1e-12)
+        check_assign(x, codebook, metric, indices, distances)
+
+
+@pytest.mark.parametrize("backend", PORTABLE)
+@pytest.mark.parametrize("metric", METRICS)
+def test_assign_exact_ties_between_distinct_codes_go_to_the_lowest_index(backend, metric, tiles):
+    # Codes are signed unit vectors (distinct, equal norms) spread over several K tiles;
+    # the rows are equidistant from many of them by symmetry, with no duplicate to fall
+    # back on: the strict "first minimum wins" rule alone must pick the lowest index.
+    D = 6
+    eye = torch.eye(D, dtype=torch.float64)
+    codebook = torch.cat([-eye, eye, 2 * eye, -2 * eye])  # K = 24: two 16-code tiles
+    x = torch.stack([
+        torch.zeros(D, dtype=torch.float64) + 0.25,  # l2 / dot / cosine: ties among the +e_d
+        torch.tensor([0.0, 0, 0, 0, 0, 1], dtype=torch.float64),  # nearest: e_5 (index 11) vs 2e_5
+        torch.tensor([-1.0, -1, -1, -1, -1, -1], dtype=torch.float64),  # ties among the -e_d / -2e_d
+        torch.tensor([0.0, 3, 0, 3, 0, 0], dtype=torch.float64),  # 2e_1 and 2e_3 tie (l2, dot)
+    ])
+    for dtype in (torch.float64, torch.float32):
+        indices, distances = vqkernels.assign(x.to(dtype), codebook.to(dtype), metric, backend=backend)
+        want = loop_argmin(exact_distances(x, codebook, metric))
+        assert torch.equal(indices, want), first_mismatches(indices != want, indices, want)
+        check_assign(x.to(dtype), codebook.to(dtype), metric, indices, distances)
+
+
+@pytest.mark.parametrize("backend", PORTABLE)
+def test_assign_duplicate_codes_in_different_tiles(backend, tiles):
+    codebook = _randn(40, 3, seed=5)
+    codebook[33] = codebook[2]
+    codebook[20] = codebook[19]
+    codebook[39] = codebook[0]
+    x = torch.cat([codebook[[33, 20, 39, 2, 19, 0]], codebook[[33, 20, 39]] + 1e-4])
+    indices, _ = vqkernels.assign(x.float(), codebook.float(), backend=backend)
+    assert indices.tolist() == [2, 19, 0, 2, 19, 0, 2, 19, 0]
+
+
+@pytest.mark.parametrize("backend", PORTABLE)
+def test_assign_distances_are_exact_at_a_large_offset(backend):
+    """The reported distance is recomputed by direct difference: at a common offset of 1e4
+    the expanded form would be off by more than the distances themselves."""
+    offset = torch.full((8,), 1e4 / 8**0.5, dtype=torch.float64)
+    codebook = (offset + _randn(30, 8, seed=6)).float()
+    x = (offset + _randn(40, 8, seed=7)).float()
+    indices, distances = vqkernels.assign(x, codebook, backend=backend)
+    d = exact_distances(x, codebook, "l2")
+    want = loop_argmin(d)
+    assert torch.equal(indices, want), first_mismatches(indices != want, indices, want)
+    torch.testing.assert_close(distances.double(), d.gather(1, want.view(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-3)
+
+
+def test_chunked_keeps_grid_data_exact():
+    """Small-integer data (a grid) has exact expanded-form scores only when it is not
+    shifted: the chunked backend centres only where a common offset dominates, so exact
+    ties on a grid still go to the lowest index."""
+    grid = torch.tensor([[a, b] for a in range(-3, 4) for b in range(-3, 4)], dtype=torch.float32)
+    codebook = grid[torch.randperm(len(grid), generator=torch.Generator().manual_seed(8))] * 3 + 1
+    x = torch.cartesian_prod(torch.arange(-9.0, 12.0, 1.5), torch.arange(-9.0, 12.0, 1.5))
+    indices, distances = vqkernels.assign(x, codebook, backend="chunked")
+    want = loop_argmin(exact_distances(x, codebook, "l2"))
+    assert torch.equal(indices, want), first_mismatches(indices != want, indices, want)
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+@pytest.mark.parametrize("backend", PORTABLE)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("N,K", [(1, 1), (40, 1), (200, 7), (33, 60)])
+def test_histogram_is_the_loop_count(backend, index_dtype, N, K):
+    g = torch.Generator().manual_seed(N * K)
+    indices = torch.randint(-3, K, (N,), generator=g)  # negative = masked (any negative value)
+    indices[0] = K - 1  # the last code is counted too
+    got = vqkernels.histogram(indices.to(index_dtype), K, backend=backend)
+    assert got.dtype == torch.int64 and got.tolist() == loop_histogram(indices, K)
+    weights = torch.rand(N, generator=g) * 4 - 1  # negative weights are summed as given
+    got_w = vqkernels.histogram(indices.to(index_dtype), K, weights, backend=backend)
+    want_w = torch.tensor(loop_histogram(indices, K, weights), dtype=torch.float64)
+    assert got_w.dtype == torch.float32 and got_w.shape == (K,)
+    torch.testing.assert_close(got_w.double(), want_w, rtol=1e-6, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- cluster_stats
+
+
+@pytest.mark.parametrize("backend", PORTABLE)
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("N,K,D", [(1, 1, 1), (50, 6, 3), (90, 40, 9)])
+def test_cluster_stats_are_the_loop_sums(backend, deterministic, N, K, D):
+    for dtype in DTYPES:
+        g = torch.Generator().manual_seed(N + K + D)
+        x = _randn(N, D, seed=N * D, scale=3.0).to(dtype)
+        indices = torch.randint(-2, K, (N,), generator=g)
+        indices[0] = K - 1
+        x[indices < 0] = float("nan")  # masked rows must not leak into any statistic
+        counts, sums = vqkernels.cluster_stats(x, indices, K, deterministic=deterministic, backend=backend)
+        want_counts, want_sums = loop_cluster_stats(x, indices, K)
+        out = torch.float64 if dtype == torch.float64 else torch.float32
+        assert counts.dtype == sums.dtype == out and counts.shape == (K,) and sums.shape == (K, D)
+        assert torch.equal(counts.double(), want_counts)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(sums.double(), want_sums, rtol=tol, atol=tol * 3 * N)
+
+
+# --------------------------------------------------------------------------- ema_update_
+
+
+@pytest.mark.parametrize("backend", PORTABLE)
+@pytest.mark.parametrize("decay", [0.0, 0.25, 0.9, 1.0])
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+@pytest.mark.parametrize("H", [None, 3])
+def test_ema_update_is_the_closed_form(backend, decay, eps, H):
+    K, D = 7, 4
+    lead = () if H is None else (H,)
+    g = torch.Generator().manual_seed(K + D + (H or 0))
+    cluster_size = torch.rand(*lead, K, generator=g) * 3 + 0.5
+    embed_avg = torch.randn(*lead, K, D, generator=g)
+    counts = torch.randint(0, 5, (*lead, K), generator=g).float()
+    sums = torch.randn(*lead, K, D, generator=g) * 2
+    codebook = torch.randn(*lead, K, D, generator=g)
+    got = [t.clone() for t in (cluster_size, embed_avg, codebook)]
+    out = vqkernels.ema_update_(*got, counts, sums, decay, eps, backend=backend)
+    assert out is got[2]
+    for h in range(H or 1):
+        pick = (lambda t: t[h]) if H else (lambda t: t)
+        want = closed_form_ema(pick(cluster_size), pick(embed_avg), pick(counts), pick(sums), decay, eps)
+        for name, a, w in zip(("cluster_size", "embed_avg", "codebook"), got, want):
+            torch.testing.assert_close(pick(a).double(), w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}, head {h}: {m}")
