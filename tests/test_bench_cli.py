@@ -54,7 +54,7 @@ def test_bench_ops_subset(tmp_path):
 
 def test_bench_rejects_unknown_op():
     with pytest.raises(argparse.ArgumentTypeError, match="unknown op 'assgn'"):
-        bench._parse_ops("assign,assgn")
+        bench.parse_ops("assign,assgn")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -1,0 +1,351 @@
+"""The one runner: machine description, timer, peak memory, and a row run (check, then time).
+
+Speed is measured here, never asserted in tests.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .specs import Case, Skip, SPECS, make_inputs
+
+# GPU roofline: the floor of a row is max(flops / peak rate, bytes / bandwidth). 790 TFLOP/s
+# is H100/H200-class dense bf16 as reachable in practice; fp32 inputs are held to the TF32
+# rate (half of it), the floor a tf32 matmul could reach; 4.3e12 B/s is H200 copy bandwidth.
+GPU_PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "fp32": 395e12, "fp64": 67e12}
+GPU_BANDWIDTH = 4.3e12
+PEERS = ("triton", "faiss", "vector_quantize_pytorch", "flash_kmeans", "fast_pytorch_kmeans", "numpy")
+# Distribution names of modules whose import name differs, for the version lookup.
+_DISTRIBUTIONS = {"faiss": ("faiss-cpu", "faiss-gpu", "faiss"), "vector_quantize_pytorch": ("vector-quantize-pytorch",),
+                  "flash_kmeans": ("flash-kmeans",), "fast_pytorch_kmeans": ("fast-pytorch-kmeans",)}
+
+
+# --------------------------------------------------------------------------- the machine
+def load_average() -> Optional[list]:
+    """1, 5 and 15 minute load averages (None where the OS has none): a busy machine skews every figure."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        mod = __import__(name)
+    except Exception:
+        return None
+    for dist in _DISTRIBUTIONS.get(name, (name,)):
+        try:
+            return getattr(mod, "__version__", None) or metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "installed"
+
+
+def machine_info() -> dict:
+    """Machine, versions, threads, the extension's state and the load, recorded next to every figure."""
+    import vqkernels
+    from vqkernels import _extension
+
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            processor = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"python": platform.python_version(), "platform": platform.platform(), "hostname": socket.gethostname(),
+            "processor": processor, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "vqkernels": vqkernels.__version__}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
+                    memory_gib=round(p.total_memory / 2**30, 1), l2_bytes=getattr(p, "L2_cache_size", None))
+    info.update({name: _version(name) for name in PEERS})
+    info["extension"] = _extension.status()
+    info["load_average"] = load_average()
+    return info
+
+
+# --------------------------------------------------------------------------- time
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    values = sorted(values)
+    pos = q * (len(values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def time_call(fn: Union[Callable[[], object], List[Callable[[], object]]], *, repeats: int = 5, warmup: int = 1,
+              device: str = "cpu", max_seconds: Optional[float] = None, target_s: Optional[float] = None,
+              max_repeats: Optional[int] = None) -> dict:
+    """Seconds per call of ``fn`` (or of a list of calls taken in turn: rotating input sets).
+
+    ``warmup`` untimed calls first. ``target_s`` times one probe call and sets the repeats
+    to fill that many seconds (at least ``repeats``, at most ``max_repeats``); ``max_seconds``
+    stops early (after 3 timed calls) once that much wall time was spent. On CUDA, events
+    around each call, launched back to back and read after one synchronize.
+    Returns ``{"median", "p20", "p80", "min", "repeats"}`` (seconds).
+    """
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    _sync(device)
+    if target_s is not None:
+        probe = time_call(fns[1 % len(fns)], repeats=1, warmup=0, device=device)["median"]
+        repeats = max(repeats, int(target_s / max(probe, 1e-6)))
+        repeats = min(repeats, max_repeats or repeats)
+    times, events = [], []
+    started = time.perf_counter()
+    for i in range(repeats):
+        call = fns[i % len(fns)]
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        if max_seconds is not None and i >= 2 and time.perf_counter() - started > max_seconds:
+            break
+    if events:
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) / 1e3 for s, e in events]
+    return {"median": statistics.median(times), "p20": _percentile(times, 0.2), "p80": _percentile(times, 0.8),
+            "min": min(times), "repeats": len(times)}
+
+
+# --------------------------------------------------------------------------- peak memory
+# On CPU the figure is the peak resident set size (VmHWM) above a baseline taken right
+# before the call. VmHWM can be reset by writing "5" to /proc/self/clear_refs (Linux >= 4.0),
+# so one process can measure several calls; glibc's malloc_trim(0) first hands freed heap
+# pages back to the OS, so memory freed by earlier calls cannot be silently reused and hide
+# a new peak. Anything that is not malloc/torch's CPU allocator (e.g. a CUDA context) is
+# outside what this sees, and RSS counts every allocation, tensors or not (FAISS, numpy).
+def _proc_kib(path: str, field: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            if field == "statm":  # resident pages, second number
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _high_water_bytes() -> int:
+    kib = _proc_kib("/proc/self/status", "VmHWM")
+    if kib is None:  # no /proc: the process's peak since it started (Linux ru_maxrss is in KiB)
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * 1024
+
+
+def _reset_peak_rss() -> bool:
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak(fn: Callable[[], object], device: str = "cpu") -> tuple:
+    """Run ``fn`` once; return ``(result, extra_peak_bytes, method)``: on GPU
+    ``torch.cuda.max_memory_allocated`` above the allocation before the call, on CPU the
+    peak RSS during the call above the RSS just before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        return result, max(0, extra), "torch.cuda.max_memory_allocated above the allocated memory before the call"
+    reset = _reset_peak_rss()
+    base = (_proc_kib("/proc/self/statm", "statm") or 0) * 1024 if reset else _high_water_bytes()
+    result = fn()
+    extra = max(0, _high_water_bytes() - base)
+    how = ("(VmHWM reset via /proc/self/clear_refs, free heap trimmed first)" if reset else
+           "(VmHWM could not be reset: only growth past the process's earlier peak is seen)")
+    return result, extra, "peak RSS above the RSS before the call " + how
+
+
+# --------------------------------------------------------------------------- one row
+@dataclass
+class Options:
+    device: str = "cpu"
+    repeats: int = 5
+    warmup: int = 1
+    max_seconds: Optional[float] = None
+    memory: str = "auto"  # auto | subprocess | inprocess | off
+    max_dense_bytes: float = 2.0 * 2**30
+    seed: int = 0
+    subprocess_timeout: float = 900.0
+    memory_on_checked_call: bool = False  # quick/smoke: measure memory on the checked call, not a separate one
+    subprocess_memory: bool = True  # memory="auto" on CPU: ops that ask for it measured in a fresh interpreter
+    kernel_level: bool = False  # time the backend's call (dispatch, no validation) instead of the public op
+    rotate: int = 1  # input sets taken in turn by the timed calls (more than the L2 cache holds)
+    on_device: bool = False  # draw the inputs on the device (large GPU rows)
+    target_s: Optional[float] = None  # repeats to fill this many seconds (up to max_repeats)
+    max_repeats: Optional[int] = None
+    deadline: Optional[float] = None  # time.monotonic() after which contenders are skipped ("time budget")
+
+
+def memory_mode(case: Case, opts: Options) -> str:
+    if opts.memory != "auto":
+        return opts.memory
+    if opts.device == "cpu" and case.spec.memory_subprocess and opts.subprocess_memory:
+        return "subprocess"
+    return "inprocess"
+
+
+def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda s: None,
+             only: Optional[Sequence[str]] = None) -> dict:
+    """Run, check and time every contender (or those named in ``only``) on one row; the row as a dict.
+
+    Each contender's first call is the checked one; all outputs are checked against each
+    other before the row's times are reported; then peak memory and the ratios.
+    """
+    device, spec = opts.device, case.spec
+    sets = [make_inputs(case, device, opts.seed + i, opts.on_device) for i in range(max(1, opts.rotate))]
+    inputs = sets[0]
+    entries: Dict[str, dict] = {}
+    outputs: Dict[str, object] = {}
+    mode = memory_mode(case, opts)
+    for contender in [c for c in spec.contenders if only is None or c.name in only]:
+        entry = entries.setdefault(contender.name, {"contender": contender.name, "family": contender.family})
+        try:
+            if opts.deadline is not None and time.monotonic() >= opts.deadline:
+                raise Skip("time budget")
+            prepared = [contender.prepare(case, inp, device, opts) for inp in sets]
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, Skip) else f"{type(exc).__name__}: {exc}"
+            entry.update(status="skipped" if isinstance(exc, Skip) else "error", reason=reason)
+            continue
+        started = time.perf_counter()
+        try:
+            if mode == "inprocess" and opts.memory_on_checked_call:
+                out, extra, method = measure_peak(prepared[0].fn, device)
+                entry.update(peak_mem_bytes=extra, mem_method=method + " (first call)")
+            else:
+                out = prepared[0].fn()  # first call: warm-up, and the output that is checked
+            _sync(device)
+            outputs[contender.name] = prepared[0].output(out)
+            del out
+            if mode == "inprocess" and not opts.memory_on_checked_call:
+                _, extra, method = measure_peak(prepared[0].fn, device)
+                entry.update(peak_mem_bytes=extra, mem_method=method)
+            max_s = opts.max_seconds
+            if opts.deadline is not None:  # leave time for the rest of the run
+                max_s = min(max_s or float("inf"), max(0.0, opts.deadline - time.monotonic()) / 2)
+            t = time_call([p.fn for p in prepared], repeats=opts.repeats, warmup=max(0, opts.warmup - 1),
+                          device=device, max_seconds=max_s, target_s=opts.target_s, max_repeats=opts.max_repeats)
+        except Exception as exc:
+            entry.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+            outputs.pop(contender.name, None)
+            continue
+        finally:
+            del prepared
+            gc.collect()
+        entry.update(status="ok", median_s=t["median"], p20_s=t["p20"], p80_s=t["p80"], min_s=t["min"],
+                     repeats=t["repeats"], throughput=case.throughput(t["median"]), throughput_unit=spec.unit)
+        progress(f"  {contender.name}: {t['median'] * 1e3:.2f} ms ({time.perf_counter() - started:.1f} s)")
+    for name, chk in spec.check(case, inputs, outputs).items():
+        entries[name].update(agree=chk.agree, agrees=chk.ok, check_detail=chk.detail)
+    del inputs, sets, outputs
+    gc.collect()
+    if mode == "subprocess":
+        for name, entry in entries.items():
+            if entry.get("status") == "ok":
+                progress(f"  {name}: peak memory in a fresh subprocess")
+                entry.update(memory_in_subprocess(case, name, opts))
+    _compare(case, entries, device)
+    row = asdict(case)
+    if not case.variant:
+        del row["variant"]  # the rows of the original grid keep their fields
+    row.update(label=case.label(), results=list(entries.values()), memory_mode=mode, check=spec.check_text)
+    if device == "cuda":
+        row.update(work=case.work())
+    return row
+
+
+def _compare(case: Case, entries: Dict[str, dict], device: str):
+    """Ratio to the best agreeing peer, and on GPU the fraction of the roofline floor."""
+    peers = [e["median_s"] for e in entries.values()
+             if e["family"] == "peer" and e.get("status") == "ok" and e.get("agrees", False)]
+    best = min(peers) if peers else None
+    floor = None
+    if device == "cuda":
+        w = case.work()
+        floor = max(w["flops"] / GPU_PEAK_FLOPS[case.dtype], w["bytes"] / GPU_BANDWIDTH)
+    for e in entries.values():
+        if e.get("status") == "ok":
+            e["vs_best_peer"] = e["median_s"] / best if best else None
+            if floor is not None:
+                e.update(floor_s=floor, floor_fraction=floor / e["median_s"])
+
+
+# A fresh interpreter per measurement: its allocator has served nothing yet, so the peak
+# above the baseline (taken after the inputs and the module exist) is the call's own.
+_PROBE = "import sys; from vqkernels.bench.runner import _memory_probe_main; _memory_probe_main(sys.argv[1])"
+
+
+def memory_in_subprocess(case: Case, name: str, opts: Options) -> dict:
+    """Peak memory of contender ``name``'s call on ``case``, measured in a fresh interpreter."""
+    spec = json.dumps({"case": asdict(case), "contender": name, "device": opts.device, "seed": opts.seed,
+                       "max_dense_bytes": opts.max_dense_bytes})
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, spec], capture_output=True, text=True,
+                              timeout=opts.subprocess_timeout)
+    except subprocess.TimeoutExpired:
+        return {"peak_mem_bytes": None, "mem_method": f"subprocess timed out after {opts.subprocess_timeout:g} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"peak_mem_bytes": None, "mem_method": f"subprocess failed: {tail[0][:200]}"}
+    result = json.loads(lines[-1])
+    return {"peak_mem_bytes": result["bytes"], "mem_method": "fresh subprocess: " + result["method"]}
+
+
+def _memory_probe_main(spec_json: str):
+    spec = json.loads(spec_json)
+    case, device = Case(**spec["case"]), spec["device"]
+    opts = Options(device=device, max_dense_bytes=spec["max_dense_bytes"])
+    contender = next(c for c in SPECS[case.op].contenders if c.name == spec["contender"])
+    # Load the code paths (imports, kernels, thread pools) on a tiny row first, so the
+    # one-off costs of a cold interpreter are not charged to the call.
+    # (k-means rows keep N >= K.)
+    tiny = Case(**{**spec["case"], "N": min(case.N, max(64, case.K if case.iters else 0))})
+    contender.prepare(tiny, make_inputs(tiny, device, spec["seed"]), device, opts).fn()
+    prepared = contender.prepare(case, make_inputs(case, device, spec["seed"]), device, opts)
+    _, extra, method = measure_peak(prepared.fn, device)
+    print(json.dumps({"bytes": extra, "method": method}), flush=True)

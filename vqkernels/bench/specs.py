@@ -1,0 +1,692 @@
+"""The op registry: one :class:`OpSpec` per benchmarked op (grid, inputs, contenders, check).
+
+Adding an op's benchmark means adding one spec here with :func:`register`; the runner,
+the table, the JSON, the plot and the CLI pick it up by name.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import vqkernels
+from vqkernels.ops import _dispatch
+from vqkernels.ops._metrics import normalized, paired_distance
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DECAY, EPS = 0.99, 1e-5  # the EMA hyper-parameters every contender gets
+# Elements the reference backend (the definition of correct, not a fast path) may touch per call.
+REFERENCE_MAX_COST = {"cpu": 1 << 25, "cuda": 1 << 34}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: an op on one shape (``variant``: e.g. deterministic cluster_stats)."""
+
+    op: str
+    N: int
+    K: int
+    D: int
+    dtype: str = "fp32"
+    metric: str = "l2"
+    iters: int = 0  # kmeans only
+    variant: str = ""
+
+    @property
+    def spec(self) -> "OpSpec":
+        return SPECS[self.op]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def label(self) -> str:
+        names = {"N": "N=", "K": "K=", "D": "D=", "iters": "it="}
+        parts = [f"{names.get(f, '')}{getattr(self, f)}" for f in self.spec.label]
+        return " ".join(parts + ([self.variant] if self.variant else []))
+
+    def series(self) -> str:
+        """The plot panel this row belongs to (everything but K)."""
+        return " ".join(p for p in self.label().split() if not p.startswith("K="))
+
+    def work(self) -> dict:
+        """``{"flops", "bytes"}`` of the op at its minimum, for the GPU floor."""
+        flops, nbytes = self.spec.work(self, self.torch_dtype.itemsize)
+        return {"flops": flops, "bytes": nbytes}
+
+    def throughput_unit(self) -> str:
+        return self.spec.unit
+
+    def throughput(self, seconds: float) -> float:
+        return self.spec.count(self) / seconds
+
+
+class Skip(Exception):
+    """A contender that cannot run this row (not installed, wrong device, too big): the reason."""
+
+
+@dataclass
+class Prepared:
+    fn: Callable[[], Any]  #: the timed call
+    output: Callable[[Any], Any] = lambda out: out  #: what the check compares, from fn's result
+
+
+@dataclass
+class Contender:
+    name: str
+    family: str  #: "vqkernels" or "peer"
+    prepare: Callable[..., Prepared]  #: (case, inputs, device, opts) -> Prepared, or raise Skip
+
+
+@dataclass
+class Check:
+    agree: float  #: fraction of rows / codes that agree
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class OpSpec:
+    name: str
+    title: str
+    check_text: str
+    label: tuple  #: Case fields shown in the row label, in order
+    grids: Dict[str, List[Case]]  #: "smoke", "cpu-quick", "cpu-full", "cuda-quick", "cuda-full"
+    inputs: Callable[[Case, torch.Generator], Dict[str, torch.Tensor]]
+    contenders: List[Contender]
+    check: Callable[[Case, dict, dict], Dict[str, Check]]
+    work: Callable[[Case, int], tuple]  #: (case, element size) -> (flops, bytes)
+    reference_cost: Callable[[Case], int]
+    unit: str = "rows/s"
+    count: Callable[[Case], float] = lambda case: case.N  #: units per call, for the throughput
+    memory_subprocess: bool = False  #: full CPU grid: peak memory in a fresh interpreter per contender
+    aliases: tuple = ()  #: other names --ops accepts
+    targets: Callable[[dict], List[dict]] = lambda row: []  #: the issue's goals, measured on a row (never asserted)
+
+
+SPECS: Dict[str, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    SPECS[spec.name] = spec
+    return spec
+
+
+def grid(name: str = "quick", device: str = "cpu", ops=None) -> List[Case]:
+    """The cases of grid ``name`` ("full", "quick", "smoke") for ``device``, restricted to ``ops``."""
+    if name not in ("full", "quick", "smoke"):
+        raise ValueError(f"grid must be 'full', 'quick' or 'smoke', got {name!r}")
+    key = "smoke" if name == "smoke" else f"{'cuda' if device == 'cuda' else 'cpu'}-{name}"
+    return [c for op, spec in SPECS.items() if ops is None or op in ops for c in spec.grids[key]]
+
+
+def make_inputs(case: Case, device: str, seed: int = 0, on_device: bool = False) -> Dict[str, torch.Tensor]:
+    """The row's inputs from a seeded generator: on the CPU (the same numbers on every device),
+    or with ``on_device`` on ``device`` itself (large GPU rows, where CPU drawing is slow)."""
+    where = torch.device(device if on_device else "cpu")
+    g = torch.Generator(where).manual_seed(seed)
+    with where:  # factory functions without a device argument draw on `where`
+        inp = case.spec.inputs(case, g)
+    return {k: v.to(device) for k, v in inp.items()}
+
+
+# --------------------------------------------------------------------------- guards
+def import_peer(module: str):
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # not installed, or broken: the row says which
+        raise Skip(f"{module} is not installed ({type(exc).__name__})") from None
+
+
+def dense_guard(case: Case, opts, what: str, count: int = 1):
+    need = count * case.N * case.K * 4
+    if need > opts.max_dense_bytes:
+        raise Skip(f"{what} would materialise {need / 2**30:.1f} GiB (> --max-dense-gib {opts.max_dense_bytes / 2**30:g})")
+
+
+def best_result(row: dict, prefix: str, family: Optional[str] = None) -> Optional[dict]:
+    """The fastest ok result in ``row`` whose contender name starts with ``prefix``."""
+    found = [e for e in row["results"] if e["contender"].startswith(prefix) and e.get("status") == "ok"
+             and (family is None or e["family"] == family)]
+    return min(found, key=lambda e: e["median_s"]) if found else None
+
+
+def _cases(op, N, Ks, Ds, dtypes=("fp32",), metrics=("l2",), **kw) -> List[Case]:
+    return [Case(op, N, K, D, dt, m, **kw) for m in metrics for dt in dtypes for D in Ds for K in Ks]
+
+
+def ours(fmt: str, build: Callable, dtype: Callable[[Case], Optional[torch.dtype]] = lambda c: c.torch_dtype):
+    """One contender per vqkernels backend: ``build(case, inputs, backend, opts) -> Prepared``.
+
+    A backend that refuses the device or dtype, Triton in the CPU interpreter, and the
+    reference backend on rows above its cost limit are skipped with the reason.
+    """
+    def make(backend):
+        def prepare(case, inp, device, opts):
+            reason = _dispatch.BACKENDS[backend].refusal(device, dtype(case))
+            if reason is not None:
+                raise Skip(reason)
+            if backend == "triton" and device == "cpu":
+                raise Skip("the Triton interpreter (TRITON_INTERPRET=1) is for tests, not timing")
+            if backend == "reference" and case.spec.reference_cost(case) > REFERENCE_MAX_COST.get(device, 1 << 25):
+                raise Skip("the reference backend (the definition of correct, not a fast path) is timed on small rows only")
+            return build(case, inp, backend, opts)
+
+        return Contender(fmt.format(backend), "vqkernels", prepare)
+
+    return [make(b) for b in _dispatch.BACKENDS]
+
+
+def _kernel(op: str, backend: str, device, dtype, *args):
+    """The backend's own call, without the public op's validation (``--kernel-level`` timing).
+
+    Backends take the codebook axis C first: pass ``[1, ...]`` views, get ``[1, ...]`` back.
+    """
+    return _dispatch.call(op, backend, torch.device(device), dtype, *args)
+
+
+# --------------------------------------------------------------------------- assign
+def _matmul_rtol_key(x: torch.Tensor):
+    if x.is_cuda and x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return None
+
+
+def pick_distances(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str) -> torch.Tensor:
+    """Exact fp64 distance ``[N]`` of each row ``x [N, D]`` to its picked code (inf for an invalid pick)."""
+    cf = codebook.double()
+    idx = indices.to(x.device).long().reshape(-1)
+    valid = (idx >= 0) & (idx < cf.shape[0])
+    d = paired_distance(x.double(), cf[idx.clamp(0, cf.shape[0] - 1)], metric)
+    return torch.where(valid, d, torch.full_like(d, float("inf")))
+
+
+def assignment_agreement(x, codebook, picks: Dict[str, torch.Tensor], metric: str = "l2") -> Dict[str, Check]:
+    """Compare every contender's pick ``[N]`` with the best pick of any contender, row by row.
+
+    A pick agrees when its exact distance is within the dtype tolerance
+    (:func:`vqkernels.ops.assign.tolerance`) of the best exact distance in that row, so
+    ties and rounding are allowed and no contender is taken as the truth.
+    """
+    from vqkernels.ops.assign import tolerance
+
+    if not picks:
+        return {}
+    dist = {name: pick_distances(x, codebook, idx, metric) for name, idx in picks.items()}
+    best = torch.stack(list(dist.values())).min(0).values
+    tol = tolerance(x, codebook, metric, rtol_key=_matmul_rtol_key(x)).to(best)
+    checks = {}
+    for name, d in dist.items():
+        agree = d <= best + tol
+        frac = float(agree.double().mean()) if agree.numel() else 1.0
+        bad = (~agree).nonzero().flatten()[:3].tolist()
+        detail = "" if not bad else f"first disagreeing rows {bad}: excess {[float(d[i] - best[i]) for i in bad]}"
+        checks[name] = Check(frac, frac == 1.0, detail)
+    return checks
+
+
+def _ours_assign(case, inp, b, opts):
+    x, c = inp["x"], inp["codebook"]
+    if opts.kernel_level:
+        return Prepared(lambda: _kernel("assign", b, x.device, x.dtype, x[None], c[None], case.metric)[0][0])
+    return Prepared(lambda: vqkernels.assign(x, c, case.metric, backend=b).indices)
+
+
+def _cdist_assign(case, inp, device, opts):
+    dense_guard(case, opts, "torch.cdist")
+    x, c = normalized(inp["x"], case.metric), normalized(inp["codebook"], case.metric)
+    return Prepared(lambda: torch.cdist(x, c).argmin(1))
+
+
+def _faiss_assign(case, inp, device, opts):
+    faiss = import_peer("faiss")
+    x, c = inp["x"], inp["codebook"]
+    cosine = case.metric == "cosine"
+    gpu = device == "cuda"
+    if gpu:
+        if not hasattr(faiss, "StandardGpuResources"):
+            raise Skip("this faiss build has no GPU index (faiss-cpu)")
+        importlib.import_module("faiss.contrib.torch_utils")  # lets the GPU index take torch tensors
+        res = faiss.StandardGpuResources()
+
+    def fn():
+        xs, cs = normalized(x.float(), case.metric).contiguous(), normalized(c.float(), case.metric).contiguous()
+        if gpu:
+            index = faiss.GpuIndexFlatIP(res, case.D) if cosine else faiss.GpuIndexFlatL2(res, case.D)
+            index.add(cs)
+            return index.search(xs, 1)[1][:, 0]
+        index = faiss.IndexFlatIP(case.D) if cosine else faiss.IndexFlatL2(case.D)
+        index.add(cs.numpy())
+        return torch.from_numpy(index.search(xs.numpy(), 1)[1][:, 0])
+
+    return Prepared(fn)
+
+
+def _vqp_module(case, codes, device, training):
+    vqp = import_peer("vector_quantize_pytorch")
+    vq = vqp.VectorQuantize(
+        dim=case.D, codebook_size=case.K, decay=DECAY, eps=EPS, kmeans_init=False,
+        use_cosine_sim=case.metric == "cosine", rotation_trick=False, commitment_weight=1.0,
+    ).to(device)
+    vq.train(training)
+    try:
+        with torch.no_grad():
+            book = vq._codebook
+            src = normalized(codes.float(), case.metric)
+            book.embed.copy_(src.reshape(book.embed.shape))
+            book.embed_avg.copy_(src.reshape(book.embed_avg.shape))
+            book.cluster_size.fill_(1.0)
+    except Exception as exc:
+        raise Skip(f"cannot load the shared codebook into VectorQuantize ({type(exc).__name__}: {exc})") from None
+    return vq
+
+
+def _vqp_assign(case, inp, device, opts):
+    dense_guard(case, opts, "VectorQuantize (cdist + argmax)")
+    x = inp["x"]
+    vq = _vqp_module(case, inp["codebook"], device, training=False)
+
+    def fn():
+        with torch.no_grad():
+            return vq(x.unsqueeze(0))[1].reshape(-1)
+
+    return Prepared(fn)
+
+
+def _flash_kmeans_assign(case, inp, device, opts):
+    if device != "cuda":
+        raise Skip("flash-kmeans runs on CUDA only")
+    if case.metric != "l2":
+        raise Skip("flash-kmeans' assignment kernel here is the Euclidean one")
+    run = getattr(import_peer("flash_kmeans.assign_euclid_triton"), "euclid_assign_triton", None)
+    if run is None:
+        raise Skip("this flash-kmeans has no euclid_assign_triton")
+    x, c = inp["x"].unsqueeze(0), inp["codebook"].unsqueeze(0)
+    x_sq = x.float().pow(2).sum(-1).to(x.dtype)  # computed once per input set, as their k-means does
+    return Prepared(lambda: run(x, c, x_sq)[0])
+
+
+def _assign_targets(row):
+    ours_, faiss = best_result(row, "vqkernels[chunked]"), best_result(row, "faiss.")
+    if row["metric"] != "l2" or row["dtype"] != "fp32" or not (ours_ and faiss):
+        return []
+    ratio, big = ours_["median_s"] / faiss["median_s"], row["D"] >= 32
+    return [{"target": f"assign chunked / faiss.IndexFlatL2, {row['label']}", "value": ratio, "unit": "x time",
+             "goal": "<= 1.5x FAISS" if big else "as close to FAISS as possible", "met": ratio <= 1.5 if big else None}]
+
+
+def _assign_inputs(case, g):
+    return {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
+            "codebook": torch.randn(case.K, case.D, generator=g).to(case.torch_dtype)}
+
+
+def _assign_work(case, e):
+    return 2 * case.N * case.K * case.D, e * (case.N + case.K) * case.D + 12 * case.N
+
+
+register(OpSpec(
+    "assign", "assign (nearest code)",
+    "exact fp64 distance of each pick <= best pick of any contender + dtype tolerance",
+    ("metric", "N", "K", "D", "dtype"),
+    {"smoke": [Case("assign", 256, 64, 8), Case("assign", 256, 64, 8, metric="cosine")],
+     "cpu-quick": _cases("assign", 2048, (256, 1024, 4096), (8, 64)) + _cases("assign", 2048, (1024,), (64,), metrics=("cosine",)),
+     "cpu-full": (_cases("assign", 8192, (1024, 4096, 16384), (8, 32, 64))
+                  + _cases("assign", 8192, (1024, 16384), (64,), metrics=("cosine",))
+                  + _cases("assign", 8192, (4096,), (64,), dtypes=("bf16",))),
+     "cuda-quick": (_cases("assign", 65536, (1024, 16384), (64,), dtypes=("fp32", "bf16"))
+                    + _cases("assign", 65536, (16384,), (64,), dtypes=("bf16",), metrics=("cosine",))),
+     "cuda-full": (_cases("assign", 65536, (1024, 4096, 16384, 65536), (64, 256), dtypes=("fp32", "bf16"))
+                   + _cases("assign", 65536, (4096, 65536), (64,), dtypes=("bf16",), metrics=("cosine",)))},
+    _assign_inputs,
+    ours("vqkernels[{}]", _ours_assign) + [
+        Contender("faiss.IndexFlat", "peer", _faiss_assign),
+        Contender("torch.cdist+argmin", "peer", _cdist_assign),
+        Contender("vqp.VectorQuantize(eval)", "peer", _vqp_assign),
+        Contender("flash_kmeans.assign", "peer", _flash_kmeans_assign)],
+    lambda case, inp, outputs: assignment_agreement(inp["x"], inp["codebook"], outputs, case.metric),
+    _assign_work,
+    lambda case: case.N * case.K * case.D,
+    targets=_assign_targets,
+))
+
+
+# --------------------------------------------------------------------------- histogram
+def _ours_histogram(case, inp, b, opts):
+    idx = inp["indices"]
+    if opts.kernel_level:
+        return Prepared(lambda: _kernel("histogram", b, idx.device, None, idx[None], case.K, None)[0])
+    return Prepared(lambda: vqkernels.histogram(idx, case.K, backend=b))
+
+
+def _check_histogram(case, inp, outputs):
+    truth = torch.bincount(inp["indices"], minlength=case.K)
+    checks = {}
+    for name, counts in outputs.items():
+        same = counts.to(truth.device).long().reshape(-1) == truth
+        checks[name] = Check(float(same.double().mean()), bool(same.all()))
+    return checks
+
+
+register(OpSpec(
+    "histogram", "histogram (code usage)", "counts equal torch.bincount exactly", ("N", "K"),
+    {"smoke": [Case("histogram", 1024, 64, 1)], "cpu-quick": [Case("histogram", 262144, 4096, 1)],
+     "cpu-full": [Case("histogram", 1 << 20, K, 1) for K in (1024, 65536)],
+     "cuda-quick": [Case("histogram", 1 << 22, 16384, 1)],
+     "cuda-full": [Case("histogram", 1 << 24, K, 1) for K in (1024, 65536)]},
+    # skewed usage (as a real codebook's), so some bins are hot and many are cold
+    lambda case, g: {"indices": (torch.rand(case.N, generator=g).pow(2) * case.K).long().clamp_max(case.K - 1)},
+    ours("vqkernels[{}]", _ours_histogram, dtype=lambda c: None) + [Contender(
+        "torch.bincount", "peer", lambda case, inp, device, opts: Prepared(
+            lambda: torch.bincount(inp["indices"], minlength=case.K)))],
+    _check_histogram,
+    lambda case, e: (0, 8 * case.N + 8 * case.K),
+    lambda case: case.N * case.K,
+))
+
+
+# --------------------------------------------------------------------------- cluster_stats
+def _ours_stats(case, inp, b, opts):
+    x, idx, det = inp["x"], inp["indices"], case.variant == "deterministic"
+    if opts.kernel_level:
+        return Prepared(lambda: tuple(t[0] for t in _kernel("cluster_stats", b, x.device, x.dtype, x[None], idx[None],
+                                                              case.K, det)))
+    return Prepared(lambda: tuple(vqkernels.cluster_stats(x, idx, case.K, deterministic=det, backend=b)))
+
+
+def _index_add_stats(case, inp, device, opts):
+    x, idx = inp["x"], inp["indices"]
+    return Prepared(lambda: (torch.bincount(idx, minlength=case.K).float(),
+                             torch.zeros(case.K, case.D, device=x.device).index_add_(0, idx, x.float())))
+
+
+def _one_hot_stats(case, inp, device, opts):
+    """vector-quantize-pytorch's way: a dense one-hot [N, K] and a matmul."""
+    dense_guard(case, opts, "one_hot + matmul", count=2)
+    x, idx = inp["x"], inp["indices"]
+
+    def fn():
+        onehot = F.one_hot(idx, case.K).float()
+        return onehot.sum(0), onehot.t() @ x.float()
+
+    return Prepared(fn)
+
+
+def _check_stats(case, inp, outputs):
+    x, idx = inp["x"].double(), inp["indices"]
+    counts = torch.bincount(idx, minlength=case.K).double()
+    sums = torch.zeros(case.K, case.D, dtype=torch.float64, device=x.device).index_add_(0, idx, x)
+    scale = torch.zeros(case.K, dtype=torch.float64, device=x.device).index_add_(0, idx, x.abs().sum(1))
+    tol = 1e-5 * scale.unsqueeze(1) + 1e-6  # fp32 summation of the rows of one code
+    checks = {}
+    for name, (c, s) in outputs.items():
+        good = (c.double().to(x.device) == counts) & ((s.double().to(x.device) - sums).abs() <= tol).all(1)
+        checks[name] = Check(float(good.double().mean()), bool(good.all()))
+    return checks
+
+
+register(OpSpec(
+    "stats", "cluster_stats (per-code counts and sums)", "counts exact, sums within 1e-5 * sum|x| of fp64",
+    ("N", "K", "D", "dtype"),
+    {"smoke": [Case("stats", 512, 64, 8)], "cpu-quick": [Case("stats", 16384, 1024, 64)],
+     "cpu-full": [Case("stats", 65536, K, 64) for K in (1024, 16384, 65536)],
+     "cuda-quick": [Case("stats", 1 << 20, 16384, 64)],
+     "cuda-full": [Case("stats", 1 << 22, K, 64) for K in (1024, 65536)]},
+    lambda case, g: {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
+                     "indices": torch.randint(0, case.K, (case.N,), generator=g)},
+    ours("vqkernels[{}]", _ours_stats) + [
+        Contender("torch.index_add_", "peer", _index_add_stats),
+        Contender("one_hot+matmul (vqp's way)", "peer", _one_hot_stats)],
+    _check_stats,
+    lambda case, e: (case.N * case.D, e * case.N * case.D + 8 * case.N + 4 * case.K * (case.D + 1)),
+    lambda case: case.N * case.K,
+    aliases=("cluster_stats",),
+))
+
+
+# --------------------------------------------------------------------------- ema_update_
+def _ema_state(inp):
+    return {k: inp[k].clone() for k in ("cluster_size", "embed_avg", "codebook")}
+
+
+def _ours_ema(case, inp, b, opts):
+    s, counts, sums = _ema_state(inp), inp["counts"], inp["sums"]
+    if opts.kernel_level:
+        args = [t.unsqueeze(0) for t in (s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums)]
+        return Prepared(lambda: _kernel("ema_update", b, counts.device, case.torch_dtype, *args, DECAY, EPS)
+                        or s["codebook"], output=lambda cb: cb.clone())
+    return Prepared(lambda: vqkernels.ema_update_(s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums,
+                                                  DECAY, EPS, backend=b), output=lambda cb: cb.clone())
+
+
+def _torch_ema(case, inp, device, opts):
+    """The same update written as vector-quantize-pytorch writes it (eager torch)."""
+    s, counts, sums, K = _ema_state(inp), inp["counts"], inp["sums"], case.K
+
+    def fn():
+        s["cluster_size"].lerp_(counts, 1 - DECAY)
+        s["embed_avg"].lerp_(sums, 1 - DECAY)
+        n = s["cluster_size"].sum()
+        smoothed = (s["cluster_size"] + EPS) / (n + K * EPS) * n
+        return s["codebook"].copy_(s["embed_avg"] / smoothed.unsqueeze(1))
+
+    return Prepared(fn, output=lambda cb: cb.clone())
+
+
+def _ema_inputs(case, g):
+    K, D = case.K, case.D
+    counts = torch.bincount(torch.randint(0, K, (max(4 * K, 1024),), generator=g), minlength=K).float()
+    return {"counts": counts, "sums": torch.randn(K, D, generator=g) * counts.unsqueeze(1).sqrt(),
+            "cluster_size": torch.rand(K, generator=g) * 4, "embed_avg": torch.randn(K, D, generator=g),
+            "codebook": torch.randn(K, D, generator=g).to(case.torch_dtype)}
+
+
+def _check_ema(case, inp, outputs):
+    cs = inp["cluster_size"].double() * DECAY + inp["counts"].double() * (1 - DECAY)
+    ea = inp["embed_avg"].double() * DECAY + inp["sums"].double() * (1 - DECAY)
+    n = cs.sum()
+    truth = ea / ((cs + EPS) / (n + case.K * EPS) * n).unsqueeze(1)
+    rtol = 1e-4 if case.torch_dtype in (torch.float32, torch.float64) else 1e-2
+    checks = {}
+    for name, cb in outputs.items():
+        good = ((cb.double().to(truth.device).reshape(truth.shape) - truth).abs() <= rtol * truth.abs() + rtol).all(1)
+        checks[name] = Check(float(good.double().mean()), bool(good.all()))
+    return checks
+
+
+register(OpSpec(
+    "ema", "ema_update_ (EMA statistics and codebook)", "codebook within 1e-4 (fp32) of the fp64 update",
+    ("K", "D", "dtype"),
+    {"smoke": [Case("ema", 0, 64, 8)], "cpu-quick": [Case("ema", 0, 16384, 64)],
+     "cpu-full": [Case("ema", 0, K, 64) for K in (1024, 16384, 65536)],
+     "cuda-quick": [Case("ema", 0, 65536, 64)], "cuda-full": [Case("ema", 0, K, 256) for K in (16384, 65536)]},
+    _ema_inputs,
+    ours("vqkernels[{}]", _ours_ema) + [Contender("torch eager (vqp's formulas)", "peer", _torch_ema)],
+    _check_ema,
+    lambda case, e: (4 * case.K * case.D, 4 * 5 * case.K * (case.D + 1) + e * case.K * case.D),
+    lambda case: case.K * case.D,
+    unit="codes/s", count=lambda case: case.K, aliases=("ema_update", "ema_update_"),
+))
+
+
+# --------------------------------------------------------------------------- Quantizer training step
+def _training_step(inp, device, vq):
+    D = inp["weight"].shape[0]
+    enc = torch.nn.Linear(D, D).to(device)
+    with torch.no_grad():
+        enc.weight.copy_(inp["weight"])
+        enc.bias.copy_(inp["bias"])
+    x, target = inp["x"], inp["target"]
+
+    def fn():
+        quantized, indices, vq_loss = vq(enc(x).unsqueeze(0))[:3]
+        (F.mse_loss(quantized.squeeze(0), target) + vq_loss.sum()).backward()
+        enc.zero_grad(set_to_none=True)
+        return indices.detach().reshape(-1)
+
+    return Prepared(fn)
+
+
+def _ours_step(case, inp, b, opts):
+    q = vqkernels.Quantizer(case.D, case.K, decay=DECAY, eps=EPS, learning="ema", metric=case.metric,
+                            init="uniform", backend=b).to(inp["x"].device).train()
+    q.codebook = inp["codes"]
+    return _training_step(inp, inp["x"].device, q)
+
+
+def _vqp_step(case, inp, device, opts):
+    dense_guard(case, opts, "VectorQuantize (cdist + one-hot)", count=2)
+    return _training_step(inp, device, _vqp_module(case, inp["codes"], device, training=True))
+
+
+def _step_inputs(case, g):
+    N, D, bound = case.N, case.D, 1 / math.sqrt(case.D)  # nn.Linear's default init range
+    return {"weight": (torch.rand(D, D, generator=g) * 2 - 1) * bound, "bias": (torch.rand(D, generator=g) * 2 - 1) * bound,
+            "x": torch.randn(N, D, generator=g), "target": torch.randn(N, D, generator=g),
+            "codes": torch.randn(case.K, D, generator=g) * (1 / math.sqrt(3))}  # the encoder outputs' scale
+
+
+def _step_targets(row):
+    ours_, vqp = best_result(row, "vqkernels.Quantizer", "vqkernels"), best_result(row, "vqp.")
+    if not (ours_ and vqp):
+        return []
+    speed, K = vqp["median_s"] / ours_["median_s"], row["K"]
+    out = [{"target": f"step speed-up over vqp, {row['label']}", "value": speed, "unit": "x",
+            "goal": ">= 10x at K >= 4096" if K >= 4096 else "(K < 4096: reported only)",
+            "met": speed >= 10 if K >= 4096 else None}]
+    if ours_.get("peak_mem_bytes") and vqp.get("peak_mem_bytes"):
+        mem = vqp["peak_mem_bytes"] / ours_["peak_mem_bytes"]
+        out.append({"target": f"step peak-memory ratio vqp / ours, {row['label']}", "value": mem, "unit": "x",
+                    "goal": ">= 10x at K = 65536" if K >= 65536 else "(reported only)",
+                    "met": mem >= 10 if K >= 65536 else None})
+    return out
+
+
+def _check_step(case, inp, outputs):
+    z = torch.addmm(inp["bias"].double(), inp["x"].double(), inp["weight"].double().t())
+    return assignment_agreement(z, inp["codes"], outputs, case.metric)
+
+
+def _step_work(case, e):  # the assignment dominates; encoder fwd/bwd is 6 N D^2
+    (af, ab), (_, sb), (_, eb) = _assign_work(case, e), SPECS["stats"].work(case, e), SPECS["ema"].work(case, e)
+    return 2 * case.N * case.K * case.D + 6 * case.N * case.D ** 2, ab + sb + eb + 24 * case.N * case.D
+
+
+register(OpSpec(
+    "step", "Quantizer training step (encoder fwd + quantize + loss + backward + EMA update)",
+    "first step's picks (same encoder, same codebook): exact distance <= best + dtype tolerance",
+    ("N", "K", "D", "dtype"),
+    {"smoke": [Case("step", 128, 256, 8)], "cpu-quick": [Case("step", 256, K, 32) for K in (1024, 16384, 65536)],
+     "cpu-full": [Case("step", 4096, K, 64) for K in (1024, 4096, 16384, 65536)],
+     "cuda-quick": [Case("step", 16384, K, 64) for K in (1024, 16384, 65536)],
+     "cuda-full": [Case("step", 16384, K, 64) for K in (1024, 4096, 16384, 65536)]},
+    _step_inputs,
+    ours("vqkernels.Quantizer[{}]", _ours_step, dtype=lambda c: torch.float32)
+    + [Contender("vqp.VectorQuantize(train)", "peer", _vqp_step)],
+    _check_step, _step_work, lambda case: case.N * case.K * case.D,
+    memory_subprocess=True, aliases=("train",), targets=_step_targets,
+))
+
+
+# --------------------------------------------------------------------------- kmeans
+def _ours_kmeans(case, inp, b, opts):
+    x, init = inp["x"], inp["init"]
+    return Prepared(lambda: vqkernels.kmeans(x, case.K, case.iters, metric=case.metric, tol=0.0, init_centroids=init,
+                                             backend=b).centroids)
+
+
+def _faiss_kmeans(case, inp, device, opts):
+    faiss = import_peer("faiss")
+    if device != "cpu":
+        raise Skip("faiss.Kmeans is timed on CPU (its GPU path needs faiss-gpu and host arrays)")
+    x, init = inp["x"].float().contiguous().numpy(), inp["init"].contiguous().numpy()
+
+    def fn():
+        km = faiss.Kmeans(case.D, case.K, niter=case.iters, seed=0, verbose=False, spherical=case.metric == "cosine",
+                          min_points_per_centroid=1, max_points_per_centroid=max(1, x.shape[0]))
+        km.train(x, init_centroids=init)
+        return torch.from_numpy(km.centroids.copy())
+
+    return Prepared(fn)
+
+
+def _fast_pytorch_kmeans(case, inp, device, opts):
+    mod = import_peer("fast_pytorch_kmeans")
+    dense_guard(case, opts, "fast_pytorch_kmeans' K x N mask")
+    x, init = inp["x"].float(), inp["init"]
+
+    def fn():
+        km = mod.KMeans(n_clusters=case.K, max_iter=case.iters, tol=-1.0, verbose=0,
+                        mode="cosine" if case.metric == "cosine" else "euclidean")
+        km.fit_predict(x, centroids=init.clone())
+        return km.centroids
+
+    return Prepared(fn)
+
+
+def _flash_kmeans(case, inp, device, opts):
+    if device != "cuda":
+        raise Skip("flash-kmeans runs on CUDA only")
+    fn_name = "batch_kmeans_Cosine" if case.metric == "cosine" else "batch_kmeans_Euclid"
+    run = getattr(import_peer("flash_kmeans"), fn_name, None)
+    if run is None:
+        raise Skip(f"this flash-kmeans has no {fn_name}")
+    x, init = inp["x"].unsqueeze(0), inp["init"].to(inp["x"].dtype).unsqueeze(0)
+    # tol=0: the shift test `shift < tol` never passes, so exactly `iters` iterations run
+    return Prepared(lambda: run(x, case.K, max_iters=case.iters, tol=0.0, init_centroids=init.clone(), verbose=False)[1][0])
+
+
+def _kmeans_inputs(case, g):
+    N, K, D = case.N, case.K, case.D
+    centres = torch.randn(max(1, K // 4), D, generator=g) * 2
+    x = (centres[torch.randint(0, centres.shape[0], (N,), generator=g)] + torch.randn(N, D, generator=g)).to(case.torch_dtype)
+    return {"x": x, "init": x[torch.randperm(N, generator=g)[:K]].float().clone()}
+
+
+def _check_kmeans(case, inp, outputs, rtol: float = 0.01):
+    """k-means runs diverge legitimately (ties, empty clusters): compare the inertia of each
+    contender's centroids, recomputed exactly, with the best one (within 1%)."""
+    x = inp["x"].float()
+    inertia = {}
+    for name, centroids in outputs.items():
+        c = centroids.to(x.device).float()
+        if not torch.isfinite(c).all():
+            inertia[name] = float("inf")
+            continue
+        backend = "reference" if x.shape[0] * case.K * case.D <= 1 << 24 else None
+        inertia[name] = float(pick_distances(x, c, vqkernels.assign(x, c, case.metric, backend=backend).indices,
+                                             case.metric).sum())
+    best = min(inertia.values()) if inertia else 0.0
+    checks = {}
+    for name, value in inertia.items():
+        ok = value <= best * (1 + rtol) + 1e-9
+        checks[name] = Check(1.0 if ok else 0.0, ok, f"inertia {value:.6g} ({value / best - 1:+.2%} vs best)" if best else "")
+    return checks
+
+
+def _kmeans_work(case, e):
+    (af, ab), (sf, sb) = _assign_work(case, e), SPECS["stats"].work(case, e)
+    return case.iters * (af + case.N * case.D), case.iters * (ab + sb)
+
+
+register(OpSpec(
+    "kmeans", "kmeans (fixed Lloyd iterations, same initial centroids)",
+    "inertia of the returned centroids (recomputed exactly) within 1% of the best contender's",
+    ("N", "K", "D", "iters", "dtype"),
+    {"smoke": [Case("kmeans", 512, 16, 8, iters=2)], "cpu-quick": [Case("kmeans", 8192, 256, 32, iters=5)],
+     "cpu-full": [Case("kmeans", 32768, K, 32, iters=5) for K in (256, 1024, 4096)],
+     "cuda-quick": [Case("kmeans", 1 << 18, 1024, 64, iters=10)],
+     "cuda-full": [Case("kmeans", 1 << 20, K, 128, iters=10) for K in (1024, 8192)]},
+    _kmeans_inputs,
+    ours("vqkernels.kmeans[{}]", _ours_kmeans) + [
+        Contender("faiss.Kmeans", "peer", _faiss_kmeans),
+        Contender("fast_pytorch_kmeans", "peer", _fast_pytorch_kmeans),
+        Contender("flash_kmeans", "peer", _flash_kmeans)],
+    _check_kmeans, _kmeans_work, lambda case: case.N * case.K * case.D * max(1, case.iters),
+    unit="row-iters/s", count=lambda case: case.N * case.iters,
+))
+
+OPS = tuple(SPECS)
