@@ -106,15 +106,21 @@ def loop_cluster_stats(x, indices, K: int):
 
 
 def closed_form_ema(cluster_size, embed_avg, counts, sums, decay: float, eps: float):
-    """The EMA step for one codebook, in fp64, element by element:
+    """The EMA step, in fp64, element by element, per codebook (leading dims are codebooks):
     size' = decay size + (1 - decay) count;  avg' = decay avg + (1 - decay) sum;
-    code = avg' / ((size' + eps) / (n + K eps) n), n = sum of size'.  Returns (size', avg', code)."""
-    size = [decay * s + (1 - decay) * c for s, c in zip(cluster_size.double().tolist(), counts.double().tolist())]
-    avg = [[decay * a + (1 - decay) * s for a, s in zip(ra, rs)] for ra, rs in zip(embed_avg.double().tolist(), sums.double().tolist())]
+    code = avg' / ((size' + eps) / (n + K eps) n), n = sum of size'.
+    Returns fp64 (size' [..., K], avg' [..., K, D], code [..., K, D])."""
+    if cluster_size.dim() > 1:
+        parts = [closed_form_ema(*(t[i] for t in (cluster_size, embed_avg, counts, sums)), decay, eps) for i in range(len(cluster_size))]
+        return tuple(torch.stack([p[j] for p in parts]) for j in range(3))
+    cpu = [t.detach().cpu().double() for t in (cluster_size, embed_avg, counts, sums)]
+    size = [decay * s + (1 - decay) * c for s, c in zip(cpu[0].tolist(), cpu[2].tolist())]
+    avg = [[decay * a + (1 - decay) * s for a, s in zip(ra, rs)] for ra, rs in zip(cpu[1].tolist(), cpu[3].tolist())]
     K, n = len(size), math.fsum(size)
     code = [[a / ((s + eps) / (n + K * eps) * n) for a in row] for s, row in zip(size, avg)]
     f64 = torch.float64
-    return torch.tensor(size, dtype=f64), torch.tensor(avg, dtype=f64).view(embed_avg.shape), torch.tensor(code, dtype=f64).view(embed_avg.shape)
+    shape = embed_avg.shape
+    return torch.tensor(size, dtype=f64), torch.tensor(avg, dtype=f64).view(shape), torch.tensor(code, dtype=f64).view(shape)
 
 
 # --------------------------------------------------------------------------- assign check

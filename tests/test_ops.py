@@ -1,4 +1,7 @@
-"""Every backend of every op against the reference, on fresh random inputs.
+"""Every backend of every op against the definition, on fresh random inputs.
+
+The definition is written out in tests/helpers.py (fp64 closed forms, plain loops), not
+taken from the package's reference backend, so the reference cases test values too.
 
 Backends and devices come from conftest.backend_cases(): reference and chunked always,
 triton under the interpreter on CPU (small shapes) and on CUDA, cuda where the extension
@@ -9,10 +12,16 @@ import torch
 
 import vqkernels
 from conftest import FAST_BACKEND_CASES, backend_cases, dtypes_for, interpreted
-from helpers import check_assign, first_mismatches
-from vqkernels.ops.histogram import reference as histogram_reference
-from vqkernels.ops.cluster_stats import reference as stats_reference
-from vqkernels.ops.ema_update import reference as ema_reference
+from helpers import (
+    check_assign,
+    check_assign_centred,
+    closed_form_ema,
+    exact_distances,
+    first_mismatches,
+    loop_argmin,
+    loop_cluster_stats,
+    loop_histogram,
+)
 
 ALL = backend_cases()
 
@@ -59,19 +68,58 @@ def test_assign_exact_ties_go_to_lowest_index(backend, device, metric, monkeypat
     check_assign(x, codebook, metric, indices, distances)
 
 
-@pytest.mark.parametrize("backend,device", ALL)
-def test_assign_large_norm_inputs(backend, device):
-    # ||x||^2 - 2x.c + ||c||^2 cancels catastrophically at norm ~1e4; the chosen code must
-    # still be within the dtype tolerance of the true minimum.
+def _offset_problem(device="cpu"):
+    """Codes and rows at a common offset of norm 1e4 (D = 32): true distances 13-53."""
     D = 32
     offset = _rand(D, dtype=torch.float64, device="cpu", seed=3)
     offset = offset / offset.norm() * 1e4
     codebook = (offset + _rand(100, D, dtype=torch.float64, device="cpu", seed=4)).float().to(device)
     x = (offset + _rand(200, D, dtype=torch.float64, device="cpu", seed=5)).float().to(device)
+    return x, codebook
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_assign_large_norm_inputs(backend, device):
+    # ||x||^2 - 2x.c + ||c||^2 cancels catastrophically at norm ~1e4; the chosen code must
+    # still be within the dtype tolerance of the true minimum.
+    x, codebook = _offset_problem(device)
+    D = x.shape[1]
     random_big = _rand(50, D, dtype=torch.float32, device=device, seed=6, scale=1e4 / D**0.5)
     for xs in (x, random_big):
         indices, distances = vqkernels.assign(xs, codebook, "l2", backend=backend)
         check_assign(xs, codebook, "l2", indices, distances)
+
+
+# The Triton and CUDA kernels score with the expanded form ||c||^2 - 2x.c without centring:
+# at this offset their picks are up to 31.6 farther than the nearest (142 of 200 rows on the
+# Triton interpreter, allowed 0.0024). Strict, so a fix shows up as an XPASS to remove.
+UNCENTRED = "expanded-form score without centring: picks up to 31.6 from the nearest at offset 1e4"
+OFFSET_CASES = [
+    pytest.param(*c.values, id=c.id, marks=[*c.marks, *([pytest.mark.xfail(strict=True, reason=UNCENTRED)] if c.values[0] in ("triton", "cuda") else [])])
+    for c in ALL
+]
+
+
+@pytest.mark.parametrize("backend,device", OFFSET_CASES)
+def test_assign_large_offset_picks_at_the_codes_scale(backend, device):
+    # check_assign's allowance here is about 4000 (from |x|^2 ~ 1e8) while the true distances
+    # are 13-53: the cancellation case is judged at the codes' own scale instead.
+    x, codebook = _offset_problem(device)
+    indices, _ = vqkernels.assign(x, codebook, "l2", backend=backend)
+    check_assign_centred(x, codebook, indices)
+
+
+def test_large_norm_check_rejects_wrong_picks():
+    """The centred check is strict enough to matter: code 0 for every row, or the farthest
+    code, both fail it (and both pass the uncentred allowance)."""
+    x, codebook = _offset_problem()
+    d = exact_distances(x, codebook, "l2")
+    for name, wrong in (("code 0", torch.zeros(200, dtype=torch.int64)), ("farthest", d.argmax(1))):
+        with pytest.raises(AssertionError, match="not nearest at the codes' scale"):
+            check_assign_centred(x, codebook, wrong)
+        fake_distances = d.gather(1, wrong.view(-1, 1)).squeeze(1).float()
+        check_assign(x, codebook, "l2", wrong, fake_distances)  # the uncentred allowance lets it pass
+    check_assign_centred(x, codebook, loop_argmin(d))
 
 
 def test_chunked_centering_makes_offset_inputs_exact():
@@ -140,14 +188,14 @@ def test_histogram_matches_reference(backend, device, N, K, index_dtype):
     g = _gen(N + K)
     indices = torch.randint(-1, K, (N,), generator=g).to(index_dtype).to(device)  # -1 = masked
     counts = vqkernels.histogram(indices, K, backend=backend)
-    want = histogram_reference.histogram(indices.cpu(), K, None)
+    want = torch.tensor(loop_histogram(indices, K), dtype=torch.int64)
     assert counts.dtype == torch.int64 and counts.shape == (K,)
     assert torch.equal(counts.cpu(), want), first_mismatches(counts.cpu() != want, counts.cpu(), want)
     weights = torch.rand(N, generator=g).to(device)
     weighted = vqkernels.histogram(indices, K, weights, backend=backend)
-    want_w = histogram_reference.histogram(indices.cpu(), K, weights.cpu())
+    want_w = torch.tensor(loop_histogram(indices, K, weights), dtype=torch.float64)
     assert weighted.dtype == torch.float32
-    torch.testing.assert_close(weighted.cpu(), want_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weighted.cpu().double(), want_w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,device", ALL)
@@ -173,12 +221,12 @@ def test_cluster_stats_matches_reference(backend, device, N, K, D, deterministic
         indices = torch.randint(-1, K, (N,), generator=g).to(device)
         x[indices.cpu() < 0] = float("nan")  # masked rows must not leak into any statistic
         counts, sums = vqkernels.cluster_stats(x, indices, K, deterministic=deterministic, backend=backend)
-        want_counts, want_sums = stats_reference.cluster_stats(x.cpu(), indices.cpu(), K, deterministic)
+        want_counts, want_sums = loop_cluster_stats(x, indices, K)
         assert counts.dtype == sums.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert counts.shape == (K,) and sums.shape == (K, D)
-        torch.testing.assert_close(counts.cpu(), want_counts, rtol=0, atol=0)
+        torch.testing.assert_close(counts.cpu().double(), want_counts, rtol=0, atol=0)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
-        torch.testing.assert_close(sums.cpu(), want_sums, rtol=tol, atol=tol * max(1, N / K))
+        torch.testing.assert_close(sums.cpu().double(), want_sums, rtol=tol, atol=tol * max(1, N / K))
 
 
 @pytest.mark.parametrize("backend,device", FAST_BACKEND_CASES)
@@ -219,14 +267,14 @@ def test_ema_update_matches_reference(backend, device, H, K, D):
         codebook = torch.randn(*lead, K, D, generator=g).to(codebook_dtype).to(device)
         counts = torch.randint(0, 5, (*lead, K), generator=g).float().to(device)
         sums = torch.randn(*lead, K, D, generator=g).to(device)
-        want = [t.clone().cpu() for t in (cluster_size, embed_avg, codebook)]
-        ema_reference.ema_update(*want, counts.cpu(), sums.cpu(), 0.9, 1e-5)
+        want = closed_form_ema(cluster_size, embed_avg, counts, sums, 0.9, 1e-5)
         out = vqkernels.ema_update_(cluster_size, embed_avg, codebook, counts, sums, 0.9, 1e-5, backend=backend)
         assert out is codebook
-        torch.testing.assert_close(cluster_size.cpu(), want[0], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(embed_avg.cpu(), want[1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cluster_size.cpu(), want[0].float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(embed_avg.cpu(), want[1].float(), rtol=1e-6, atol=1e-6)
         low = codebook_dtype in (torch.float16, torch.bfloat16)
-        torch.testing.assert_close(codebook.cpu(), want[2], rtol=1e-2 if low else 1e-5, atol=1e-2 if low else 1e-5)
+        want_codes = want[2].to(codebook_dtype)  # the codebook is stored in its own dtype
+        torch.testing.assert_close(codebook.cpu(), want_codes, rtol=1e-2 if low else 1e-5, atol=1e-2 if low else 1e-5)
 
 
 @pytest.mark.parametrize("backend,device", ALL)
