@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._metrics import METRICS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -60,9 +62,39 @@ def check_codebook_size(name: str, K):
         raise ValueError(f"{name} must be >= 1 (the number of codes), got {K}")
 
 
-def check_metric(metric, allowed=("l2", "cosine", "dot")):
+def check_metric(metric, allowed=METRICS):
     if metric not in allowed:
         raise ValueError(f"metric must be one of {allowed}, got {metric!r}")
+
+
+def check_codebook_axis(name: str, value: torch.Tensor, flag: str = "codebook_axis", extra_dims: int = 0):
+    """``value`` must have a leading codebook axis: ``[C, ...]`` plus ``extra_dims`` trailing dims.
+
+    ``flag`` is the keyword the caller used (``codebook_axis`` or its alias ``heads``), so the
+    message names what the user wrote.
+    """
+    letter = "H" if flag == "heads" else "C"
+    if value.dim() < 1 + extra_dims:
+        tail = ", D" if extra_dims else ""
+        raise ValueError(
+            f"{flag}=True needs {name} of shape [{letter}, ...{tail}] (the codebook axis first), got shape {tuple(value.shape)}"
+            + (" (a scalar)" if value.dim() == 0 else "")
+        )
+
+
+def leading_axis_shape(value: torch.Tensor, extra_dims: int = 0) -> tuple:
+    """``value [C, ..., *extra]`` viewed as ``[C, N, *extra]``: the dims after C flattened into N."""
+    C = value.shape[0]
+    extra = tuple(value.shape[value.dim() - extra_dims :]) if extra_dims else ()
+    n = value.numel() // max(1, C * _prod(extra)) if C else 0
+    return (C, n, *extra)
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
 
 
 def check_finite(name: str, value: torch.Tensor, ignore_rows=None):

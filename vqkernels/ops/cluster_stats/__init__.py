@@ -1,6 +1,10 @@
 """``cluster_stats``: per-code counts and sums of the rows assigned to each code (masked
 rows, index < 0, are ignored). These are what the EMA update (:mod:`..ema_update`) and
 k-means consume.
+
+Backends take ``x [C, N, D]`` and ``indices [C, N]`` (``C`` independent codebooks, ``C = 1``
+for the plain case) and return ``counts [C, K]``, ``sums [C, K, D]``; the public op adds and
+removes the codebook axis.
 """
 from __future__ import annotations
 
@@ -10,37 +14,48 @@ import torch
 
 from .. import _dispatch
 from .._validation import (
+    check_codebook_axis,
     check_codebook_size,
     check_finite,
     check_indices_in_range,
     check_same_device,
     check_tensor,
     compute_dtype,
+    leading_axis_shape,
 )
-from ..histogram import offset_heads
 
 
 class ClusterStats(NamedTuple):
-    counts: torch.Tensor  #: float32 ``[K]`` (fp64 for fp64 x): rows per code
-    sums: torch.Tensor  #: float32 ``[K, D]`` (fp64 for fp64 x): sum of the rows per code
+    counts: torch.Tensor  #: float32 ``[K]`` or ``[C, K]`` (fp64 for fp64 x): rows per code
+    sums: torch.Tensor  #: float32 ``[K, D]`` or ``[C, K, D]`` (fp64 for fp64 x): sum of the rows per code
 
 
 @torch.library.custom_op("vqkernels::cluster_stats", mutates_args=())
 def _cluster_stats_op(
     x: torch.Tensor, indices: torch.Tensor, K: int, deterministic: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [C, N, D]`` (or ``[N, D]``), ``indices [C, N]`` (or ``[N]``) -> ``[C, K]``, ``[C, K, D]``
+    (or ``[K]``, ``[K, D]``)."""
     check_indices_in_range("indices", indices, K)
-    check_finite("x", x, ignore_rows=indices < 0)
+    D = x.shape[-1]
+    check_finite("x", x.reshape(-1, D), ignore_rows=indices.reshape(-1) < 0)
+    squeeze = x.dim() == 2
+    if squeeze:
+        x, indices = x.unsqueeze(0), indices.unsqueeze(0)
+    C, N = indices.shape
     dtype = compute_dtype(x.dtype)
-    if x.shape[0] == 0:
-        return x.new_zeros(K, dtype=dtype), x.new_zeros(K, x.shape[1], dtype=dtype)
-    return _dispatch.call("cluster_stats", backend, x.device, x.dtype, x, indices, K, deterministic)
+    if C * N == 0:
+        counts, sums = x.new_zeros(C, K, dtype=dtype), x.new_zeros(C, K, D, dtype=dtype)
+    else:
+        counts, sums = _dispatch.call("cluster_stats", backend, x.device, x.dtype, x, indices, K, deterministic)
+    return (counts[0], sums[0]) if squeeze else (counts, sums)
 
 
 @_cluster_stats_op.register_fake
 def _(x, indices, K, deterministic, backend):
     dtype = compute_dtype(x.dtype)
-    return x.new_empty(K, dtype=dtype), x.new_empty(K, x.shape[1], dtype=dtype)
+    lead = tuple(x.shape[:-2])
+    return x.new_empty(*lead, K, dtype=dtype), x.new_empty(*lead, K, x.shape[-1], dtype=dtype)
 
 
 def cluster_stats(
@@ -49,26 +64,37 @@ def cluster_stats(
     K: int,
     *,
     deterministic: bool = False,
+    codebook_axis: bool = False,
     heads: bool = False,
     backend: Optional[str] = None,
 ) -> ClusterStats:
     """Counts and per-code sums of the rows of ``x`` grouped by ``indices``.
 
+    The codebook axis (every op follows this one rule): with ``codebook_axis=True`` the first
+    dimension is ``C`` independent codebooks, ``x [C, ..., D]`` with ``indices [C, ...]``, and
+    the statistics are ``[C, K]``, ``[C, K, D]``, computed in one call. Dims after ``C`` are
+    flattened.
+
     Args:
-        x: ``[..., D]`` float rows (``[H, ..., D]`` with ``heads=True``).
+        x: ``[..., D]`` float rows (``[C, ..., D]`` with ``codebook_axis=True``).
         indices: ``[...]`` int64/int32 codes, same leading shape as ``x``; negative = masked.
-        K: number of codes.
+        K: number of codes per codebook.
         deterministic: sum in a fixed order (stable sort + segment reduction) so results are
             bitwise reproducible; otherwise an ``index_add_``/atomic scatter.
-        heads: treat the first dimension as H independent codebooks.
+        codebook_axis: the first dimension of ``x`` and ``indices`` is the codebook axis ``C``.
+        heads: alias of ``codebook_axis`` (heads are codebooks).
         backend: as for :func:`vqkernels.assign`.
 
     Returns:
-        ``ClusterStats(counts [K], sums [K, D])`` (``[H, K]``, ``[H, K, D]`` with heads), float32
-        (fp64 for fp64 ``x``).
+        ``ClusterStats(counts [K], sums [K, D])`` (``[C, K]``, ``[C, K, D]`` with the codebook
+        axis), float32 (fp64 for fp64 ``x``).
 
     Example:
         >>> counts, sums = vqkernels.cluster_stats(torch.randn(100, 8), torch.randint(0, 4, (100,)), K=4)
+        >>> counts, sums = vqkernels.cluster_stats(
+        ...     torch.randn(2, 100, 8), torch.randint(0, 4, (2, 100)), K=4, codebook_axis=True)
+        >>> sums.shape
+        torch.Size([2, 4, 8])
     """
     check_tensor("x", x, floating=True, min_dim=1)
     check_tensor("indices", indices, integer=True)
@@ -82,17 +108,17 @@ def cluster_stats(
     requested = _dispatch.requested_backend(backend) if backend is not None else ""
     D = x.shape[-1]
     x = x.detach()
-    if not heads:
+    if not (codebook_axis or heads):
         counts, sums = _cluster_stats_op(
             x.reshape(-1, D).contiguous(), indices.reshape(-1).contiguous(), K, deterministic, requested
         )
         return ClusterStats(counts, sums)
-    if x.dim() < 2:
-        raise ValueError(f"heads=True needs x of shape [H, ..., D], got {tuple(x.shape)}")
-    H = x.shape[0]
-    flat_idx = offset_heads(indices.reshape(H, -1), K).reshape(-1)
-    counts, sums = _cluster_stats_op(x.reshape(-1, D).contiguous(), flat_idx, H * K, deterministic, requested)
-    return ClusterStats(counts.view(H, K), sums.view(H, K, D))
+    check_codebook_axis("x", x, "heads" if heads and not codebook_axis else "codebook_axis", extra_dims=1)
+    C, N, _ = leading_axis_shape(x, extra_dims=1)
+    counts, sums = _cluster_stats_op(
+        x.reshape(C, N, D).contiguous(), indices.reshape(C, N).contiguous(), K, deterministic, requested
+    )
+    return ClusterStats(counts, sums)
 
 
 __all__ = ["cluster_stats", "ClusterStats"]

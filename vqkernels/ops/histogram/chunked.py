@@ -1,17 +1,16 @@
-"""Chunked ``histogram``: ``bincount`` / ``index_add_`` over the unmasked indices, no one-hot."""
+"""Chunked ``histogram``: one ``bincount`` / ``index_add_`` over the ``C * K`` bins of all
+codebooks (see :mod:`..._indices`), no one-hot and no loop over C."""
 import torch
 
-
-def binned_indices(indices: torch.Tensor, K: int) -> torch.Tensor:
-    """int64 indices with every masked (negative) entry moved to an extra bin ``K``, which the
-    caller drops at the end: no boolean indexing, so no host sync."""
-    return torch.where(indices >= 0, indices, torch.full_like(indices, K)).to(torch.int64)
+from .._indices import flat_bins
 
 
 def histogram(indices, K, weights):
-    binned = binned_indices(indices, K)
+    """``indices [C, N]``, ``weights [C, N]`` or None -> ``counts [C, K]`` (int64; float32 with weights)."""
+    C = indices.shape[0]
+    bins = flat_bins(indices, K)  # masked entries land in the extra bin C*K, dropped below
     if weights is None:
-        return torch.bincount(binned, minlength=K + 1)[:K]
-    counts = torch.zeros(K + 1, dtype=torch.float32, device=indices.device)
-    counts.index_add_(0, binned, weights.to(torch.float32))
-    return counts[:K].clone()
+        return torch.bincount(bins, minlength=C * K + 1)[: C * K].view(C, K)
+    counts = torch.zeros(C * K + 1, dtype=torch.float32, device=indices.device)
+    counts.index_add_(0, bins, weights.reshape(-1).to(torch.float32))
+    return counts[: C * K].view(C, K).clone()
