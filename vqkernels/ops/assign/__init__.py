@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _dispatch, _metrics
 from .._validation import (
     check_finite,
     check_metric,
@@ -27,9 +27,10 @@ from .._validation import (
     check_same_dtype,
     check_tensor,
     compute_dtype,
+    leading_axis_shape,
 )
 
-METRICS = ("l2", "cosine", "dot")
+METRICS = _metrics.METRICS  # importable from here, as before
 
 # Relative tolerance of the chosen code's exact distance against the true minimum, keyed
 # by the dtype the scores are accumulated in; scaled by |x|^2 + max|c|^2 (see tolerance()).
@@ -62,23 +63,28 @@ def tolerance(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", rtol_
 def _assign_op(
     x: torch.Tensor, codebook: torch.Tensor, metric: str, backend: str, check_codebook: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [C, N, D]``, ``codebook [C, K, D]`` -> ``[C, N]`` twice (or ``[N, D]``, ``[K, D]`` -> ``[N]``)."""
     if check_codebook:
-        check_finite("codebook", codebook)
-    N = x.shape[0]
-    if N == 0:
-        return x.new_empty(0, dtype=torch.int64), x.new_empty(0, dtype=compute_dtype(x.dtype))
-    indices, distances = _dispatch.call("assign", backend, x.device, x.dtype, x, codebook, metric)
-    # Non-finite policy, in one place for every backend: such rows get -1 and NaN.
-    finite = torch.isfinite(x).all(1)
-    indices = torch.where(finite, indices, torch.full_like(indices, -1))
-    distances = torch.where(finite, distances, torch.full_like(distances, float("nan")))
-    return indices, distances
+        check_finite("codebook", codebook.reshape(-1, codebook.shape[-1]))
+    squeeze = x.dim() == 2
+    if squeeze:
+        x, codebook = x.unsqueeze(0), codebook.unsqueeze(0)
+    C, N, _ = x.shape
+    if C * N == 0:
+        indices, distances = x.new_empty(C, N, dtype=torch.int64), x.new_empty(C, N, dtype=compute_dtype(x.dtype))
+    else:
+        indices, distances = _dispatch.call("assign", backend, x.device, x.dtype, x, codebook, metric)
+        # Non-finite policy, in one place for every backend: such rows get -1 and NaN.
+        finite = torch.isfinite(x).all(-1)
+        indices = torch.where(finite, indices, torch.full_like(indices, -1))
+        distances = torch.where(finite, distances, torch.full_like(distances, float("nan")))
+    return (indices[0], distances[0]) if squeeze else (indices, distances)
 
 
 @_assign_op.register_fake
 def _(x, codebook, metric, backend, check_codebook):
-    N = x.shape[0]
-    return x.new_empty(N, dtype=torch.int64), x.new_empty(N, dtype=compute_dtype(x.dtype))
+    lead = tuple(x.shape[:-1])
+    return x.new_empty(lead, dtype=torch.int64), x.new_empty(lead, dtype=compute_dtype(x.dtype))
 
 
 def assign(
@@ -91,24 +97,37 @@ def assign(
 ) -> AssignResult:
     """Nearest code for every row of ``x``.
 
+    The codebook axis (one rule for every op): ``C`` independent codebooks ride on a leading
+    axis. ``assign`` reads C from the codebook: ``codebook [C, K, D]`` with ``x [C, ..., D]``
+    gives ``indices [C, ...]``, codebook ``c`` serving the rows ``x[c]``, all in one kernel
+    launch. A shared ``codebook [K, D]`` serves any ``x [..., D]``, ``[C, N, D]`` included.
+    :func:`histogram` and :func:`cluster_stats` have no codebook to read C from and take
+    ``codebook_axis=True`` (alias ``heads=True``) instead; :func:`ema_update_` reads it from
+    the buffers' shapes. Dims between C and D are flattened by the public op.
+
     Args:
-        x: ``[..., D]`` vectors (fp16 / bf16 / fp32; fp64 on reference and chunked). With a
-            multi-head codebook ``[H, K, D]``, ``x`` is ``[H, ..., D]``.
-        codebook: ``[K, D]`` or ``[H, K, D]``, same dtype and device as ``x``.
+        x: ``[..., D]`` vectors (fp16 / bf16 / fp32; fp64 on reference and chunked);
+            ``[C, ..., D]`` with a ``[C, K, D]`` codebook.
+        codebook: ``[K, D]`` (shared) or ``[C, K, D]`` (one per codebook), same dtype and
+            device as ``x``.
         metric: ``"l2"``, ``"cosine"`` or ``"dot"``.
         backend: force a backend (``"reference"``, ``"chunked"``, ``"triton"``, ``"cuda"``);
             default: ``VQKERNELS_BACKEND`` or the fastest available for the device.
         check_codebook: raise if the codebook holds NaN/Inf (one host sync per call).
 
     Returns:
-        ``AssignResult(indices int64 [...], distances [...])``: ties go to the lowest index;
-        ``distances`` is the winner's exact distance in fp32 (fp64 for fp64 inputs).
+        ``AssignResult(indices int64 [...], distances [...])`` (``x``'s shape without ``D``):
+        ties go to the lowest index; ``distances`` is the winner's exact distance in fp32
+        (fp64 for fp64 inputs); non-finite rows get ``-1`` and NaN.
 
     Example:
         >>> x, codebook = torch.randn(1000, 64), torch.randn(512, 64)
         >>> indices, distances = vqkernels.assign(x, codebook)
         >>> indices.shape, distances.dtype
         (torch.Size([1000]), torch.float32)
+        >>> heads = vqkernels.assign(torch.randn(4, 1000, 64), torch.randn(4, 512, 64)).indices
+        >>> heads.shape
+        torch.Size([4, 1000])
     """
     check_tensor("x", x, floating=True, min_dim=1)
     check_tensor("codebook", codebook, floating=True, dims=(2, 3))
@@ -127,21 +146,20 @@ def assign(
             f"(shape {tuple(codebook.shape)}); expected x of shape [..., {D}]"
         )
     x = x.detach()
-    codebook = codebook.detach().contiguous()
-    if codebook.dim() == 2:
-        indices, distances = _assign_op(x.reshape(-1, D).contiguous(), codebook, metric, requested, check_codebook)
-        return AssignResult(indices.view(x.shape[:-1]), distances.view(x.shape[:-1]))
-    H = codebook.shape[0]
-    if x.dim() < 2 or x.shape[0] != H:
-        raise ValueError(
-            f"codebook has {H} heads (shape {tuple(codebook.shape)}), so x must be [H={H}, ..., {D}], "
-            f"got shape {tuple(x.shape)}"
-        )
-    flat = x.reshape(H, -1, D)
-    per_head = [_assign_op(flat[h].contiguous(), codebook[h], metric, requested, check_codebook) for h in range(H)]
-    indices = torch.stack([p[0] for p in per_head]).view(x.shape[:-1])
-    distances = torch.stack([p[1] for p in per_head]).view(x.shape[:-1])
-    return AssignResult(indices, distances)
+    codebook = codebook.detach()
+    if codebook.dim() == 2:  # shared: all rows of x are one codebook's rows
+        rows = (1, x.numel() // D, D)
+        codebook = codebook.unsqueeze(0)
+    else:
+        C = codebook.shape[0]
+        if x.dim() < 2 or x.shape[0] != C:
+            raise ValueError(
+                f"codebook has C={C} codebooks ({C} heads, shape {tuple(codebook.shape)}), so x must be "
+                f"[H={C}, ..., {D}] with the codebook axis first, got shape {tuple(x.shape)}"
+            )
+        rows = leading_axis_shape(x, extra_dims=1)
+    indices, distances = _assign_op(x.reshape(rows).contiguous(), codebook.contiguous(), metric, requested, check_codebook)
+    return AssignResult(indices.view(x.shape[:-1]), distances.view(x.shape[:-1]))
 
 
 __all__ = ["assign", "AssignResult", "METRICS", "ARGMIN_RTOL", "tolerance"]

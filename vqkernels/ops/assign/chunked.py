@@ -1,21 +1,31 @@
-"""Chunked ``assign``: pure PyTorch, tiled over N and K, no N x K matrix.
+"""Chunked ``assign``: pure PyTorch, tiled over N and K, all C codebooks in each batched
+``bmm`` (no loop over C), no N x K matrix.
 
-Per tile one ``mm`` into a reused buffer gives the score: for l2, ``[x, 1]`` times
-``[-2c, ||c||^2]`` is ``||c||^2 - 2 x.c`` (``||x||^2`` is constant per row and left out;
-where a large common offset dominates, both sides are first centred on the codebook
-mean, which leaves l2 distances unchanged but removes the cancellation); for cosine (on
-normalised vectors) and dot it is ``x.c`` and the largest wins. A running best per row
-is kept across K tiles with a strict comparison, so ties stay with the lowest index, and
-exact duplicate codes are mapped to their lowest copy (see lowest_duplicate). The
-winner's distance is then recomputed exactly by direct difference.
+Pass 1 scores one ``[C, tile_n, tile_k]`` tile per ``bmm`` into a reused buffer, every
+metric as "smaller is nearer": for l2, ``[x, 1]`` times ``[-2c, ||c||^2]`` is
+``||c||^2 - 2 x.c`` (``||x||^2`` is constant per row and left out; where a large common
+offset dominates a codebook, both sides are first centred on its mean, which leaves l2
+distances unchanged but removes the cancellation); for cosine (on normalised vectors) and
+dot it is ``-x.c``. A running minimum and runner-up per row are kept across K tiles.
+
+These scores are rounded (and centring rounds them differently from the direct
+difference), so two codes at exactly the same distance may score a few ulps apart. Pass 1
+therefore also marks a row *ambiguous* when its runner-up scores within the rounding bound
+of its best (:func:`score_error_bound`). Pass 2 re-decides the ambiguous rows only: it
+rescores them, takes every code within the bound of the best as a candidate, and picks
+the candidate with the smallest exact distance (direct difference, the reference's
+formula) and, among equal distances, the lowest index -- the reference's rule. One host
+sync decides whether pass 2 runs; it syncs once per K tile only when it does.
+
+``distances`` is the winner's exact distance (:func:`vqkernels.ops._metrics.paired_distance`).
 """
 from __future__ import annotations
 
 import os
 
 import torch
-import torch.nn.functional as F
 
+from .. import _metrics
 from .._validation import compute_dtype
 
 # Score-tile budget in elements. On CPU a sweep of 2**18 .. 2**22 on the 2-core
@@ -28,119 +38,165 @@ _MIN_TILE_N = 64
 _ROW_TILE_ELEMENTS = 1 << 23  # rows of x converted at a time (32 MiB in fp32)
 
 
-def tile_sizes(N: int, K: int, D: int, device_type: str) -> tuple[int, int]:
-    """(tile_n, tile_k): the score tile tile_n * tile_k and the row tile tile_n * D (its
-    fp32 copy and the temporaries of the exact recomputation) both stay within budget."""
-    budget = int(os.environ.get("VQKERNELS_CHUNK_ELEMENTS", _TILE_ELEMENTS.get(device_type, 1 << 22)))
-    tile_k = min(K, max(16, budget // 1024))
-    tile_n = max(1, min(N, budget // tile_k, _ROW_TILE_ELEMENTS // D))
-    if tile_n < _MIN_TILE_N <= N and _MIN_TILE_N * D <= _ROW_TILE_ELEMENTS:
-        tile_n = _MIN_TILE_N
+def _budget(device_type: str) -> int:
+    return int(os.environ.get("VQKERNELS_CHUNK_ELEMENTS", _TILE_ELEMENTS.get(device_type, 1 << 22)))
+
+
+def tile_sizes(N: int, K: int, D: int, device_type: str, C: int = 1) -> tuple[int, int]:
+    """(tile_n, tile_k) for C codebooks: the score tile ``C * tile_n * tile_k`` and the row
+    tile ``C * tile_n * D`` (its fp32 copy and the temporaries of the exact recomputation)
+    both stay within budget. A tile holds at least 1024 rows over all codebooks (fewer
+    only if N is smaller), so the batched matmul stays efficient."""
+    budget = _budget(device_type)
+    tile_k = min(K, max(16, budget // max(1024, C)))
+    tile_n = max(1, min(N, budget // (C * tile_k), _ROW_TILE_ELEMENTS // (C * D)))
+    min_rows = -(-_MIN_TILE_N // C)
+    if tile_n < min_rows <= N and C * min_rows * D <= _ROW_TILE_ELEMENTS:
+        tile_n = min_rows
     return tile_n, tile_k
 
 
-_HASH_WEIGHTS = {}
+def score_error_bound(dtype: torch.dtype, D: int) -> float:
+    """Factor ``f`` such that ``f * (|x'| + max|c'|)^2`` bounds, per row, how far a rounded
+    score difference (two codes' expanded-form scores, plus the reference's own rounding of
+    the two direct-difference distances, plus centring) can be from the exact one.
 
-
-def lowest_duplicate(c: torch.Tensor):
-    """``canon[k]`` = lowest index of a code bitwise equal to code k, or None if all differ.
-
-    BLAS may compute identical columns with different kernels (edge columns, gemv vs
-    gemm), so exact duplicates can score a rounding apart; mapping every pick to the
-    lowest copy keeps "ties go to the lowest index" exact. Cost: O(K*D) integer hashing
-    and one sort of K hashes per call.
+    ``|x'|``, ``|c'|`` are the norms of the vectors that enter the matmul (centred for l2,
+    unit for cosine). Worst-case (not typical) error: ``gamma_{D+1}`` per dot product (any
+    summation order), twice for a difference, ``gamma_D`` for each of the reference's
+    distances, a few ulps for centring. fp32 matmuls that round their inputs (tf32 at
+    "high", bf16 at "medium" float32_matmul_precision) add that rounding.
     """
-    K, D = c.shape
-    if K == 1:
-        return None
-    c = c + 0.0  # -0.0 -> +0.0: equal values must hash equally
-    int_dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16}[c.element_size()]
-    bits = c.contiguous().view(int_dtype).to(torch.int64)
-    key = (D, c.device)
-    if key not in _HASH_WEIGHTS:  # fixed odd multipliers: a 64-bit multiplicative hash per row
-        g = torch.Generator().manual_seed(D)
-        _HASH_WEIGHTS[key] = (torch.randint(-(2**62), 2**62, (D,), generator=g) * 2 + 1).to(c.device)
-    h = (bits * _HASH_WEIGHTS[key]).sum(1)  # wraps modulo 2**64: exact and order-independent
-    order = torch.argsort(h, stable=True)  # equal hashes keep index order
-    h_sorted = h[order]
-    same = h_sorted[1:] == h_sorted[:-1]
-    if not bool(same.any()):
-        return None
-    c_sorted = c[order]
-    same &= (c_sorted[1:] == c_sorted[:-1]).all(1)  # a hash collision is not a duplicate
-    starts = torch.cat([same.new_ones(1), ~same])
-    group = torch.cumsum(starts.to(torch.int64), 0) - 1
-    canon = torch.empty_like(order)
-    canon[order] = order[starts][group]
-    return canon
+    u = torch.finfo(dtype).eps / 2
+    input_rounding = 0.0
+    if dtype == torch.float32:
+        input_rounding = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}[torch.get_float32_matmul_precision()]
+    return (4 * D + 16) * u + 8 * input_rounding
 
 
-def exact_distance(xs: torch.Tensor, winners: torch.Tensor, metric: str) -> torch.Tensor:
-    """Distance of each row to its chosen code, by direct difference (inputs already cast)."""
-    if metric == "l2":
-        return (xs - winners).pow(2).sum(1)
-    if metric == "cosine":
-        return 1 - (xs * winners).sum(1)  # both already normalised
-    return -(xs * winners).sum(1)
+def _matmul_rows(rows: torch.Tensor, metric: str, centre) -> torch.Tensor:
+    """The left matmul operand for rows ``[C, n, D]`` already in the accumulation dtype (and
+    normalised for cosine): ``[x - centre, 1]`` for l2, ``x`` otherwise."""
+    if metric != "l2":
+        return rows
+    return torch.cat([rows - centre, rows.new_ones(*rows.shape[:-1], 1)], -1)
 
 
 def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
-    N, D = x.shape
-    K = codebook.shape[0]
+    """``x [C, N, D]``, ``codebook [C, K, D]`` -> ``indices int64 [C, N]``, ``distances [C, N]``."""
+    C, N, D = x.shape
+    K = codebook.shape[1]
     dtype = compute_dtype(x.dtype)
-    c = codebook.to(dtype)
-    canon = lowest_duplicate(c)
+    codes = _metrics.normalized(codebook.to(dtype), metric)  # [C, K, D]: what exact distances use
     centre = None
-    if metric == "cosine":
-        c = F.normalize(c, dim=1)
-    elif metric == "l2":
+    if metric == "l2":
         # Centre only where a common offset dominates the codebook's spread (large-norm
         # inputs, where ||c||^2 - 2x.c cancels). Elsewhere the centre is exactly 0, so
-        # data on a grid (small integers, say) keeps its exact scores and exact ties.
-        mean = c.mean(0)
-        spread = (c - mean).pow(2).sum(1).mean()
-        offset_dominates = mean.pow(2).sum() > 4 * spread
-        centre = mean * offset_dominates  # no host sync: a 0/1 factor instead of a branch
-        c = c - centre
-    tile_n, tile_k = tile_sizes(N, K, D, x.device.type)
-    k_tiles = -(-K // tile_k)
-    if metric == "l2":
-        # One GEMM gives the whole score: [x, 1] . [-2c, ||c||^2] = ||c||^2 - 2 x.c, so no
-        # separate pass adds the bias (-2c is exact: a power-of-two scaling).
-        codes_t = torch.cat([-2.0 * c, c.pow(2).sum(1, keepdim=True)], 1).t().contiguous()
+        # data on a grid (small integers, say) keeps its exact scores.
+        mean = codes.mean(1, keepdim=True)  # [C, 1, D]
+        spread = (codes - mean).pow(2).sum(-1).mean(1, keepdim=True)  # [C, 1]
+        offset_dominates = mean.pow(2).sum(-1) > 4 * spread
+        centre = mean * offset_dominates.unsqueeze(-1)  # no host sync: a 0/1 factor, not a branch
+        shifted = codes - centre
+        # One batched GEMM gives the whole score: [x, 1] . [-2c, ||c||^2] = ||c||^2 - 2 x.c
+        # (-2c is exact: a power-of-two scaling).
+        codes_t = torch.cat([-2.0 * shifted, shifted.pow(2).sum(-1, keepdim=True)], -1).transpose(1, 2).contiguous()
     else:
-        codes_t = c.t().contiguous()  # score = x.c, the nearest code has the largest
-    indices = torch.empty(N, dtype=torch.int64, device=x.device)
-    distances = torch.empty(N, dtype=dtype, device=x.device)
-    scores = torch.empty(tile_n, tile_k, dtype=dtype, device=x.device)
+        shifted = codes
+        codes_t = (-codes).transpose(1, 2).contiguous()  # score -x.c: smaller is nearer, as for l2
+    code_reach = shifted.norm(dim=-1).amax(1, keepdim=True)  # [C, 1] max |c'|
+    error_factor = score_error_bound(dtype, D)
+
+    tile_n, tile_k = tile_sizes(N, K, D, x.device.type, C)
+    indices = torch.empty(C, N, dtype=torch.int64, device=x.device)
+    distances = torch.empty(C, N, dtype=dtype, device=x.device)
+    best_scores = torch.empty(C, N, dtype=dtype, device=x.device)
+    bounds = torch.empty(C, N, dtype=dtype, device=x.device)
+    ambiguous = torch.empty(C, N, dtype=torch.bool, device=x.device)
+    scores = torch.empty(C, tile_n, tile_k, dtype=dtype, device=x.device)
     for n0 in range(0, N, tile_n):
         n1 = min(N, n0 + tile_n)
-        xs = x[n0:n1].to(dtype)
-        if metric == "cosine":
-            xs = F.normalize(xs, dim=1)
-        elif centre is not None:
-            xs = xs - centre
-        lhs = torch.cat([xs, xs.new_ones(n1 - n0, 1)], 1) if metric == "l2" else xs
-        pick = torch.Tensor.argmin if metric == "l2" else torch.Tensor.argmax  # first hit: lowest index
-        best = best_idx = None
+        rows = _metrics.normalized(x[:, n0:n1].to(dtype), metric)
+        lhs = _matmul_rows(rows, metric, centre)
+        reach = lhs[..., :D].norm(dim=-1) + code_reach
+        bound = error_factor * reach * reach  # [C, n]
+        best = best_idx = second = None
         for k0 in range(0, K, tile_k):
             k1 = min(K, k0 + tile_k)
-            s = scores[: n1 - n0, : k1 - k0]
-            torch.mm(lhs, codes_t[:, k0:k1], out=s)
-            idx = pick(s, 1)
-            if k_tiles == 1:
-                best_idx = idx
-                break
-            vals = s.gather(1, idx.unsqueeze(1)).squeeze(1)
+            s = scores[:, : n1 - n0, : k1 - k0]
+            torch.bmm(lhs, codes_t[:, :, k0:k1], out=s)
+            vals, idx = s.min(-1)  # the first minimum: the lowest index among equal scores
+            s.scatter_(-1, idx.unsqueeze(-1), float("inf"))
+            runner_up = s.amin(-1)  # the tile's second-best score (cheaper than topk(2) on CPU)
             if best is None:
-                best, best_idx = vals, idx
-            else:
-                # strict: an equal score in a later tile keeps the earlier code
-                better = vals < best if metric == "l2" else vals > best
-                best = torch.where(better, vals, best)
-                best_idx = torch.where(better, idx + k0, best_idx)
-        if canon is not None:
-            best_idx = canon[best_idx]
-        indices[n0:n1] = best_idx
-        distances[n0:n1] = exact_distance(xs, c[best_idx], metric)
+                best, best_idx, second = vals, idx, runner_up
+                continue
+            # second best over all tiles seen: of {best <= second} and {vals <= runner_up}
+            second = torch.minimum(torch.maximum(best, vals), torch.minimum(second, runner_up))
+            better = vals < best  # strict: an equal score in a later tile keeps the earlier code
+            best_idx = torch.where(better, idx + k0, best_idx)
+            best = torch.where(better, vals, best)
+        amb = second - best <= bound  # another code within the rounding bound of the best
+        indices[:, n0:n1] = best_idx
+        best_scores[:, n0:n1] = best
+        bounds[:, n0:n1] = bound
+        ambiguous[:, n0:n1] = amb & torch.isfinite(bound)  # non-finite rows are masked by the op
+        winners = codes.gather(1, best_idx.unsqueeze(-1).expand(-1, -1, D))
+        distances[:, n0:n1] = _metrics.paired_distance(rows, winners, metric, normalized_inputs=True)
+    if bool(ambiguous.any()):  # the one host sync of a call without near-ties
+        _redecide(x, codes, codes_t, centre, metric, best_scores + bounds, ambiguous, indices, distances, tile_k)
     return indices, distances
+
+
+def _redecide(x, codes, codes_t, centre, metric, thresholds, ambiguous, indices, distances, tile_k):
+    """Pass 2: for each ambiguous row, the candidate (score <= threshold) with the smallest
+    exact distance, lowest index among equals; rewrites ``indices`` and ``distances`` there.
+
+    The ambiguous rows of each codebook are packed to the front of a ``[C, P]`` table
+    (P = most ambiguous rows of any codebook), so every rescoring is one batched ``bmm``.
+    """
+    C, N, D = x.shape
+    K = codes.shape[1]
+    dtype = codes.dtype
+    counts = ambiguous.sum(1)  # [C]
+    P = int(counts.max())
+    order = torch.argsort((~ambiguous).to(torch.uint8), dim=1, stable=True)[:, :P]  # ambiguous rows first
+    valid = torch.arange(P, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # [C, P]
+    budget = _budget(x.device.type)
+    step = max(1, budget // (C * tile_k))
+    pair_step = max(1, budget // max(1, D))  # bound the [pairs, D] gathers of one exact pass
+    for p0 in range(0, P, step):
+        rows_n = order[:, p0 : p0 + step]  # [C, p]
+        ok = valid[:, p0 : p0 + step]
+        p = rows_n.shape[1]
+        rows = _metrics.normalized(x.gather(1, rows_n.unsqueeze(-1).expand(-1, -1, D)).to(dtype), metric)
+        lhs = _matmul_rows(rows, metric, centre)
+        limit = torch.where(ok, thresholds.gather(1, rows_n), float("-inf")).unsqueeze(-1)  # padding: no candidates
+        run_d = torch.full((C * p,), float("inf"), dtype=dtype, device=x.device)
+        run_i = torch.zeros(C * p, dtype=torch.int64, device=x.device)
+        flat_rows = rows.reshape(C * p, D)
+        for k0 in range(0, K, tile_k):
+            k1 = min(K, k0 + tile_k)
+            s = torch.bmm(lhs, codes_t[:, :, k0:k1])
+            cand_c, cand_p, cand_j = (s <= limit).nonzero(as_tuple=True)
+            if cand_c.numel() == 0:
+                continue
+            slot = cand_c * p + cand_p
+            code = cand_j + k0
+            d = torch.cat([
+                _metrics.paired_distance(
+                    flat_rows[slot[i : i + pair_step]], codes[cand_c[i : i + pair_step], code[i : i + pair_step]],
+                    metric, normalized_inputs=True,
+                )
+                for i in range(0, slot.numel(), pair_step)
+            ])
+            tile_d = torch.full_like(run_d, float("inf")).scatter_reduce(0, slot, d, "amin")
+            # lowest code among the candidates at the row's smallest exact distance
+            at_min = torch.where(d == tile_d[slot], code, K)
+            tile_i = torch.full_like(run_i, K).scatter_reduce(0, slot, at_min, "amin")
+            better = tile_d < run_d  # strict: an equal exact distance in a later tile keeps the lower code
+            run_i = torch.where(better, tile_i, run_i)
+            run_d = torch.where(better, tile_d, run_d)
+        decided = ok & torch.isfinite(run_d).view(C, p)  # a row always has a candidate; stay safe if not
+        indices.scatter_(1, rows_n, torch.where(decided, run_i.view(C, p), indices.gather(1, rows_n)))
+        distances.scatter_(1, rows_n, torch.where(decided, run_d.view(C, p), distances.gather(1, rows_n)))
