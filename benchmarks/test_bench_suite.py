@@ -4,13 +4,14 @@
     VQKERNELS_BENCH_GRID=full pytest benchmarks/ --benchmark-only     # the full grid
     VQKERNELS_BENCH_OPS=assign,step VQKERNELS_BENCH_DEVICE=cuda pytest benchmarks/ --benchmark-only
 
-Same grid, contenders and checks as ``vqkernels bench`` (they live in vqkernels/bench.py);
+Same grid, contenders and checks as ``vqkernels bench`` (the op specs of vqkernels/bench/);
 one benchmark per (row, contender), grouped by row so pytest-benchmark's table puts the
 contenders of a row side by side. Before a row is timed, every contender runs once and
 the results are checked against each other (exact distance of each pick against the best
 pick, within the dtype tolerance): a vqkernels contender that disagrees fails its test,
 a peer that disagrees is timed and flagged in ``extra_info`` (``agrees: false``).
 Peak memory stays with ``vqkernels bench`` (its in-process/subprocess probes).
+tests/test_bench_cli.py runs this file on the smoke grid (``--benchmark-disable``).
 """
 import os
 import warnings
@@ -18,12 +19,14 @@ import warnings
 import pytest
 import torch
 
+pytest.importorskip("pytest_benchmark")  # the `benchmark` fixture; without it there is nothing to run
+
 from vqkernels import bench
 
 DEVICE = os.environ.get("VQKERNELS_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 GRID = os.environ.get("VQKERNELS_BENCH_GRID", "quick")
-OPS = bench._parse_ops(os.environ.get("VQKERNELS_BENCH_OPS", ",".join(bench.OPS)))
-OPTS = bench.Options(device=DEVICE, max_dense_bytes=bench._DEFAULT_MAX_DENSE_GIB[DEVICE] * 2**30)
+OPS = bench.parse_ops(os.environ.get("VQKERNELS_BENCH_OPS", ",".join(bench.OPS)))
+OPTS = bench.Options(device=DEVICE, max_dense_bytes=bench.report.DEFAULT_MAX_DENSE_GIB[DEVICE] * 2**30)
 ROUNDS = {"smoke": 1, "quick": 3, "full": 5}.get(GRID, 3)
 
 CASES = bench.grid(GRID, DEVICE, OPS) if DEVICE != "cuda" or torch.cuda.is_available() else []

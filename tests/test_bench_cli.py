@@ -4,6 +4,10 @@ Speed is never asserted here; these tests check that the suite runs, checks and 
 """
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +87,45 @@ def test_kmeans_check_uses_inertia():
     good = inputs["init"]
     checks = bench.check_outputs(case, inputs, {"same": good, "also": good.clone(), "far": good * 10})
     assert checks["same"].ok and checks["also"].ok and not checks["far"].ok
+
+
+def test_one_spec_adds_an_op_benchmark(tmp_path):
+    """Registering one OpSpec is all an op's benchmark needs: grid, --ops, checks, table, JSON."""
+    case = bench.Case("rowsum", 64, 1, 4)
+
+    def check(case, inputs, outputs):
+        truth = inputs["x"].double().sum(1)
+        return {name: bench.Check(float((out.double() - truth).abs().le(1e-4).double().mean()),
+                                  bool((out.double() - truth).abs().le(1e-4).all())) for name, out in outputs.items()}
+
+    def peer(offset):
+        return lambda case, inp, device, opts: bench.Prepared(lambda: inp["x"].sum(1) + offset)
+
+    bench.register(bench.OpSpec(
+        "rowsum", "row sums (test op)", "within 1e-4 of fp64", ("N", "D"),
+        {g: [case] for g in ("smoke", "cpu-quick", "cpu-full", "cuda-quick", "cuda-full")},
+        lambda case, g: {"x": torch.randn(case.N, case.D, generator=g)},
+        [bench.Contender("torch.sum", "peer", peer(0.0)), bench.Contender("off-by-one", "peer", peer(1.0))],
+        check, lambda case, e: (case.N * case.D, e * case.N * case.D), lambda case: case.N * case.D))
+    try:
+        out_json = tmp_path / "rowsum.json"
+        assert cli.main(["bench", "--device", "cpu", "--smoke", "--ops", "rowsum", "--json", str(out_json)]) == 0
+        (row,) = json.loads(out_json.read_text())["rows"]
+        results = {e["contender"]: e for e in row["results"]}
+        assert row["op"] == "rowsum" and row["label"] == "N=64 D=4"
+        assert results["torch.sum"]["agrees"] and results["torch.sum"]["vs_best_peer"] == 1.0
+        assert not results["off-by-one"]["agrees"] and results["off-by-one"]["agree"] == 0.0
+    finally:
+        bench.SPECS.pop("rowsum")
+
+
+def test_pytest_benchmark_suite_runs_on_the_smoke_grid(tmp_path):
+    """benchmarks/test_bench_suite.py (outside testpaths) collects and passes on the smoke grid."""
+    pytest.importorskip("pytest_benchmark")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, VQKERNELS_BENCH_GRID="smoke", VQKERNELS_BENCH_DEVICE="cpu")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           str(root / "benchmarks" / "test_bench_suite.py")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
