@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vqkernels.quantizer as quantizer_module
+import vqkernels.codebook as codebook_module
 from vqkernels.ops import assign, cluster_stats, ema_update_, kmeans
 from vqkernels.quantizer import LossBreakdown, Quantizer, QuantizerOutput, rotation_backward
 
@@ -241,7 +241,7 @@ def kmeans_calls(monkeypatch):
         calls.append(x.clone())
         return kmeans(x, K, iters, **kw)
 
-    monkeypatch.setattr(quantizer_module, "kmeans", spy)
+    monkeypatch.setattr(codebook_module, "kmeans", spy)  # the codebook state runs k-means
     return calls
 
 

@@ -1,9 +1,10 @@
 """Codebooks saved by other VQ libraries, in ``vqkernels.Quantizer``'s layout.
 
-``Quantizer.load_state_dict`` calls :func:`convert_state_dict` when the state has no
-``embed`` of its own, so a whole model's checkpoint (the quantizer under any prefix) loads
-into a model that uses ``Quantizer`` instead; ``Quantizer.from_pretrained_state`` builds
-the module from the shapes first. Layouts understood (keys relative to the quantizer):
+``Quantizer.load_state_dict`` calls :func:`convert_foreign_state_` (which calls
+:func:`convert_state_dict`) when the state has no ``embed`` of its own, so a whole model's
+checkpoint (the quantizer under any prefix) loads into a model that uses ``Quantizer``
+instead; ``Quantizer.from_pretrained_state`` (:func:`build_from_state`) builds the module
+from the shapes first. Layouts understood (keys relative to the quantizer):
 
 * ``vqkernels``: ``embed``, ``cluster_size``, ``initted``, ``quantizing``, ``steps`` (+ ``embed_avg``
   with EMA learning, ``reservoir``/``reservoir_seen`` with Deferred Quantization).
@@ -23,9 +24,11 @@ quantizing (a Deferred Quantization layer is past its switch) with ``steps = 0``
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Dict, List, Mapping, MutableMapping, NamedTuple, Optional, Set
 
 import torch
+
+from .errors import UnknownLayoutError
 
 VQKERNELS = "vqkernels"
 VECTOR_QUANTIZE_PYTORCH = "vector-quantize-pytorch"
@@ -50,11 +53,6 @@ SOURCE_DEFAULTS: Dict[str, Dict[str, object]] = {
     TAMING: {"learning": "gradient", "commitment_weight": 0.25, "channel_last": False},
     ENCODEC: {"decay": 0.99, "dead_code_threshold": 2.0},
 }
-
-
-class UnknownLayoutError(ValueError):
-    """A state dict in none of the layouts in :data:`LAYOUTS`, or one of them with parts
-    ``Quantizer`` cannot represent (several heads, affine parameters, index remapping)."""
 
 
 class Converted(NamedTuple):
@@ -239,6 +237,58 @@ def infer_config(state: Mapping[str, object], prefix: str = "") -> Dict[str, obj
     return config
 
 
+def convert_foreign_state_(
+    state_dict: MutableMapping[str, Any],
+    prefix: str,
+    *,
+    own: Set[str],
+    learning: str = "ema",
+    deferred: bool = False,
+    error_msgs: List[str],
+) -> None:
+    """Rewrite another library's quantizer state under ``prefix`` into ours, in place (the
+    first step of ``Quantizer._load_from_state_dict``).
+
+    Args:
+        state_dict: the state torch is loading (keys of the whole model).
+        own: the first key components of the target (``embed``, ``cluster_size``, ...,
+            ``project_in``): keys under ``prefix`` outside them are foreign.
+        learning, deferred: the target's (see :func:`convert_state_dict`).
+        error_msgs: torch's list; an unknown layout is reported there, as torch reports
+            its own loading errors.
+    """
+    if prefix + "embed" in state_dict and prefix + "quantizing" in state_dict:
+        return  # ours
+    if detect_layout(state_dict, prefix) in (None, VQKERNELS):
+        # (torch passes strict=True here whatever the caller asked, so judge by the keys:)
+        # foreign keys and no codebook is a layout we do not know; no keys at all is
+        # torch's "missing keys", which load_state_dict(strict=False) accepts.
+        foreign = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] not in own]
+        if foreign and prefix + "embed" not in state_dict:
+            error_msgs.append(str(unknown_layout_error(state_dict, prefix, "No quantizer state in a known layout")))
+        return
+    try:
+        converted = convert_state_dict(state_dict, prefix, learning=learning, deferred=deferred)
+    except UnknownLayoutError as e:
+        error_msgs.append(str(e))
+        return
+    for key in converted.consumed:
+        state_dict.pop(key)
+    for key, value in converted.entries.items():
+        state_dict[prefix + key] = value
+
+
+def build_from_state(cls, state: Mapping[str, object], prefix: str = "", *, strict: bool = True, **kwargs):
+    """``cls`` (a ``Quantizer`` class) built from :func:`infer_config` of ``state`` (``kwargs``
+    override it) and loaded from ``state``; see ``Quantizer.from_pretrained_state``."""
+    config = infer_config(state, prefix)
+    config.update(kwargs)
+    module = cls(**config)
+    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    module.load_state_dict(own, strict=strict)
+    return module
+
+
 __all__ = [
     "LAYOUTS",
     "UnknownLayoutError",
@@ -247,4 +297,6 @@ __all__ = [
     "convert_state_dict",
     "infer_config",
     "unknown_layout_error",
+    "convert_foreign_state_",
+    "build_from_state",
 ]

@@ -27,9 +27,32 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 import torch
 
 from .ops import assign, histogram
+from .ops._metrics import CENTROID_METRICS
 from .ops._validation import check_codebook_size, check_finite, check_indices_in_range, check_metric, check_tensor
 
-METRICS = ("l2", "cosine")
+METRICS = CENTROID_METRICS
+
+
+# ---------------------------------------------------------------------------- entropy
+def entropy(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Entropy (nats, float64) of the distribution proportional to ``weights [..., K]`` along
+    ``dim`` (usage counts, EMA cluster sizes, singular values) -> ``[...]``; 0 where every
+    weight is 0. On device, no host sync: the one formula behind usage perplexity, the
+    monitor's per-batch perplexity and the effective rank.
+
+    Example:
+        >>> float(entropy(torch.tensor([1, 1, 0, 2])))  # p = (1/4, 1/4, 0, 1/2)
+        1.0397207708399179
+    """
+    w = weights.to(torch.float64)
+    total = w.sum(dim, keepdim=True)
+    p = w / torch.where(total > 0, total, torch.ones_like(total))
+    return -(p * p.clamp_min(1e-300).log()).sum(dim)
+
+
+def perplexity(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``exp(entropy(weights))`` (float64, in ``[1, K]``; 1 where every weight is 0)."""
+    return entropy(weights, dim).exp()
 
 
 # ---------------------------------------------------------------------------- usage
@@ -58,13 +81,9 @@ def usage_from_counts(counts: torch.Tensor) -> Usage:
         raise ValueError(f"counts holds a negative count ({float(c.min())}); expected counts >= 0")
     total = float(c.sum())
     used = int((c > 0).sum())
-    if total > 0:
-        p = c / total
-        entropy = float(-(p * p.clamp_min(1e-300).log()).sum())
-    else:
-        entropy = 0.0
-    perplexity = math.exp(entropy) if total > 0 else 0.0
-    return Usage(K, int(round(total)), used, K - used, used / K, entropy, perplexity, perplexity / K)
+    h = float(entropy(c))
+    ppl = math.exp(h) if total > 0 else 0.0
+    return Usage(K, int(round(total)), used, K - used, used / K, h, ppl, ppl / K)
 
 
 def usage(indices: torch.Tensor, codebook_size: int) -> Usage:
@@ -116,10 +135,8 @@ class CodebookMonitor:
         if self.counts is None:
             self.counts = torch.zeros_like(batch)
         self.counts += batch.to(self.counts.device)
-        c = batch.to(torch.float64)
-        p = c / c.sum().clamp_min(1)
-        perplexity = (-(p * p.clamp_min(1e-300).log()).sum()).exp()
-        self._batch_perplexity_sum = perplexity if self._batch_perplexity_sum is None else self._batch_perplexity_sum + perplexity
+        ppl = perplexity(batch)
+        self._batch_perplexity_sum = ppl if self._batch_perplexity_sum is None else self._batch_perplexity_sum + ppl
         self.batches += 1
 
     def attach(self, quantizer: torch.nn.Module, training_only: bool = True):
@@ -220,11 +237,9 @@ def effective_rank(x: torch.Tensor, center: bool = True) -> float:
     if center:
         rows = rows - rows.mean(0)
     s = torch.linalg.svdvals(rows)
-    total = s.sum()
-    if not total > 0:
+    if not s.sum() > 0:
         return 0.0
-    p = s / total
-    return float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum()))
+    return float(perplexity(s))
 
 
 def class_coverage(indices: torch.Tensor, labels: torch.Tensor, codebook_size: int) -> Dict[str, Any]:
@@ -513,6 +528,8 @@ def plot_comparison(runs: Mapping[str, Mapping[str, Any]], path: str, *, suptitl
 
 
 __all__ = [
+    "entropy",
+    "perplexity",
     "Usage",
     "usage",
     "usage_from_counts",

@@ -9,4 +9,10 @@ class BackendUnavailableError(RuntimeError):
     or no backend can run them at all; the message lists every backend's reason."""
 
 
-__all__ = ["BackendUnavailableError"]
+class UnknownLayoutError(ValueError):
+    """A state dict in none of the layouts in :data:`vqkernels.checkpoints.LAYOUTS`, or one of
+    them with parts ``Quantizer`` cannot represent (several heads, affine parameters, index
+    remapping). Also importable as ``vqkernels.checkpoints.UnknownLayoutError``."""
+
+
+__all__ = ["BackendUnavailableError", "UnknownLayoutError"]

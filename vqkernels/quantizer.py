@@ -1,12 +1,17 @@
 """``Quantizer``: a vector-quantization layer built on vqkernels' ops.
 
 A drop-in for ``vector_quantize_pytorch.VectorQuantize`` in the common single-codebook
-case. Everything that touches the codebook goes through the ops: nearest codes through
-:func:`vqkernels.assign`, per-code statistics through :func:`vqkernels.cluster_stats`,
-the EMA update through :func:`vqkernels.ema_update_`, initialisation through
-:func:`vqkernels.kmeans`, usage counts through :func:`vqkernels.histogram`. The module
-itself only reshapes, gathers the chosen codes and combines the losses, so a training
-step costs about one assignment: no ``N x K`` distance matrix, no one-hot.
+case, made of three parts, each with one job:
+
+* the projections in and out of codebook space (``project_in`` / ``project_out``);
+* the codebook state, :class:`vqkernels.codebook.Codebook` (``C = 1`` here): codes, EMA
+  statistics, k-means / random initialisation, dead-code restarts, Deferred Quantization's
+  reservoir and switch;
+* the gradient estimator, :mod:`vqkernels.estimators` (straight-through or rotation trick).
+
+Everything that touches the codebook goes through the ops (``assign``, ``cluster_stats``,
+``ema_update_``, ``kmeans``, ``histogram``), so a training step costs about one assignment:
+no ``N x K`` distance matrix, no one-hot.
 
 Deferred Quantization (Zhao et al., 2026, "Early Quantization Shrinks Codebook"): with
 ``deferred_steps=T`` the layer is the identity for its first ``T`` training calls while it
@@ -19,7 +24,11 @@ size > 1 is initialised) every rank holds the same codebook: each step's counts 
 are all-reduced in one packed buffer before the EMA update, and every random choice
 (random init, dead-code restart, k-means seeding, the deferred switch over all ranks'
 reservoirs) is made once on rank 0 over candidates from all ranks and broadcast. The
-collectives live in :mod:`vqkernels.distributed`.
+codebook's algorithms are written once against a sync hook of :mod:`vqkernels.distributed`.
+
+Checkpoints keep the flat layout of a single module (``embed``, ``cluster_size``, ...,
+``project_in.*``), so state dicts saved before the split load unchanged; other libraries'
+layouts are converted by :mod:`vqkernels.checkpoints`.
 """
 from __future__ import annotations
 
@@ -31,20 +40,20 @@ import torch.nn.functional as F
 
 from . import checkpoints as _checkpoints
 from . import distributed as _dist
-from .ops import _dispatch, assign, cluster_stats, ema_update_, histogram, kmeans
+from .codebook import INITS, LEARNING, Codebook
+from .estimators import ESTIMATORS, gather_codes, quantize, rotation_backward
+from .ops import kmeans  # noqa: F401  (kept importable from here; the Codebook runs k-means)
+from .ops._metrics import CENTROID_METRICS
 from .ops._validation import (
     check_codebook_size,
     check_finite,
     check_indices_in_range,
-    check_metric,
     check_same_device,
     check_tensor,
 )
 
-METRICS = ("l2", "cosine")
-LEARNING = ("ema", "gradient")
-GRADIENTS = ("ste", "rotation")
-INITS = ("kmeans", "random", "uniform")
+METRICS = CENTROID_METRICS
+GRADIENTS = tuple(ESTIMATORS)
 
 
 class LossBreakdown(NamedTuple):
@@ -65,55 +74,6 @@ class QuantizerOutputWithBreakdown(NamedTuple):
     breakdown: LossBreakdown
 
 
-def rotation_backward(z: torch.Tensor, q: torch.Tensor, grad_q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Gradient w.r.t. ``z`` of the rotation trick (Fifty et al., 2024), rows ``[N, D]``.
-
-    The forward output is ``q = lambda * R z`` with ``lambda = |q| / |z|`` and ``R`` the
-    rotation taking ``z/|z|`` to ``q/|q|`` (``R = I - 2 r r^T + 2 q^ z^T``, ``r`` the unit
-    bisector), both held constant, so ``dL/dz = lambda * R^T dL/dq``.
-    """
-    zn = z.norm(dim=-1, keepdim=True)
-    qn = q.norm(dim=-1, keepdim=True)
-    z_hat = z / zn.clamp_min(eps)
-    q_hat = q / qn.clamp_min(eps)
-    r = z_hat + q_hat
-    r = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
-    g = grad_q
-    rotated = g - 2 * r * (r * g).sum(-1, keepdim=True) + 2 * z_hat * (q_hat * g).sum(-1, keepdim=True)
-    return rotated * (qn / zn.clamp_min(eps))
-
-
-class _QuantizeFunction(torch.autograd.Function):
-    """Nearest code for every row (the ``assign`` op) with a chosen gradient estimator.
-
-    Rows whose index is -1 (masked, or non-finite input) pass through unchanged. No
-    gradient flows to the codebook through this function (as in VectorQuantize): a
-    gradient-learned codebook learns from the codebook loss instead.
-    """
-
-    @staticmethod
-    def forward(ctx, z, codebook, keep, metric, estimator, backend, check_codebook):
-        indices, _ = assign(z, codebook, metric, backend=backend, check_codebook=check_codebook)
-        if keep is not None:
-            indices = indices.masked_fill(~keep, -1)
-        valid = (indices >= 0).unsqueeze(-1)
-        q = torch.where(valid, F.embedding(indices.clamp_min(0), codebook), z)
-        ctx.mark_non_differentiable(indices)
-        ctx.estimator = estimator
-        if estimator == "rotation":
-            ctx.save_for_backward(z, q)
-        return q, indices
-
-    @staticmethod
-    def backward(ctx, grad_q, _grad_indices):
-        if ctx.estimator == "rotation":
-            z, q = ctx.saved_tensors
-            grad_z = rotation_backward(z, q, grad_q)
-        else:
-            grad_z = grad_q  # straight-through: dL/dz = dL/dq
-        return grad_z, None, None, None, None, None, None
-
-
 @torch.library.custom_op("vqkernels::quantizer_checked_keep", mutates_args=())
 def _checked_keep(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     """``check_finite`` of the kept rows as an op, for ``torch.compile``: the check reads the
@@ -132,15 +92,16 @@ def _(x, keep):
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.mse_loss(a, b)`` over the kept rows only (no boolean indexing, so no host sync)."""
-    if a.shape[0] == 0:  # an empty batch has no error (F.mse_loss would give NaN)
+    """``F.mse_loss(a, b)`` of ``[C, N, D]`` rows over the kept rows ``keep [N]`` only (no
+    boolean indexing, so no host sync)."""
+    if a.shape[-2] == 0:  # an empty batch has no error (F.mse_loss would give NaN)
         return a.new_zeros(())
     if keep is None:
         return F.mse_loss(a, b)
     # where, not a multiplication: a masked row may hold NaN, and NaN * 0 is NaN
     diff = torch.where(keep.unsqueeze(-1), a - b, torch.zeros((), dtype=a.dtype, device=a.device))
     err = diff.pow(2).sum(-1)
-    return err.sum() / (keep.sum().clamp_min(1) * a.shape[-1]).to(a.dtype)
+    return err.sum() / (keep.sum().clamp_min(1) * (a.shape[0] * a.shape[-1])).to(a.dtype)
 
 
 class Quantizer(nn.Module):
@@ -227,87 +188,54 @@ class Quantizer(nn.Module):
         check_codebook_size("codebook_size", codebook_size)
         codebook_dim = dim if codebook_dim is None else codebook_dim
         check_codebook_size("codebook_dim", codebook_dim)
-        check_metric(metric, METRICS)
-        for name, value, allowed in (("learning", learning, LEARNING), ("gradient", gradient, GRADIENTS), ("init", init, INITS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        for name, value in (("decay", decay), ("eps", eps), ("commitment_weight", commitment_weight),
-                            ("codebook_weight", codebook_weight), ("dead_code_threshold", dead_code_threshold)):
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        for name, value in (("commitment_weight", commitment_weight), ("codebook_weight", codebook_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0 (Laplace smoothing), got {eps!r}")
         if commitment_weight < 0 or codebook_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got commitment_weight={commitment_weight}, codebook_weight={codebook_weight}")
-        if dead_code_threshold < 0:
-            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold!r}")
-        if isinstance(deferred_steps, bool) or not isinstance(deferred_steps, int) or deferred_steps < 0:
-            raise ValueError(f"deferred_steps must be an int >= 0, got {deferred_steps!r}")
-        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
-        K = codebook_size
-        reservoir_size = 4 * K if reservoir_size is None else reservoir_size
-        if deferred_steps and (not isinstance(reservoir_size, int) or reservoir_size < K):
-            raise ValueError(f"reservoir_size must be an int >= codebook_size={K} (k-means needs K rows), got {reservoir_size!r}")
-
-        self.dim, self.codebook_size, self.codebook_dim = dim, K, codebook_dim
-        self.metric, self.learning, self.gradient, self.init = metric, learning, gradient, init
-        self.decay, self.eps = float(decay), float(eps)
-        self.commitment_weight, self.codebook_weight = float(commitment_weight), float(codebook_weight)
-        self.kmeans_iters = kmeans_iters
-        self.dead_code_threshold = float(dead_code_threshold)
-        self.reset_cluster_size = float(dead_code_threshold if reset_cluster_size is None else reset_cluster_size)
-        self.channel_last = channel_last
-        self.deferred_steps = deferred_steps
-        self.reservoir_size = reservoir_size
-        self.deterministic = deterministic
-        self.check_finite = check_finite
         if sync_codebook not in (None, True, False):
             raise ValueError(f"sync_codebook must be None, True or False, got {sync_codebook!r}")
+
+        self.dim, self.codebook_dim = dim, codebook_dim
+        self.gradient = gradient
+        self.commitment_weight, self.codebook_weight = float(commitment_weight), float(codebook_weight)
+        self.channel_last = channel_last
+        self.check_finite = check_finite
         self.sync_codebook = sync_codebook
-        _dispatch.requested_backend(backend)  # an unknown name fails here, not at the first forward
-        self.backend = backend
 
         needs_projection = codebook_dim != dim
         self.project_in = nn.Linear(dim, codebook_dim) if needs_projection else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, dim) if needs_projection else nn.Identity()
-
-        # Every buffer exists from construction on, so strict state_dict loading always works.
-        if init == "uniform" and not deferred_steps:
-            embed = torch.empty(K, codebook_dim)
-            nn.init.kaiming_uniform_(embed)
-            if metric == "cosine":
-                embed = F.normalize(embed, dim=-1)
-            initted = True
-        else:
-            embed = torch.zeros(K, codebook_dim)
-            initted = False
-        if learning == "gradient":
-            self.embed = nn.Parameter(embed)
-        else:
-            self.register_buffer("embed", embed)
-            self.register_buffer("embed_avg", embed.clone())  # cluster_size is 1, so embed_avg = embed
-        self.register_buffer("cluster_size", torch.ones(K))
-        self.register_buffer("initted", torch.tensor(initted))
-        self.register_buffer("quantizing", torch.tensor(deferred_steps == 0))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training forward calls
-        if deferred_steps:
-            self.register_buffer("reservoir", torch.zeros(reservoir_size, codebook_dim))
-            self.register_buffer("reservoir_seen", torch.zeros((), dtype=torch.int64))
-        # Python mirrors of the flags, so the forward branches on Python values (no host sync,
-        # no graph break under torch.compile); refreshed whenever a state_dict is loaded.
-        self._initted = initted
-        self._quantizing = deferred_steps == 0
-        self._deferred_calls = 0
-        self._state_broadcast = False  # rank 0's codebook sent to the other ranks (first synced call)
+        # One codebook, stored without the codebook axis: the checkpoint layout stays
+        # embed [K, D], cluster_size [K] (and embed is the Parameter an optimizer sees).
+        self.codebook_state = Codebook(
+            codebook_size,
+            codebook_dim,
+            num_codebooks=1,
+            codebook_axis=False,
+            metric=metric,
+            learning=learning,
+            decay=decay,
+            eps=eps,
+            init=init,
+            kmeans_iters=kmeans_iters,
+            dead_code_threshold=dead_code_threshold,
+            reset_cluster_size=reset_cluster_size,
+            deferred_steps=deferred_steps,
+            reservoir_size=reservoir_size,
+            deterministic=deterministic,
+            backend=backend,
+        )
+        # The state dict keeps the flat keys of the single module this used to be.
+        self._register_state_dict_hook(_flatten_codebook_keys)
 
     # ------------------------------------------------------------------ public helpers
     @property
     def codebook(self) -> torch.Tensor:
         """The codes ``[K, codebook_dim]`` (unit rows with ``metric="cosine"``)."""
-        return self._effective_codebook()
+        return self.codebook_state.stored_codes()
 
     @codebook.setter
     def codebook(self, codes: torch.Tensor) -> None:
@@ -316,12 +244,12 @@ class Quantizer(nn.Module):
             raise ValueError(f"codes has shape {tuple(codes.shape)}; expected {tuple(self.embed.shape)}")
         check_finite("codes", codes.detach())
         with torch.no_grad():
-            self._load_codes(codes.to(self.embed), self.cluster_size.clone())
+            self.codebook_state.load_codes_(codes.to(self.embed), self.cluster_size.clone())
 
     @property
     def is_quantizing(self) -> bool:
         """False while Deferred Quantization is still in its continuous (identity) phase."""
-        return self._quantizing
+        return self.codebook_state.is_quantizing
 
     def to_codebook_space(self, x: torch.Tensor) -> torch.Tensor:
         """Map inputs ``[..., dim]`` (channel-last) to the space the codes live in ``[..., codebook_dim]``."""
@@ -333,8 +261,7 @@ class Quantizer(nn.Module):
         check_tensor("indices", indices, integer=True)
         check_same_device(indices=indices, codebook=self.embed)
         check_indices_in_range("indices", indices, self.codebook_size)
-        codebook = self._effective_codebook()
-        codes = F.embedding(indices.clamp_min(0).long(), codebook)
+        codes = F.embedding(indices.clamp_min(0).long(), self.codebook)
         return codes * (indices >= 0).unsqueeze(-1).to(codes.dtype)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
@@ -359,12 +286,13 @@ class Quantizer(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}); expected [..., dim={self.dim}]")
         check_finite("x", x.detach().reshape(-1, self.dim))
-        rows = self.to_codebook_space(x.detach().reshape(-1, self.dim))
-        n = self._total_rows(rows.shape[0], rows.device)
+        rows = self.to_codebook_space(x.detach().reshape(-1, self.dim)).unsqueeze(0)
+        sync = self._sync()
+        n = sync.total(rows.shape[1], rows.device)
         if n < self.codebook_size:
-            where = " across all ranks" if self._sync_active() else ""
+            where = " across all ranks" if sync.active else ""
             raise ValueError(f"init_codebook needs at least codebook_size={self.codebook_size} rows{where}, got {n}")
-        self._kmeans_init(rows, None if batch_rows is None else float(batch_rows))
+        self.codebook_state.kmeans_init_(rows, None if batch_rows is None else float(batch_rows), sync)
 
     @torch.no_grad()
     def start_quantization(self) -> None:
@@ -374,34 +302,7 @@ class Quantizer(nn.Module):
         automatic switch at call ``deferred_steps + 1`` does): k-means runs over the union of
         all ranks' reservoirs, statistics all-reduced, and every rank gets the same codebook.
         """
-        if self._quantizing:
-            return
-        if not self.deferred_steps:
-            raise RuntimeError("start_quantization() needs deferred_steps > 0 (there is no reservoir)")
-        seen = int(self.reservoir_seen)
-        rows = self.reservoir[: min(seen, self.reservoir_size)]
-        K = self.codebook_size
-        n_rows = rows.shape[0]
-        sync = self._sync_active()
-        if sync:  # all ranks' reservoirs together (one collective; every rank raises alike)
-            totals = torch.tensor([n_rows, seen], dtype=torch.int64, device=rows.device)
-            _dist.all_reduce_sum_(totals)
-            n_rows, seen = (int(v) for v in totals.tolist())
-        if n_rows < K:
-            where = " (all ranks together)" if sync else ""
-            raise RuntimeError(
-                f"Deferred Quantization needs at least codebook_size={K} reservoir rows{where} to k-means-initialise "
-                f"the codebook, but only {n_rows} rows were seen in {self._deferred_calls} training calls; "
-                "train longer before switching (raise deferred_steps)"
-            )
-        # EMA statistics are per batch: scale the k-means counts to the mean batch size seen.
-        batch_rows = seen / max(1, self._deferred_calls)
-        self._kmeans_init(rows, batch_rows)
-        self.quantizing.fill_(True)
-        self._quantizing = True
-        # The reservoir has done its job: release its memory (loading a checkpoint taken
-        # before the switch resizes it back, see _load_from_state_dict).
-        self.reservoir = self.reservoir.new_zeros(0, self.codebook_dim)
+        self.codebook_state.start_quantization_(self._sync())
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -442,22 +343,22 @@ class Quantizer(nn.Module):
                 keep = _checked_keep(flat.detach(), keep)
             else:
                 check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
-        sync = self.training and self._sync_active()
-        if sync and not self._state_broadcast:
-            self._broadcast_state()
+        book = self.codebook_state
+        sync = self._sync() if self.training else _dist.LOCAL
+        book.broadcast_(sync)  # once, on the first synced call
 
-        if not self._quantizing:
-            if self.training and self._deferred_calls >= self.deferred_steps:
-                self.start_quantization()  # call T + 1 of Deferred Quantization
+        if not book.is_quantizing:
+            if self.training and book.switch_due:
+                book.start_quantization_(sync)  # call T + 1 of Deferred Quantization
             else:
                 return self._continuous_forward(x, flat, keep, lead, return_loss_breakdown)
 
-        z = self.to_codebook_space(flat)
-        if self.training and not self._initted:
-            self._initialise(z.detach(), keep)
-        codebook = self._effective_codebook()
-        q, indices = _QuantizeFunction.apply(
-            z, codebook.detach(), keep, self.metric, self.gradient, self.backend, self.training
+        z = self.to_codebook_space(flat).unsqueeze(0)  # [C = 1, N, D]
+        if self.training and not book.is_initialised:
+            book.initialise_(z.detach(), keep, sync)
+        codes = book.codes()  # [1, K, D]
+        q, indices = quantize(
+            z, codes.detach(), keep, gradient=self.gradient, metric=self.metric, backend=self.backend, check_codebook=self.training
         )
 
         zero = z.new_zeros(())
@@ -467,227 +368,40 @@ class Quantizer(nn.Module):
             commitment = _masked_mse(z, q.detach(), keep)
             loss = commitment * self.commitment_weight
             if self.learning == "gradient":
-                q_codebook = F.embedding(indices.clamp_min(0), codebook)
-                codebook_loss = _masked_mse(q_codebook, z.detach(), keep)
+                codebook_loss = _masked_mse(gather_codes(codes, indices.clamp_min(0)), z.detach(), keep)
                 loss = loss + codebook_loss * self.codebook_weight
-            self._update_codebook(z.detach(), indices, keep, sync)
+            book.update_(z.detach(), indices, keep, sync)
 
-        out = self.project_out(q).to(x.dtype)
+        out = self.project_out(q[0]).to(x.dtype)
         if keep is not None:
             out = torch.where(keep.unsqueeze(-1), out, flat)
         quantized = out.reshape(*lead, self.dim)
         if not self.channel_last:
             quantized = quantized.movedim(-1, 1)
-        indices = indices.reshape(lead)
+        indices = indices[0].reshape(lead)
         if return_loss_breakdown:
             return QuantizerOutputWithBreakdown(quantized, indices, loss, LossBreakdown(commitment, codebook_loss))
         return QuantizerOutput(quantized, indices, loss)
 
     # ------------------------------------------------------------------ internals
+    def _sync(self) -> _dist.LocalSync:
+        """The sync hook: the world group when ``sync_codebook`` is not off and a process group
+        of world size > 1 exists, else the local one. (``torch.compile`` folds it: no graph break.)"""
+        return _dist.sync_for(self.sync_codebook is not False)
+
     def _sync_active(self) -> bool:
-        """Codebook sync is on: not switched off, and a process group of world size > 1 exists.
-        (``torch.compile`` folds this to a constant: no graph break.)"""
-        return self.sync_codebook is not False and _dist.is_distributed()
-
-    def _total_rows(self, n: int, device) -> int:
-        """``n`` summed over the ranks when synced (one collective), else ``n``."""
-        if not self._sync_active():
-            return n
-        total = torch.tensor([n], dtype=torch.int64, device=device)
-        _dist.all_reduce_sum_(total)
-        return int(total)
-
-    @torch.no_grad()
-    def _broadcast_state(self) -> None:
-        """Every rank starts from rank 0's codebook and statistics (one packed broadcast), so
-        ranks that built the module with different random codes still agree."""
-        tensors = [self.embed.data, self.cluster_size] + ([self.embed_avg] if self.learning == "ema" else [])
-        _dist.broadcast_(*tensors)
-        self._state_broadcast = True
-
-    def _effective_codebook(self) -> torch.Tensor:
-        if self.metric == "cosine" and self.learning == "gradient":
-            return F.normalize(self.embed, dim=-1)
-        return self.embed  # EMA + cosine keeps the stored codes normalised
+        return self._sync().active
 
     def _continuous_forward(self, x, flat, keep, lead, return_loss_breakdown):
         """Deferred Quantization's continuous phase: identity, plus a reservoir sample in training."""
         if self.training:
             with torch.no_grad():
-                self._reservoir_add(self.to_codebook_space(flat.detach()), keep)
-            self._deferred_calls += 1
-            self.steps.add_(1)
+                self.codebook_state.observe_(self.to_codebook_space(flat.detach()).unsqueeze(0), keep)
         zero = flat.new_zeros((), dtype=torch.float32)
         indices = torch.full(tuple(lead), -1, dtype=torch.int64, device=x.device)
         if return_loss_breakdown:
             return QuantizerOutputWithBreakdown(x, indices, zero, LossBreakdown(zero, zero))
         return QuantizerOutput(x, indices, zero)
-
-    def _reservoir_add(self, rows: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
-        """Algorithm R over the stream of kept rows, vectorised and without host syncs.
-
-        The kept row with stream position ``p`` goes to slot ``p`` while the reservoir is
-        filling, else to a uniform slot ``j in [0, p]`` if ``j < R``. When several rows of one
-        batch land in the same slot, the latest wins, exactly as the sequential algorithm.
-        """
-        R, N = self.reservoir_size, rows.shape[0]
-        if N == 0:
-            return
-        device = rows.device
-        kept = torch.ones(N, dtype=torch.bool, device=device) if keep is None else keep
-        position = self.reservoir_seen + kept.to(torch.int64).cumsum(0) - 1  # stream position of each kept row
-        draw = (torch.rand(N, device=device, dtype=torch.float64) * (position + 1).to(torch.float64)).long()
-        slot = torch.where(position < R, position, draw)
-        slot = torch.where(kept & (slot < R), slot, torch.full_like(slot, R))  # R = "nowhere"
-        winner = torch.full((R + 1,), -1, dtype=torch.int64, device=device)
-        winner.scatter_reduce_(0, slot, torch.arange(N, device=device), reduce="amax")
-        winner = winner[:R]
-        taken = (winner >= 0).unsqueeze(-1)
-        self.reservoir.copy_(torch.where(taken, rows[winner.clamp_min(0)].to(self.reservoir.dtype), self.reservoir))
-        self.reservoir_seen.add_(kept.sum())
-
-    @torch.no_grad()
-    def _initialise(self, z: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
-        """First training batch: k-means or random rows (a one-off host sync is fine here).
-
-        Synced: k-means over all ranks' rows, or K random rows of all ranks chosen on rank 0;
-        every rank raises alike when all ranks together hold too few rows."""
-        rows = z if keep is None else z[keep]
-        K = self.codebook_size
-        sync = self._sync_active()
-        where = " (all ranks together)" if sync else ""
-        if self.init == "kmeans":
-            n = self._total_rows(rows.shape[0], rows.device)
-            if n < K:
-                raise ValueError(
-                    f"init='kmeans' needs at least codebook_size={K} rows in the first training batch{where}, got "
-                    f"{n}; use a bigger first batch, init='random', or deferred_steps (k-means on a "
-                    "reservoir of reservoir_size rows)"
-                )
-            self._kmeans_init(rows, None)
-        elif sync:  # "random", chosen on rank 0 among all ranks' rows
-            codes = _dist.sample_rows(rows, K, replacement=True)
-            if codes.shape[0] == 0:
-                raise ValueError(f"init='random' needs at least one unmasked row in the first training batch{where}")
-            self._load_codes(codes, torch.ones(K, device=z.device))
-        else:  # "random"
-            if rows.shape[0] == 0:
-                raise ValueError("init='random' needs at least one unmasked row in the first training batch")
-            n = rows.shape[0]
-            pick = torch.randperm(n, device=z.device)[:K] if n >= K else torch.randint(n, (K,), device=z.device)
-            self._load_codes(rows[pick], torch.ones(K, device=z.device))
-
-    def _kmeans_init(self, rows: torch.Tensor, batch_rows: Optional[float]) -> None:
-        """k-means on ``rows`` (all ranks' when synced); cluster sizes scaled to ``batch_rows``
-        rows per step (default: as many as k-means saw)."""
-        sync = self._sync_active()
-        result = kmeans(rows, self.codebook_size, self.kmeans_iters, metric=self.metric, backend=self.backend, distributed=sync)
-        counts = histogram(result.indices, self.codebook_size).to(self.cluster_size.dtype)
-        n = rows.shape[0]
-        if sync:  # global counts: every rank's rows under the shared centroids (one packed collective)
-            total = torch.tensor([n], dtype=counts.dtype, device=counts.device)
-            _dist.all_reduce_sum_(counts, total)
-            n = float(total)
-        scale = (n if batch_rows is None else batch_rows) / n
-        self._load_codes(result.centroids.to(self.embed.dtype), counts * scale)
-
-    def _load_codes(self, codes: torch.Tensor, cluster_size: torch.Tensor) -> None:
-        """Set the codebook and EMA statistics consistently (embed_avg = codes * size)."""
-        if self.metric == "cosine":
-            codes = F.normalize(codes, dim=-1)
-        self.embed.data.copy_(codes)
-        self.cluster_size.copy_(cluster_size)
-        if self.learning == "ema":
-            self.embed_avg.copy_(codes * cluster_size.unsqueeze(-1))
-        self.initted.fill_(True)
-        self._initted = True
-
-    @torch.no_grad()
-    def _update_codebook(self, z: torch.Tensor, indices: torch.Tensor, keep: Optional[torch.Tensor], sync: bool = False) -> None:
-        K = self.codebook_size
-        if self.learning == "ema":
-            counts, sums = cluster_stats(z, indices, K, deterministic=self.deterministic, backend=self.backend)
-            if sync:  # the statistics of all ranks' rows: one all-reduce, counts and sums packed
-                _dist.all_reduce_sum_(counts, sums)
-            if torch.compiler.is_compiling():
-                # Inductor (torch 2.13) may compute this step's output (the gather of the codes,
-                # fused into a later kernel) AFTER an op that overwrites the codebook buffer in
-                # place, and return the next step's codes. So the op writes fresh codes into a
-                # scratch tensor, and a plain copy_ (a buffer mutation inductor orders after
-                # every read) stores them.
-                codes = self.embed.new_empty(self.embed.shape)
-                ema_update_(self.cluster_size, self.embed_avg, codes, counts, sums, self.decay, self.eps, backend=self.backend)
-                self.embed.copy_(codes)
-            else:
-                previous = self.embed.clone() if self.decay == 0.0 else None
-                ema_update_(self.cluster_size, self.embed_avg, self.embed, counts, sums, self.decay, self.eps, backend=self.backend)
-                if previous is not None:
-                    # decay 0 keeps only this batch's statistics: a batch without kept rows
-                    # leaves every size 0 and the smoothed codes 0/0, so keep the old codes
-                    self.embed.copy_(torch.where(self.cluster_size.sum() > 0, self.embed, previous))
-            if self.metric == "cosine":
-                self.embed.copy_(F.normalize(self.embed, dim=-1))
-        else:
-            counts = histogram(indices, K, backend=self.backend).to(self.cluster_size.dtype)
-            if sync:  # usage of all ranks, so every rank sees the same dead codes
-                _dist.all_reduce_sum_(counts)
-            self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
-        if self.dead_code_threshold > 0:
-            if sync:
-                self._restart_dead_codes_synced(z, keep)
-            else:
-                self._restart_dead_codes(z, keep)
-        self.steps.add_(1)
-
-    def _restart_dead_codes(self, z: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
-        """Re-seed codes whose EMA size is below the threshold from distinct random rows of the
-        batch, and reset their statistics. All on device with ``torch.where``: no host sync,
-        whether or not anything is dead. With more dead codes than rows, the first ones (by
-        index) are re-seeded now and the rest at later steps, so no two share a row."""
-        N = z.shape[0]
-        if N == 0:
-            return
-        dead = self.cluster_size < self.dead_code_threshold
-        keys = torch.rand(N, device=z.device)
-        if keep is not None:
-            keys = keys.masked_fill(~keep, 2.0)  # masked rows sort last
-            n_rows = keep.sum()
-        else:
-            n_rows = torch.full((), N, device=z.device, dtype=torch.int64)
-        order = keys.argsort()
-        rank = dead.to(torch.int64).cumsum(0) - 1  # rank of each dead code among the dead
-        replace = dead & (rank < n_rows)
-        sample = z[order[rank.clamp(0, N - 1)]].to(self.embed.dtype)
-        if self.metric == "cosine":
-            sample = F.normalize(sample, dim=-1)
-        self.embed.data.copy_(torch.where(replace.unsqueeze(-1), sample, self.embed.data))
-        reset = torch.full_like(self.cluster_size, self.reset_cluster_size)
-        self.cluster_size.copy_(torch.where(replace, reset, self.cluster_size))
-        if self.learning == "ema":
-            self.embed_avg.copy_(torch.where(replace.unsqueeze(-1), sample * self.reset_cluster_size, self.embed_avg))
-
-    def _restart_dead_codes_synced(self, z: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
-        """:meth:`_restart_dead_codes` across ranks: the dead codes are the same on every rank
-        (the sizes are all-reduced), so the ranks agree on whether and how many to re-seed
-        (one host sync); rank 0 draws distinct rows among all ranks' kept rows and every rank
-        receives them. A rank with no kept rows takes part and offers nothing."""
-        dead = self.cluster_size < self.dead_code_threshold
-        n_dead = int(dead.sum())  # identical on every rank
-        if n_dead == 0:
-            return
-        rows = z if keep is None else z[keep]
-        sample = _dist.sample_rows(rows, n_dead)  # min(n_dead, all kept rows), same on every rank
-        m = sample.shape[0]
-        if m == 0:
-            return
-        codes = dead.nonzero().flatten()[:m]  # the first dead codes now, the rest at later steps
-        sample = sample.to(self.embed.dtype)
-        if self.metric == "cosine":
-            sample = F.normalize(sample, dim=-1)
-        self.embed.data[codes] = sample
-        self.cluster_size[codes] = self.reset_cluster_size
-        if self.learning == "ema":
-            self.embed_avg[codes] = sample * self.reset_cluster_size
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
@@ -711,48 +425,18 @@ class Quantizer(nn.Module):
             >>> theirs = VectorQuantize(dim=64, codebook_size=512)  # vector_quantize_pytorch
             >>> ours = Quantizer.from_pretrained_state(theirs.state_dict())
         """
-        config = _checkpoints.infer_config(state, prefix)
-        config.update(kwargs)
-        module = cls(**config)
-        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        module.load_state_dict(own, strict=strict)
-        return module
-
-    def _convert_foreign_state(self, state_dict, prefix, error_msgs) -> None:
-        """Rewrite another library's quantizer state under ``prefix`` into ours, in place."""
-        if prefix + "embed" in state_dict and prefix + "quantizing" in state_dict:
-            return  # ours
-        if _checkpoints.detect_layout(state_dict, prefix) in (None, _checkpoints.VQKERNELS):
-            # (torch passes strict=True here whatever the caller asked, so judge by the keys:)
-            # foreign keys and no codebook is a layout we do not know; no keys at all is
-            # torch's "missing keys", which load_state_dict(strict=False) accepts.
-            own = set(self._parameters) | set(self._buffers) | set(self._modules)
-            foreign = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] not in own]
-            if foreign and prefix + "embed" not in state_dict:
-                error_msgs.append(str(_checkpoints.unknown_layout_error(state_dict, prefix, "No quantizer state in a known layout")))
-            return
-        try:
-            converted = _checkpoints.convert_state_dict(
-                state_dict, prefix, learning=self.learning, deferred=bool(self.deferred_steps)
-            )
-        except _checkpoints.UnknownLayoutError as e:
-            error_msgs.append(str(e))
-            return
-        for key in converted.consumed:
-            state_dict.pop(key)
-        for key, value in converted.entries.items():
-            state_dict[prefix + key] = value
+        return _checkpoints.build_from_state(cls, state, prefix, strict=strict, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        self._convert_foreign_state(state_dict, prefix, error_msgs)
-        key = prefix + "reservoir"
-        if self.deferred_steps and key in state_dict and state_dict[key].shape != self.reservoir.shape:
-            # the reservoir is released at the switch: take the checkpoint's size (full or empty)
-            self.reservoir = self.reservoir.new_zeros(state_dict[key].shape)
+        book = self.codebook_state
+        own = set(book._parameters) | set(book._buffers) | (set(self._modules) - {"codebook_state"})
+        _checkpoints.convert_foreign_state_(
+            state_dict, prefix, own=own, learning=self.learning, deferred=bool(self.deferred_steps), error_msgs=error_msgs
+        )
+        for key in Codebook.STATE_KEYS:  # flat keys -> the codebook state's, loaded by it next
+            if prefix + key in state_dict:
+                state_dict[prefix + "codebook_state." + key] = state_dict.pop(prefix + key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self._initted = bool(self.initted)
-        self._quantizing = bool(self.quantizing)
-        self._deferred_calls = int(self.steps) if not self._quantizing else self.deferred_steps
 
     def extra_repr(self) -> str:
         parts = [
@@ -773,4 +457,57 @@ class Quantizer(nn.Module):
         return ", ".join(parts)
 
 
-__all__ = ["Quantizer", "QuantizerOutput", "QuantizerOutputWithBreakdown", "LossBreakdown", "rotation_backward"]
+def _codebook_setting(name: str) -> property:
+    """A Quantizer attribute that is the codebook state's setting (read and write)."""
+
+    def get(self):
+        return getattr(self.codebook_state, name)
+
+    def set_(self, value):
+        setattr(self.codebook_state, name, value)
+
+    return property(get, set_, doc=f"The codebook state's ``{name}``.")
+
+
+def _codebook_tensor(name: str) -> property:
+    """A Quantizer attribute that is one of the codebook state's tensors (``embed``, ...)."""
+
+    def get(self):
+        return getattr(self.codebook_state, name)
+
+    return property(get, doc=f"The codebook state's ``{name}`` (a view of the same storage; in the state dict as ``{name}``).")
+
+
+for _name in ("codebook_size", "metric", "learning", "decay", "eps", "init", "kmeans_iters", "dead_code_threshold",
+              "reset_cluster_size", "deferred_steps", "reservoir_size", "deterministic", "backend",
+              # the Python mirrors of the state flags, as the single module had them
+              "_initted", "_quantizing", "_deferred_calls", "_state_broadcast"):
+    setattr(Quantizer, _name, _codebook_setting(_name))
+for _name in Codebook.STATE_KEYS:
+    setattr(Quantizer, _name, _codebook_tensor(_name))
+del _name
+
+
+def _flatten_codebook_keys(module: Quantizer, destination, prefix: str, local_metadata) -> None:
+    """State-dict hook: ``codebook_state.embed`` -> ``embed`` (and so on), first among the
+    Quantizer's keys, as the single module saved them. The module's keys are the last ones in
+    ``destination`` when the hook runs, so re-inserting them reorders nothing else."""
+    inner = prefix + "codebook_state."
+    ours = [k for k in destination if k.startswith(prefix)]
+    entries = [(k, destination.pop(k)) for k in ours]
+    for key, value in entries:
+        if key.startswith(inner):
+            destination[prefix + key[len(inner) :]] = value
+    for key, value in entries:
+        if not key.startswith(inner):
+            destination[key] = value
+
+
+__all__ = [
+    "Quantizer",
+    "QuantizerOutput",
+    "QuantizerOutputWithBreakdown",
+    "LossBreakdown",
+    "rotation_backward",
+    "Codebook",
+]

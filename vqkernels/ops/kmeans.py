@@ -1,12 +1,18 @@
-"""k-means built from the ``assign`` and ``cluster_stats`` ops (any backend)."""
+"""k-means built from the ``assign`` and ``cluster_stats`` ops (any backend).
+
+One Lloyd loop serves one process and many: every step that needs other ranks' data goes
+through a sync hook (:mod:`vqkernels.distributed`): the local hook does nothing, the group
+hook all-reduces the statistics and gathers candidate rows. So ``distributed=True`` is the
+local algorithm plus the hook, not a second implementation.
+"""
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed as _dist
+from ._metrics import CENTROID_METRICS, normalized, paired_distance
 from ._validation import check_codebook_size, check_metric, check_tensor, compute_dtype, check_finite
 from .assign import assign
 from .cluster_stats import cluster_stats
@@ -32,9 +38,7 @@ def _generator(device: torch.device, seed: Optional[int]) -> Optional[torch.Gene
 
 def _prepare(data: torch.Tensor, metric: str, seed: Optional[int]):
     """Rows in the accumulation dtype (unit rows for cosine) and the seeded generator."""
-    data = data.to(compute_dtype(data.dtype))
-    if metric == "cosine":
-        data = F.normalize(data, dim=1)
+    data = normalized(data.to(compute_dtype(data.dtype)), metric)
     return data, _generator(data.device, seed)
 
 
@@ -56,21 +60,15 @@ def _kmeans_plus_plus(x: torch.Tensor, K: int, metric: str, sample_size: int, ge
     first = torch.randint(x.shape[0], (1,), device=x.device, generator=gen)
     centres = torch.empty(K, x.shape[1], dtype=x.dtype, device=x.device)
     centres[0] = x[first[0]]
-    nearest = _distance_to(x, centres[0], metric)
+    nearest = paired_distance(x, centres[0], metric, normalized_inputs=True)
     for k in range(1, K):
         # clamp: a tiny negative from rounding must not make the weights invalid; +tiny so
         # that a sample made of duplicates (all distances 0) still draws a row.
         weights = nearest.clamp_min(0) + torch.finfo(nearest.dtype).tiny
         pick = torch.multinomial(weights, 1, generator=gen)
         centres[k] = x[pick[0]]
-        nearest = torch.minimum(nearest, _distance_to(x, centres[k], metric))
+        nearest = torch.minimum(nearest, paired_distance(x, centres[k], metric, normalized_inputs=True))
     return centres
-
-
-def _distance_to(x: torch.Tensor, centre: torch.Tensor, metric: str) -> torch.Tensor:
-    if metric == "l2":
-        return (x - centre).pow(2).sum(1)
-    return 1 - x @ centre  # cosine on normalised rows
 
 
 def kmeans(
@@ -131,7 +129,7 @@ def kmeans(
     """
     check_tensor("x", x, floating=True, min_dim=1)
     check_codebook_size("K", K)
-    check_metric(metric, ("l2", "cosine"))
+    check_metric(metric, CENTROID_METRICS)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
@@ -140,107 +138,43 @@ def kmeans(
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     D = x.shape[-1]
     data = x.detach().reshape(-1, D)
-    if distributed and _dist.is_distributed(group):
-        return _kmeans_distributed(
-            data, K, iters, metric, init, tol, seed, sample_size, init_centroids, deterministic, progress, backend, group
-        )
-    N = data.shape[0]
-    if N < K:
-        raise ValueError(f"kmeans needs at least K={K} rows to place K centroids, got {N} rows (x shape {tuple(x.shape)})")
-    check_finite("x", data)
-    data, gen = _prepare(data, metric, seed)
-
-    if init_centroids is not None:
-        centroids = _given_centroids(init_centroids, K, D, data)
-    elif init == "random":
-        centroids = data[torch.randperm(N, device=data.device, generator=gen)[:K]].clone()
-    else:
-        size = min(N, sample_size if sample_size is not None else max(4 * K, 2048))
-        centroids = _kmeans_plus_plus(data, K, metric, max(size, K), gen)
-    if metric == "cosine":
-        centroids = F.normalize(centroids, dim=1)
-
-    indices, dist = assign(data, centroids, metric, backend=backend)
-    history = [float(dist.sum())]
-    bar = _progress_bar(iters) if progress else None
-    n_iter = 0
-    for n_iter in range(1, iters + 1):
-        centroids = _update(data, centroids, indices, K, metric, deterministic, backend)
-        indices, dist = assign(data, centroids, metric, backend=backend)
-        history.append(float(dist.sum()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(inertia=f"{history[-1]:.4g}")
-        if history[-2] - history[-1] <= tol * abs(history[-1]):
-            break
-    if bar is not None:
-        bar.close()
-    return KMeansResult(centroids, indices, history[-1], n_iter, history)
-
-
-def _update(data, centroids, indices, K, metric, deterministic, backend):
-    """Means of the clusters; empty clusters take the rows farthest from their new centroid."""
-    counts, sums = cluster_stats(data, indices, K, deterministic=deterministic, backend=backend)
-    filled = counts > 0
-    means = sums / counts.clamp_min(1).unsqueeze(1)
-    if metric == "cosine":
-        means = F.normalize(means, dim=1)
-    new = torch.where(filled.unsqueeze(1), means, centroids)
-    n_empty = int((~filled).sum())
-    if n_empty:
-        own = new[indices]
-        far = _distance_rows(data, own, metric)
-        rows = torch.topk(far, n_empty).indices  # distinct rows, farthest first
-        new[(~filled).nonzero().flatten()] = data[rows]
-    return new
-
-
-def _kmeans_distributed(data, K, iters, metric, init, tol, seed, sample_size, init_centroids, deterministic, progress, backend, group):
-    """Lloyd's k-means over the union of every rank's ``data`` (see ``kmeans(distributed=True)``).
-
-    Every rank enters the same collectives in the same order whatever its row count, and
-    every decision that ends a loop or skips a step is taken on all-reduced values, so a
-    rank with zero rows neither hangs nor diverges.
-    """
-    D = data.shape[1]
-    rank = _dist.world_info(group).rank
+    sync = _dist.sync_for(distributed, group)
     # One collective for the checks every rank must agree on: total rows, and any rank's
     # non-finite rows (raised on every rank, so no rank is left waiting in a collective).
-    finite = torch.isfinite(data).all(1)
-    flags = torch.tensor([data.shape[0], int((~finite).sum())], dtype=torch.int64, device=data.device)
-    _dist.all_reduce_sum_(flags, group=group)
+    flags = torch.tensor([data.shape[0], int((~torch.isfinite(data).all(1)).sum())], dtype=torch.int64, device=data.device)
+    sync.all_reduce_sum_(flags)
     N, n_bad = (int(v) for v in flags.tolist())
+    if N < K:
+        where = "across all ranks" if sync.active else f"(x shape {tuple(x.shape)})"
+        raise ValueError(f"kmeans needs at least K={K} rows to place K centroids, got {N} rows {where}")
     if n_bad:
         check_finite("x", data)  # the rank holding them names the rows
         raise ValueError(f"x contains NaN or Inf on another rank ({n_bad} rows in all); expected finite values")
-    if N < K:
-        raise ValueError(f"kmeans needs at least K={K} rows to place K centroids, got {N} rows across all ranks")
     data, gen = _prepare(data, metric, seed)
 
     if init_centroids is not None:
         centroids = _given_centroids(init_centroids, K, D, data)
-        _dist.broadcast_(centroids, group=group)  # rank 0's, should the ranks disagree
+        sync.broadcast_(centroids)  # rank 0's, should the ranks disagree
     elif init == "random":
-        centroids = _dist.sample_rows(data, K, generator=gen, group=group).clone()  # K distinct rows, same on every rank
+        centroids = sync.sample_rows(data, K, generator=gen).clone()  # K distinct rows, same on every rank
     else:
-        size = min(N, sample_size if sample_size is not None else max(4 * K, 2048))
-        sample = _dist.sample_rows(data, max(size, K), generator=gen, group=group)
+        size = max(min(N, sample_size if sample_size is not None else max(4 * K, 2048)), K)
+        pool = sync.pool(data, size, generator=gen)  # rank 0 seeds from it
         centroids = torch.empty(K, D, dtype=data.dtype, device=data.device)
-        if rank == 0:
-            centroids = _kmeans_plus_plus(sample, K, metric, sample.shape[0], gen)
-        _dist.broadcast_(centroids, group=group)
-    if metric == "cosine":
-        centroids = F.normalize(centroids, dim=1)
+        if sync.rank == 0:
+            centroids = _kmeans_plus_plus(pool, K, metric, size, gen)
+        sync.broadcast_(centroids)
+    centroids = normalized(centroids, metric)
 
     indices, dist = assign(data, centroids, metric, backend=backend)
     history: List[float] = []
-    bar = _progress_bar(iters) if progress and rank == 0 else None
+    bar = _progress_bar(iters) if progress and sync.rank == 0 else None
     n_iter = 0
     for it in range(iters + 1):
         # Statistics of the current assignment and its inertia, in one packed all-reduce.
         counts, sums = cluster_stats(data, indices, K, deterministic=deterministic, backend=backend)
         inertia = dist.sum().reshape(1).to(counts.dtype)
-        _dist.all_reduce_sum_(counts, sums, inertia, group=group)
+        sync.all_reduce_sum_(counts, sums, inertia)
         history.append(float(inertia))
         if it > 0:
             if bar is not None:
@@ -251,37 +185,32 @@ def _kmeans_distributed(data, K, iters, metric, init, tol, seed, sample_size, in
         if it == iters:
             break
         n_iter = it + 1
-        centroids = _update_distributed(data, centroids, indices, counts, sums, metric, group)
+        centroids = _update(data, centroids, indices, counts, sums, metric, sync)
         indices, dist = assign(data, centroids, metric, backend=backend)
     if bar is not None:
         bar.close()
     return KMeansResult(centroids, indices, history[-1], n_iter, history)
 
 
-def _update_distributed(data, centroids, indices, counts, sums, metric, group):
-    """Means from all-reduced statistics; empty clusters take the farthest rows of all ranks."""
+def _update(data, centroids, indices, counts, sums, metric, sync):
+    """Means from the (all-reduced) statistics; empty clusters take the rows farthest from
+    their new centroid, among all ranks' rows, so the inertia never increases."""
     filled = counts > 0
-    means = sums / counts.clamp_min(1).unsqueeze(1)
-    if metric == "cosine":
-        means = F.normalize(means, dim=1)
+    means = normalized(sums / counts.clamp_min(1).unsqueeze(1), metric)
     new = torch.where(filled.unsqueeze(1), means, centroids)
     n_empty = int((~filled).sum())  # the same on every rank (all-reduced counts)
     if n_empty:
-        far = _distance_rows(data, new[indices], metric) if data.shape[0] else data.new_zeros(0)
-        top = torch.topk(far, min(n_empty, far.shape[0]))
+        far = paired_distance(data, new[indices], metric, normalized_inputs=True) if data.shape[0] else data.new_zeros(0)
+        top = torch.topk(far, min(n_empty, far.shape[0]))  # distinct rows, farthest first
         # each rank offers its n_empty farthest rows, distance first; the farthest of all win
-        offered, _ = _dist.all_gather_rows(torch.cat([top.values.unsqueeze(1), data[top.indices]], 1), group=group)
+        offered, _ = sync.all_gather_rows(torch.cat([top.values.unsqueeze(1), data[top.indices]], 1))
         take = min(n_empty, offered.shape[0])
-        rows = offered[torch.topk(offered[:, 0], take).indices, 1:].contiguous()
-        _dist.broadcast_(rows, group=group)  # rank 0's choice, should ties be broken differently
+        # stable: on one rank the offer is already in order, and stays so
+        order = torch.sort(offered[:, 0], descending=True, stable=True).indices[:take]
+        rows = offered[order, 1:].contiguous()
+        sync.broadcast_(rows)  # rank 0's choice, should ties be broken differently
         new[(~filled).nonzero().flatten()[:take]] = rows
     return new
-
-
-def _distance_rows(a, b, metric):
-    if metric == "l2":
-        return (a - b).pow(2).sum(1)
-    return 1 - (a * b).sum(1)
 
 
 def _progress_bar(total):

@@ -1,0 +1,121 @@
+"""Gradient estimators of a VQ layer: straight-through and the rotation trick.
+
+Each estimator is an ``autograd.Function`` whose forward is the quantization itself (the
+:func:`vqkernels.assign` op, masking, the gather of the chosen codes) and whose backward is
+the estimator's gradient w.r.t. the input rows. No gradient flows to the codebook through
+them (as in VectorQuantize): a gradient-learned codebook learns from the codebook loss,
+through :func:`gather_codes`.
+
+Everything works on the codebook axis: rows ``z [C, N, D]`` against codebooks
+``[C, K, D]`` (``C = 1`` for a single codebook).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+
+from .ops import assign
+
+
+def rotation_backward(z: torch.Tensor, q: torch.Tensor, grad_q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Gradient w.r.t. ``z`` of the rotation trick (Fifty et al., 2024), rows ``[..., D]``.
+
+    The forward output is ``q = lambda * R z`` with ``lambda = |q| / |z|`` and ``R`` the
+    rotation taking ``z/|z|`` to ``q/|q|`` (``R = I - 2 r r^T + 2 q^ z^T``, ``r`` the unit
+    bisector), both held constant, so ``dL/dz = lambda * R^T dL/dq``.
+    """
+    zn = z.norm(dim=-1, keepdim=True)
+    qn = q.norm(dim=-1, keepdim=True)
+    z_hat = z / zn.clamp_min(eps)
+    q_hat = q / qn.clamp_min(eps)
+    r = z_hat + q_hat
+    r = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
+    g = grad_q
+    rotated = g - 2 * r * (r * g).sum(-1, keepdim=True) + 2 * z_hat * (q_hat * g).sum(-1, keepdim=True)
+    return rotated * (qn / zn.clamp_min(eps))
+
+
+def gather_codes(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The codes ``[C, N, D]`` at ``indices [C, N]`` (in ``[0, K)``) of ``codebook [C, K, D]``;
+    differentiable w.r.t. the codebook (an embedding lookup, as VectorQuantize's)."""
+    C, K, D = codebook.shape
+    if C > 1:  # codebook c's code k is row c * K + k of the flattened codebooks
+        indices = indices + torch.arange(C, device=indices.device, dtype=indices.dtype).unsqueeze(1) * K
+    return F.embedding(indices, codebook.reshape(C * K, D))
+
+
+def _nearest(z, codebook, keep, metric, backend, check_codebook):
+    """Forward of every estimator: ``(q [C, N, D], indices [C, N])``; rows whose index is -1
+    (masked by ``keep [N]``, or non-finite) pass through unchanged."""
+    indices, _ = assign(z, codebook, metric, backend=backend, check_codebook=check_codebook)
+    if keep is not None:
+        indices = indices.masked_fill(~keep, -1)
+    valid = (indices >= 0).unsqueeze(-1)
+    q = torch.where(valid, gather_codes(codebook, indices.clamp_min(0)), z)
+    return q, indices
+
+
+class StraightThrough(torch.autograd.Function):
+    """Nearest codes forward; ``dL/dz = dL/dq`` backward (van den Oord et al., 2017)."""
+
+    @staticmethod
+    def forward(ctx, z, codebook, keep, metric, backend, check_codebook):
+        q, indices = _nearest(z, codebook, keep, metric, backend, check_codebook)
+        ctx.mark_non_differentiable(indices)
+        return q, indices
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_indices):
+        return grad_q, None, None, None, None, None
+
+
+class RotationTrick(torch.autograd.Function):
+    """Nearest codes forward; the rotation trick's gradient (:func:`rotation_backward`) backward."""
+
+    @staticmethod
+    def forward(ctx, z, codebook, keep, metric, backend, check_codebook):
+        q, indices = _nearest(z, codebook, keep, metric, backend, check_codebook)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(z, q)
+        return q, indices
+
+    @staticmethod
+    def backward(ctx, grad_q, _grad_indices):
+        z, q = ctx.saved_tensors
+        return rotation_backward(z, q, grad_q), None, None, None, None, None
+
+
+#: ``gradient=`` name -> estimator.
+ESTIMATORS: Dict[str, Type[torch.autograd.Function]] = {"ste": StraightThrough, "rotation": RotationTrick}
+
+
+def quantize(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    keep: Optional[torch.Tensor],
+    *,
+    gradient: str = "ste",
+    metric: str = "l2",
+    backend: Optional[str] = None,
+    check_codebook: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code for every row with the chosen gradient estimator.
+
+    Args:
+        z: ``[C, N, D]`` rows in codebook space (differentiable).
+        codebook: ``[C, K, D]`` codes (detached: no gradient flows to them here).
+        keep: ``[N]`` bool (True = quantize; shared by the ``C`` codebooks) or ``None``.
+        gradient: a key of :data:`ESTIMATORS` (``"ste"`` or ``"rotation"``).
+
+    Returns:
+        ``(q [C, N, D], indices int64 [C, N])``: ``q`` the codes (masked rows: ``z``),
+        ``indices`` -1 for masked or non-finite rows.
+    """
+    if gradient not in ESTIMATORS:
+        raise ValueError(f"gradient must be one of {tuple(ESTIMATORS)}, got {gradient!r}")
+    return ESTIMATORS[gradient].apply(z, codebook, keep, metric, backend, check_codebook)
+
+
+__all__ = ["rotation_backward", "gather_codes", "StraightThrough", "RotationTrick", "ESTIMATORS", "quantize"]
