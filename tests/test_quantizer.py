@@ -425,3 +425,168 @@ def test_reservoir_is_a_uniform_sample_of_kept_rows():
     assert torch.unique(values).numel() == R, "distinct rows"
     assert bool((values % 2 == 0).all()), "masked rows never enter the reservoir"
     assert abs(float(values.mean()) - 999.0) < 250, "late rows are as likely as early ones"
+
+
+# ---------------------------------------------------------------- the codebook state, C > 1
+from vqkernels.codebook import Codebook  # noqa: E402
+from vqkernels.distributed import LOCAL  # noqa: E402
+
+
+def _rows_per_codebook(C, N, D, seed):
+    """``[C, N, D]``: codebook c sees its own rows, far from the other codebooks' (offset 20 c)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(C, N, D, generator=g) + 20.0 * torch.arange(C).view(C, 1, 1)
+
+
+def _single(book, c, **kwargs):
+    """Codebook ``c`` of ``book`` as a stand-alone single codebook (same state)."""
+    one = Codebook(book.codebook_size, book.dim, codebook_axis=False, **kwargs)
+    with torch.no_grad():
+        one.embed.copy_(book.embed[c])
+        one.cluster_size.copy_(book.cluster_size[c])
+        if hasattr(book, "embed_avg"):
+            one.embed_avg.copy_(book.embed_avg[c])
+    return one
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kw):
+        calls.append(name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(metric="cosine"), dict(learning="gradient"), dict(decay=0.0)],
+                         ids=["ema-l2", "ema-cosine", "gradient", "decay0"])
+def test_codebook_updates_C_codebooks_in_one_call_like_C_separate_updates(monkeypatch, kwargs):
+    import vqkernels.codebook as codebook_module
+
+    C, K, D, N = 3, 8, 4, 50
+    kwargs = {"decay": 0.9, "deterministic": True, **kwargs}
+    torch.manual_seed(0)
+    book = Codebook(K, D, num_codebooks=C, **kwargs)
+    singles = [_single(book, c, **kwargs) for c in range(C)]
+    z = F.normalize(_rows_per_codebook(C, N, D, seed=1), dim=-1) if kwargs.get("metric") == "cosine" else _rows_per_codebook(C, N, D, 1)
+    keep = torch.rand(N, generator=torch.Generator().manual_seed(2)) > 0.3
+    indices = assign(z, book.codes(), book.metric).indices.masked_fill(~keep, -1)
+    if kwargs.get("decay") == 0.0:
+        indices[1] = -1  # codebook 1 sees no kept row: decay 0 must keep its codes
+    calls = [_count_calls(monkeypatch, codebook_module, op) for op in ("cluster_stats", "ema_update_", "histogram")]
+    book.update_(z, indices, keep, LOCAL)
+    n_calls = [len(c) for c in calls]
+    if book.learning == "ema":
+        assert n_calls == [1, 1, 0], "one statistics call and one EMA call for all C codebooks"
+    else:
+        assert n_calls == [0, 0, 1], "one usage histogram for all C codebooks"
+    for c, one in enumerate(singles):
+        one.update_(z[c : c + 1], indices[c : c + 1], keep, LOCAL)
+        for name in ("embed", "cluster_size") + (("embed_avg",) if book.learning == "ema" else ()):
+            got, want = getattr(book, name)[c], getattr(one, name)
+            assert torch.equal(got, want), f"codebook {c} {name}: " + first_mismatches(got != want, got, want)
+    assert int(book.steps) == 1
+    if kwargs.get("decay") == 0.0:
+        assert torch.isfinite(book.embed).all() and torch.equal(book.embed[1], singles[1].embed)
+
+
+def test_codebook_restarts_dead_codes_per_codebook_from_its_own_rows():
+    C, K, D, N = 3, 6, 2, 4
+    book = Codebook(K, D, num_codebooks=C, dead_code_threshold=0.5, reset_cluster_size=0.75)
+    before = book.embed.clone()
+    with torch.no_grad():
+        book.cluster_size.fill_(10.0)
+        book.cluster_size[0].fill_(0.0)  # codebook 0: every code dead (6 codes, 3 kept rows)
+        book.cluster_size[2, 4] = 0.0  # codebook 2: one dead code
+    z = _rows_per_codebook(C, N, D, seed=3)
+    keep = torch.tensor([True, False, True, True])
+    torch.manual_seed(0)
+    book.restart_dead_codes_(z, keep, LOCAL)
+    kept = z[:, keep]
+    d0 = (book.embed[0][:, None] - kept[0][None]).norm(dim=-1)
+    revived = d0.min(1).values < 1e-6
+    assert revived.tolist() == [True] * 3 + [False] * 3, "the first dead codes (by index) take the 3 kept rows now"
+    assert torch.unique(d0[revived].argmin(1)).numel() == 3, "distinct rows"
+    assert torch.equal(book.cluster_size[0], torch.tensor([0.75] * 3 + [0.0] * 3))
+    assert torch.equal(book.embed_avg[0][revived], book.embed[0][revived] * 0.75)
+    assert torch.equal(book.embed[1], before[1]) and torch.equal(book.cluster_size[1], torch.full((K,), 10.0))
+    changed = (book.embed[2] != before[2]).any(1)
+    assert changed.tolist() == [False] * 4 + [True, False]
+    assert float((book.embed[2, 4][None] - kept[2]).norm(dim=-1).min()) < 1e-6, "codebook 2 re-seeded from its own rows"
+    # one random order of the rows for all codebooks: codebook 2's first dead code takes the
+    # row codebook 0's first dead code took
+    row0 = int((book.embed[0, 0][None] - kept[0]).norm(dim=-1).argmin())
+    row2 = int((book.embed[2, 4][None] - kept[2]).norm(dim=-1).argmin())
+    assert row0 == row2
+
+
+def test_codebook_kmeans_and_random_init_per_codebook():
+    C, K, D, N = 2, 4, 3, 60
+    z = _rows_per_codebook(C, N, D, seed=4)
+    torch.manual_seed(0)
+    book = Codebook(K, D, num_codebooks=C, init="kmeans", kmeans_iters=5)
+    assert not book.is_initialised
+    book.initialise_(z, None, LOCAL)
+    assert book.is_initialised and bool(book.initted)
+    torch.manual_seed(0)
+    for c in range(C):  # the same k-means, codebook after codebook
+        want = kmeans(z[c], K, 5)
+        assert torch.equal(book.embed[c], want.centroids), f"codebook {c}: k-means of its own rows"
+        assert torch.equal(book.cluster_size[c], torch.bincount(want.indices, minlength=K).float())
+        assert torch.equal(book.embed_avg[c], want.centroids * book.cluster_size[c].unsqueeze(-1))
+
+    keep = torch.arange(N) % 3 != 0
+    rnd = Codebook(K, D, num_codebooks=C, init="random")
+    rnd.initialise_(z, keep, LOCAL)
+    kept = z[:, keep]
+    rows = [(rnd.embed[c][:, None] - kept[c][None]).norm(dim=-1).min(1) for c in range(C)]
+    for c in range(C):
+        assert float(rows[c].values.max()) < 1e-6, f"codebook {c}: codes are its own kept rows"
+    assert torch.equal(rows[0].indices, rows[1].indices), "the same rows for every codebook"
+    with pytest.raises(ValueError, match="at least codebook_size"):
+        Codebook(K, D, num_codebooks=C, init="kmeans").initialise_(z[:, :3], None, LOCAL)
+
+
+def test_codebook_reservoir_and_switch_per_codebook():
+    C, K, D = 2, 4, 3
+    torch.manual_seed(0)
+    book = Codebook(K, D, num_codebooks=C, deferred_steps=2, reservoir_size=16, kmeans_iters=3)
+    assert tuple(book.reservoir.shape) == (C, 16, D) and not book.is_quantizing
+    zs = [_rows_per_codebook(C, 12, D, seed=s) for s in (5, 6)]
+    for z in zs:
+        book.observe_(z, None)
+    assert book.switch_due and int(book.reservoir_seen) == 24 and int(book.steps) == 2
+    stream = torch.cat(zs, dim=1)  # 24 rows seen, 16 kept, in the same slots for every codebook
+    slots = [[int((book.reservoir[c, j][None] - stream[c]).norm(dim=-1).argmin()) for j in range(16)] for c in range(C)]
+    assert slots[0] == slots[1]
+    assert all(float((book.reservoir[c, j] - stream[c, slots[c][j]]).abs().max()) == 0 for c in range(C) for j in range(16))
+    book.start_quantization_(LOCAL)
+    assert book.is_quantizing and tuple(book.reservoir.shape) == (C, 0, D)
+    for c in range(C):  # codebook c's codes sit among its own rows (offset 20 c)
+        assert float((book.embed[c] - 20.0 * c).abs().mean()) < 5.0
+
+
+def test_checkpoint_keys_are_those_of_the_single_module():
+    """The codebook state is a submodule, yet the state dict keeps the flat keys (and shapes)
+    of the module before the split: checkpoints saved by the old code load strictly."""
+    cases = {
+        (): ["embed", "embed_avg", "cluster_size", "initted", "quantizing", "steps"],
+        (("learning", "gradient"),): ["embed", "cluster_size", "initted", "quantizing", "steps"],
+        (("deferred_steps", 2), ("codebook_dim", 3)): ["embed", "embed_avg", "cluster_size", "initted", "quantizing", "steps",
+                                                      "reservoir", "reservoir_seen", "project_in.weight", "project_in.bias",
+                                                      "project_out.weight", "project_out.bias"],
+    }
+    for kwargs, keys in cases.items():
+        vq = Quantizer(4, 8, **dict(kwargs))
+        state = vq.state_dict()
+        assert list(state) == keys, kwargs
+        assert tuple(state["embed"].shape) == (8, vq.codebook_dim) and tuple(state["cluster_size"].shape) == (8,)
+        old_style = {k: v.clone() for k, v in state.items()}  # what the single module saved
+        fresh = Quantizer(4, 8, **dict(kwargs))
+        fresh.load_state_dict(old_style, strict=True)
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())
+    nested = torch.nn.Sequential(torch.nn.Linear(4, 4), Quantizer(4, 8))
+    assert [k for k in nested.state_dict() if k.startswith("1.")] == ["1." + k for k in cases[()]]
