@@ -7,10 +7,16 @@ import torch.nn as nn
 from vqkernels import checkpoints
 from vqkernels.quantizer import Quantizer
 
-vqp = pytest.importorskip("vector_quantize_pytorch")
 
 
-def _trained_vqp(steps=3, seed=0, **kwargs):
+@pytest.fixture
+def vqp():
+    """vector_quantize_pytorch for the tests that build its objects; only those skip without it
+    (the taming, encodec and unknown-layout tests need nothing but state dicts)."""
+    return pytest.importorskip("vector_quantize_pytorch")
+
+
+def _trained_vqp(vqp, steps=3, seed=0, **kwargs):
     """A VectorQuantize after a few training steps, so the EMA statistics are not their initial values."""
     torch.manual_seed(seed)
     theirs = vqp.VectorQuantize(dim=8, codebook_size=32, **kwargs)
@@ -53,8 +59,8 @@ def _older_shapes(state):
     ids=["plain", "projections", "cosine"],
 )
 @pytest.mark.parametrize("shapes", ["newer", "older"])
-def test_vector_quantize_pytorch_checkpoint_gives_the_same_outputs(their_kwargs, our_kwargs, shapes):
-    theirs = _trained_vqp(**their_kwargs)
+def test_vector_quantize_pytorch_checkpoint_gives_the_same_outputs(their_kwargs, our_kwargs, shapes, vqp):
+    theirs = _trained_vqp(vqp, **their_kwargs)
     state = theirs.state_dict()
     if shapes == "older":
         state = _older_shapes(state)
@@ -70,9 +76,9 @@ def test_vector_quantize_pytorch_checkpoint_gives_the_same_outputs(their_kwargs,
     assert ours.is_quantizing and bool(ours.initted) and int(ours.steps) == 0
 
 
-def test_vector_quantize_pytorch_training_continues_identically():
+def test_vector_quantize_pytorch_training_continues_identically(vqp):
     """The EMA statistics come along: one more training step moves both codebooks alike."""
-    theirs = _trained_vqp(rotation_trick=False)
+    theirs = _trained_vqp(vqp, rotation_trick=False)
     ours = Quantizer.from_pretrained_state(theirs.state_dict())
     theirs.train()
     x = torch.randn(2, 50, 8)
@@ -84,9 +90,9 @@ def test_vector_quantize_pytorch_training_continues_identically():
     torch.testing.assert_close(ours.embed_avg, theirs._codebook.embed_avg[0], atol=1e-5, rtol=1e-5)
 
 
-def test_whole_model_checkpoint_with_prefix_and_other_targets():
+def test_whole_model_checkpoint_with_prefix_and_other_targets(vqp):
     """A model that swapped VectorQuantize for Quantizer loads the old model's checkpoint."""
-    theirs = _trained_vqp()
+    theirs = _trained_vqp(vqp)
 
     class Old(nn.Module):
         def __init__(self, vq):
@@ -113,7 +119,7 @@ def test_whole_model_checkpoint_with_prefix_and_other_targets():
     _same_eval_outputs(theirs, built, torch.randn(2, 30, 8))
 
 
-def test_vector_quantize_pytorch_kmeans_init_not_yet_run():
+def test_vector_quantize_pytorch_kmeans_init_not_yet_run(vqp):
     theirs = vqp.VectorQuantize(dim=8, codebook_size=16, kmeans_init=True)
     ours = Quantizer(8, 16, init="kmeans")
     ours.load_state_dict(theirs.state_dict())
@@ -122,7 +128,7 @@ def test_vector_quantize_pytorch_kmeans_init_not_yet_run():
     assert bool(ours.initted) and float(ours.codebook.abs().sum()) > 0
 
 
-def test_vector_quantize_pytorch_several_heads_are_refused():
+def test_vector_quantize_pytorch_several_heads_are_refused(vqp):
     theirs = vqp.VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True)
     with pytest.raises(RuntimeError, match="2 separate codebooks"):
         Quantizer(8, 16).load_state_dict(theirs.state_dict())
