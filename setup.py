@@ -9,6 +9,7 @@ than the user's. To build the extension against the installed torch, use
 compiles the same sources on first use, so the CUDA sources always ship as package data.
 """
 import os
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
+# The one list of compile flags (shared with the JIT build and the compile check), read by
+# path: the package itself cannot be imported while it is being built.
+FLAGS = runpy.run_path(str(ROOT / "vqkernels" / "_build_flags.py"))
 
 
 def _notice(msg):
@@ -56,14 +60,14 @@ def _cuda_extension():
     sources = _cuda_sources()
     if not sources:
         return skip("no CUDA sources under csrc/")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", FLAGS["CUDA_ARCH_LIST"])
     ext = CUDAExtension(
         name="vqkernels._C",
         sources=sources,
-        include_dirs=[str(CSRC), str(CSRC / "kernels")],
+        include_dirs=[str(CSRC / sub) for sub in FLAGS["INCLUDE_SUBDIRS"]],
         # No -std here: torch's BuildExtension adds the standard its own headers need (C++17
         # for older torch, C++20 for recent releases); a forced -std=c++17 fights the latter.
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": list(FLAGS["CXX_FLAGS"]), "nvcc": list(FLAGS["NVCC_FLAGS"])},
     )
     _notice(f"building vqkernels._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}

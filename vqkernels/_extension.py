@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from . import _build_flags
+
 _JIT_NAME = "vqkernels_C"
 _state = {"tried": False, "module": None, "reason": None, "how": None}
 _lock = threading.Lock()
@@ -81,10 +83,10 @@ def _jit_build(torch) -> tuple:
         cpp_extension.load(
             name=_JIT_NAME,
             sources=sources,
-            extra_include_paths=[str(src), str(src / "kernels")],
-            # Same flags as setup.py; the C++ standard is left to torch (C++17 or C++20).
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+            extra_include_paths=[str(src / sub) for sub in _build_flags.INCLUDE_SUBDIRS],
+            # The flags of setup.py (one list, _build_flags); the C++ standard is left to torch.
+            extra_cflags=list(_build_flags.CXX_FLAGS),
+            extra_cuda_cflags=list(_build_flags.NVCC_FLAGS),
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
