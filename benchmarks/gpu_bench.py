@@ -6,18 +6,15 @@ to ``torch.cdist(x, c).argmin(1)`` and flash-kmeans' Triton assignment (when imp
 over N = 2^20 rows, K in {1024, 16384, 65536}, D in {8, 32, 256}, bf16 and fp32; then
 ``histogram``, ``cluster_stats`` (atomic and deterministic) and ``ema_update_`` at the same N.
 
-A thin caller of :mod:`vqkernels.bench` (its contenders, agreement check, timer, peak
-memory and machine description); this script adds the kernel-level plan, the measured
-matmul / copy ceilings and the per-provider JSON. Method: the backends' own calls (through
-the dispatcher, without the public ops' validation; ``--via-op`` times the public ops),
-CUDA events, warm-up first (autotuning and compilation stay out of the numbers), rotating
-input sets (several copies, together larger than L2), medians with 20th/80th
-percentiles; every provider's output is checked against the others at its shape before
-its time is reported. For each row: median ms, achieved TFLOP/s (2NKD / t for assign),
-the floor ``max(2NKD / peak, bytes / 4.3e12)`` with peak = 790e12 (bf16) or the tf32 rate
-(fp32), the ratio t / floor, and the fraction of the bf16 / tf32 matmul rate measured on
-this card at the start (a large ``torch.mm``). Rows that would not fit in memory or in the
-time budget are skipped and say so. JSON fields: see :mod:`vqkernels.bench`.
+A thin caller of :mod:`vqkernels.bench` (contenders, checks, timer, peak memory, machine;
+JSON fields documented there) that adds the plan, the matmul / copy ceilings and the
+per-provider JSON. Method: the backends' own calls (``--via-op``: the public ops), CUDA
+events, warm-up first (autotuning and compilation stay out of the numbers), rotating input
+sets (together larger than L2), medians with 20th/80th percentiles; each shape's outputs
+are checked against each other first. Per row: median ms, TFLOP/s (2NKD / t for assign),
+the floor ``max(2NKD / peak, bytes / 4.3e12)`` (peak 790e12 bf16, or the tf32 rate), t /
+floor, and the fraction of the matmul rate measured on this card at the start (a large
+``torch.mm``). Rows that would not fit in memory or in the time budget are skipped.
 
 ``--device cpu`` runs the same code on tiny sizes with wall-clock timing (the CPU test of
 the argument parsing and JSON writing); ``--dry-run`` writes the planned rows only.
@@ -132,43 +129,38 @@ def measure_ceilings(device: str, fp32_precision: str) -> dict:
     if device != "cuda":
         return out
     n = 8192
-    for name, dtype in (("bf16_mm_flops", torch.bfloat16), ("fp32_mm_flops", torch.float32)):
+    for name, dtype in (("bf16_mm_flops", torch.bfloat16), ("fp32_mm_flops", torch.float32), ("copy_bytes_per_s", None)):
         try:
-            a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-            out[name] = 2 * n**3 / bench.time_call(lambda: torch.mm(a, b), repeats=10, warmup=3, device=device)["median"]
+            if dtype is None:  # a 1 GiB copy: bytes read + written
+                a = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
+                b, work, call = torch.empty_like(a), 2 << 30, lambda: b.copy_(a)
+            else:
+                a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+                work, call = 2 * n**3, lambda: torch.mm(a, b)
+            out[name] = work / bench.time_call(call, repeats=10, warmup=3, device=device)["median"]
             del a, b
         except Exception as exc:
-            out[name + "_error"] = f"{type(exc).__name__}: {exc}"
-    try:
-        src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
-        dst = torch.empty_like(src)
-        out["copy_bytes_per_s"] = 2 * src.numel() / bench.time_call(lambda: dst.copy_(src), repeats=10, warmup=3,
-                                                                    device=device)["median"]
-        del src, dst
-    except Exception as exc:
-        out["copy_error"] = f"{type(exc).__name__}: {exc}"
+            out[name.replace("_bytes_per_s", "") + "_error"] = f"{type(exc).__name__}: {exc}"
     torch.cuda.empty_cache()
     return out
 
 
 def run_shape(group, args, ceilings, l2_bytes, deadline):
     """Check and time every provider of one shape through :func:`vqkernels.bench.run_case`; fill the rows."""
-    first = group[0]
-    op, N, K, D, dtype, variant = (first[k] for k in ("op", "N", "K", "D", "dtype", "variant"))
+    op, N, K, D, dtype, variant = (group[0][k] for k in ("op", "N", "K", "D", "dtype", "variant"))
     case = bench.Case(SPEC_OF[op], N, K, D or 1, dtype if dtype in DTYPES else "fp32",
                       metric=variant if op == "assign" else "l2", variant=variant if op == "cluster_stats" else "")
     work = case.work()
     cuda = args.device == "cuda"
-    free = torch.cuda.mem_get_info()[0] if cuda else float("inf")
+    free = torch.cuda.mem_get_info()[0] if cuda else float("inf")  # the N x K matrix, mm intermediate, argmin
     sets = args.rotate or int(min(8, max(2, math.ceil(4 * (l2_bytes or 50 << 20) / max(1, work["bytes"])))))
     opts = bench.Options(device=args.device, repeats=args.min_reps, warmup=1, memory="inprocess" if cuda else "off",
-                         max_dense_bytes=0.8 * free / 3,  # an N x K matrix, its mm intermediate, argmin workspace
+                         max_dense_bytes=0.8 * free / 3,
                          seed=args.seed + K + (D or 0), kernel_level=not args.via_op, rotate=sets, on_device=True,
                          target_s=args.target_s, max_repeats=args.max_reps, deadline=deadline)
     names = {CONTENDER_OF.get(r["provider"], f"vqkernels[{r['provider']}]"): r for r in group}
     result = bench.run_case(case, opts, only=list(names))
     ok = [e for e in result["results"] if e["status"] == "ok"]
-    bad = []
     for e in result["results"]:
         row = names[e["contender"]]
         if e["status"] != "ok":
@@ -184,7 +176,6 @@ def run_shape(group, args, ceilings, l2_bytes, deadline):
             row.update(agree_with=names[ok[0]["contender"]]["provider"], agree_frac=e.get("agree"))
         if not e.get("agrees"):
             row["note"] = f"DISAGREES with the best pick ({e.get('agree', 0):.4f}) {e.get('check_detail', '')}"
-            bad.append(row)
         floor = work["bytes"] / GPU_BANDWIDTH
         if op == "assign":
             fp32 = dtype == "fp32"
@@ -195,7 +186,6 @@ def run_shape(group, args, ceilings, l2_bytes, deadline):
             if measured:
                 row["frac_of_measured_mm"] = work["flops"] / t / measured
         row.update(floor_ms=floor * 1e3, x_floor=t / floor)
-    return bad
 
 
 def _fmt(v, spec):
@@ -256,7 +246,6 @@ def main(argv=None) -> int:
         log(f"machine and versions: {machine}")
         ceilings = payload["ceilings"] = measure_ceilings(args.device, args.fp32_precision)
         log(f"ceilings: {ceilings}")
-        bad = []
         shape = lambda r: tuple(r[k] for k in ("op", "K", "D", "dtype", "variant"))  # noqa: E731
         for _, group in itertools.groupby(payload["rows"], key=shape):
             group = list(group)
@@ -266,7 +255,7 @@ def main(argv=None) -> int:
                     row.update(status="skipped", note="time budget")
                 continue
             try:
-                bad += run_shape(group, args, ceilings, machine.get("l2_bytes"), end)
+                run_shape(group, args, ceilings, machine.get("l2_bytes"), end)
             except Exception as exc:  # one failing shape must not stop the run
                 for row in group:
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
@@ -281,7 +270,9 @@ def main(argv=None) -> int:
         write_json(json_path, payload)
         log("summary (x floor = median / max(2NKD/peak, bytes/4.3e12); frac mm = achieved / measured torch.mm rate)\n"
             + summary_table(payload["rows"]))
-        return 1 if bad or any(r["status"] == "error" for r in payload["rows"]) else 0
+        # 1 when a provider failed, or one of ours disagreed with the best pick (a peer's disagreement is reported)
+        return int(any(r["status"] == "error" or (r.get("agrees") is False and r["provider"] in ASSIGN_BACKENDS)
+                       for r in payload["rows"]))
     except Exception as exc:
         payload["error"] = f"{type(exc).__name__}: {exc}"
         log(traceback.format_exc())

@@ -71,7 +71,7 @@ def test_bench(benchmark, case, contender):
     benchmark.group = f"{case.op} {case.label()}"
     benchmark.extra_info.update(
         op=case.op, N=case.N, K=case.K, D=case.D, dtype=case.dtype, metric=case.metric, iters=case.iters,
-        family=contender.family, agrees=check.ok, agree_fraction=check.agree, throughput_unit=case.throughput_unit(),
+        family=contender.family, agrees=check.ok, agree_fraction=check.agree, throughput_unit=case.spec.unit,
     )
     sync = (lambda: torch.cuda.synchronize()) if DEVICE == "cuda" else (lambda: None)
 

@@ -21,36 +21,28 @@ DEFAULT_MAX_DENSE_GIB = {"cpu": 2.0, "cuda": 24.0}
 
 # --------------------------------------------------------------------------- table
 def fmt_time(s: Optional[float]) -> str:
-    if s is None:
-        return "-"
-    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+    return "-" if s is None else f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
 
 
-def fmt_rate(r: Optional[float]) -> str:
-    if r is None:
-        return "-"
+def fmt_rate(r: float) -> str:
     scale, unit = next(((s, u) for s, u in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if r >= s), (1, ""))
     return f"{r / scale:.2f}{unit}" if unit else f"{r:.1f}"
 
 
 def fmt_bytes(b: Optional[int]) -> str:
-    if b is None:
-        return "-"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    return "-" if b is None else f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 class Table:
     """Prints the table row by row as results arrive (long runs show progress as they go)."""
 
     def __init__(self, device: str, stream=None):
-        self.device, self.stream = device, stream or sys.stdout
-        self.op, self.skipped, self.lines = None, {}, []
+        self.device, self.stream, self.op, self.skipped = device, stream or sys.stdout, None, {}
         self.columns = [("shape", 28, "<"), ("contender", 30, "<"), ("median", 10, ">"), ("throughput", 16, ">"),
                         ("peak mem", 10, ">"), ("/best peer", 10, ">")] + (
                         [("of floor", 8, ">")] if device == "cuda" else []) + [("check", 0, "<")]
 
     def emit(self, line: str = ""):
-        self.lines.append(line)
         print(line, file=self.stream, flush=True)
 
     def _fmt(self, cells) -> str:
@@ -253,18 +245,7 @@ def run(args) -> int:
         return 2
     cases = grid(grid_name, opts.device, args.ops)
     machine = machine_info()  # imports every installed peer, so their objects exist before the freeze
-    # Objects alive now (torch, the peers' modules) are never garbage: freezing them keeps the
-    # gc.collect() before each memory measurement in milliseconds instead of a third of a second.
-    gc.freeze()
-    try:
-        return _run(args, grid_name, opts, cases, machine)
-    finally:
-        gc.unfreeze()
-
-
-def _run(args, grid_name, opts, cases, machine) -> int:
-    started = time.perf_counter()
-    table = Table(opts.device)
+    started, table = time.perf_counter(), Table(opts.device)
     gpu = f", {machine.get('gpu')}" if opts.device == "cuda" else ""
     table.emit(f"vqkernels bench: {grid_name} grid on {opts.device}{gpu} | {machine['processor']}, "
                f"{machine['cpu_count']} cpus, torch {machine['torch']} ({machine['torch_threads']} threads) | "
@@ -273,10 +254,16 @@ def _run(args, grid_name, opts, cases, machine) -> int:
                + (", CUDA events" if opts.device == "cuda" else "")
                + "; /best peer = time / fastest agreeing non-vqkernels contender")
     rows = []
-    for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.op} {case.label()}", file=sys.stderr, flush=True)
-        rows.append(run_case(case, opts, lambda msg: print(msg, file=sys.stderr, flush=True)))
-        table.row(rows[-1])
+    # Objects alive now (torch, the peers' modules) are never garbage: freezing them keeps the
+    # gc.collect() before each memory measurement in milliseconds instead of a third of a second.
+    gc.freeze()
+    try:
+        for i, case in enumerate(cases, 1):
+            print(f"[{i}/{len(cases)}] {case.op} {case.label()}", file=sys.stderr, flush=True)
+            rows.append(run_case(case, opts, lambda msg: print(msg, file=sys.stderr, flush=True)))
+            table.row(rows[-1])
+    finally:
+        gc.unfreeze()
     table.close_op()
     tgts = targets(rows, opts.device)
     for line in target_lines(tgts):

@@ -47,12 +47,8 @@ def _version(name: str) -> Optional[str]:
         mod = __import__(name)
     except Exception:
         return None
-    for dist in _DISTRIBUTIONS.get(name, (name,)):
-        try:
-            return getattr(mod, "__version__", None) or metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return "installed"
+    found = [dist.version for d in _DISTRIBUTIONS.get(name, (name,)) for dist in metadata.distributions(name=d)]
+    return getattr(mod, "__version__", None) or (found[0] if found else "installed")
 
 
 def machine_info() -> dict:
@@ -87,11 +83,9 @@ def _sync(device: str):
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
-    values = sorted(values)
-    pos = q * (len(values) - 1)
+    values, pos = sorted(values), q * (len(values) - 1)
     lo = int(pos)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+    return values[lo] + (values[min(lo + 1, len(values) - 1)] - values[lo]) * (pos - lo)
 
 
 def time_call(fn: Union[Callable[[], object], List[Callable[[], object]]], *, repeats: int = 5, warmup: int = 1,
@@ -99,10 +93,11 @@ def time_call(fn: Union[Callable[[], object], List[Callable[[], object]]], *, re
               max_repeats: Optional[int] = None) -> dict:
     """Seconds per call of ``fn`` (or of a list of calls taken in turn: rotating input sets).
 
-    ``warmup`` untimed calls first. ``target_s`` times one probe call and sets the repeats
-    to fill that many seconds (at least ``repeats``, at most ``max_repeats``); ``max_seconds``
-    stops early (after 3 timed calls) once that much wall time was spent. On CUDA, events
-    around each call, launched back to back and read after one synchronize.
+    ``warmup`` untimed calls first. ``max_seconds`` stops repeating (after 3 timed calls)
+    once that much time was spent. ``target_s`` instead times one probe call and fixes the
+    repeats up front: enough to fill ``target_s`` (at least ``repeats``, at most
+    ``max_repeats`` and what fits in ``max_seconds``), so that CUDA calls run back to back
+    and a short kernel's time is not its launch latency. CUDA events around each call.
     Returns ``{"median", "p20", "p80", "min", "repeats"}`` (seconds).
     """
     fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
@@ -110,28 +105,26 @@ def time_call(fn: Union[Callable[[], object], List[Callable[[], object]]], *, re
         fns[i % len(fns)]()
     _sync(device)
     if target_s is not None:
-        probe = time_call(fns[1 % len(fns)], repeats=1, warmup=0, device=device)["median"]
-        repeats = max(repeats, int(target_s / max(probe, 1e-6)))
-        repeats = min(repeats, max_repeats or repeats)
-    times, events = [], []
-    started = time.perf_counter()
+        probe = max(time_call(fns[1 % len(fns)], repeats=1, warmup=0, device=device)["median"], 1e-6)
+        fits = int(max_seconds / probe) if max_seconds is not None else repeats + int(target_s / probe)
+        repeats, max_seconds = max(1, min(max(repeats, int(target_s / probe)), max_repeats or repeats, fits)), None
+    times, events, started = [], [], time.perf_counter()
     for i in range(repeats):
-        call = fns[i % len(fns)]
         if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            events.append((start, end))
+            events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            events[-1][0].record()
+            fns[i % len(fns)]()
+            events[-1][1].record()
+            if max_seconds is not None:  # the time spent is only known once the call is done
+                events[-1][1].synchronize()
         else:
             t0 = time.perf_counter()
-            call()
+            fns[i % len(fns)]()
             times.append(time.perf_counter() - t0)
         if max_seconds is not None and i >= 2 and time.perf_counter() - started > max_seconds:
             break
-    if events:
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) / 1e3 for s, e in events]
+    _sync(device)
+    times = [s.elapsed_time(e) / 1e3 for s, e in events] or times
     return {"median": statistics.median(times), "p20": _percentile(times, 0.2), "p80": _percentile(times, 0.8),
             "min": min(times), "repeats": len(times)}
 
@@ -143,23 +136,15 @@ def time_call(fn: Union[Callable[[], object], List[Callable[[], object]]], *, re
 # pages back to the OS, so memory freed by earlier calls cannot be silently reused and hide
 # a new peak. Anything that is not malloc/torch's CPU allocator (e.g. a CUDA context) is
 # outside what this sees, and RSS counts every allocation, tensors or not (FAISS, numpy).
-def _proc_kib(path: str, field: str) -> Optional[int]:
+def _rss_bytes(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process; without /proc, the peak since it started."""
     try:
-        with open(path) as f:
-            if field == "statm":  # resident pages, second number
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-            return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
+        with open("/proc/self/status") as f:
+            return 1024 * next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
     except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def _high_water_bytes() -> int:
-    kib = _proc_kib("/proc/self/status", "VmHWM")
-    if kib is None:  # no /proc: the process's peak since it started (Linux ru_maxrss is in KiB)
         import resource
 
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux ru_maxrss is in KiB
 
 
 def _reset_peak_rss() -> bool:
@@ -191,9 +176,9 @@ def measure_peak(fn: Callable[[], object], device: str = "cpu") -> tuple:
         extra = torch.cuda.max_memory_allocated() - base
         return result, max(0, extra), "torch.cuda.max_memory_allocated above the allocated memory before the call"
     reset = _reset_peak_rss()
-    base = (_proc_kib("/proc/self/statm", "statm") or 0) * 1024 if reset else _high_water_bytes()
+    base = _rss_bytes("VmRSS" if reset else "VmHWM")
     result = fn()
-    extra = max(0, _high_water_bytes() - base)
+    extra = max(0, _rss_bytes("VmHWM") - base)
     how = ("(VmHWM reset via /proc/self/clear_refs, free heap trimmed first)" if reset else
            "(VmHWM could not be reset: only growth past the process's earlier peak is seen)")
     return result, extra, "peak RSS above the RSS before the call " + how

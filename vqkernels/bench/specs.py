@@ -58,9 +58,6 @@ class Case:
         flops, nbytes = self.spec.work(self, self.torch_dtype.itemsize)
         return {"flops": flops, "bytes": nbytes}
 
-    def throughput_unit(self) -> str:
-        return self.spec.unit
-
     def throughput(self, seconds: float) -> float:
         return self.spec.count(self) / seconds
 
@@ -111,7 +108,9 @@ class OpSpec:
 SPECS: Dict[str, OpSpec] = {}
 
 
-def register(spec: OpSpec) -> OpSpec:
+def register(spec):
+    """Add an :class:`OpSpec` (or a function that builds one, as a decorator) to the registry."""
+    spec = spec if isinstance(spec, OpSpec) else spec()
     SPECS[spec.name] = spec
     return spec
 
@@ -190,12 +189,6 @@ def _kernel(op: str, backend: str, device, dtype, *args):
 
 
 # --------------------------------------------------------------------------- assign
-def _matmul_rtol_key(x: torch.Tensor):
-    if x.is_cuda and x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return None
-
-
 def pick_distances(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str) -> torch.Tensor:
     """Exact fp64 distance ``[N]`` of each row ``x [N, D]`` to its picked code (inf for an invalid pick)."""
     cf = codebook.double()
@@ -218,7 +211,8 @@ def assignment_agreement(x, codebook, picks: Dict[str, torch.Tensor], metric: st
         return {}
     dist = {name: pick_distances(x, codebook, idx, metric) for name, idx in picks.items()}
     best = torch.stack(list(dist.values())).min(0).values
-    tol = tolerance(x, codebook, metric, rtol_key=_matmul_rtol_key(x)).to(best)
+    tf32 = x.is_cuda and x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    tol = tolerance(x, codebook, metric, rtol_key="tf32" if tf32 else None).to(best)
     checks = {}
     for name, d in dist.items():
         agree = d <= best + tol
@@ -229,54 +223,15 @@ def assignment_agreement(x, codebook, picks: Dict[str, torch.Tensor], metric: st
     return checks
 
 
-def _ours_assign(case, inp, b, opts):
-    x, c = inp["x"], inp["codebook"]
-    if opts.kernel_level:
-        return Prepared(lambda: _kernel("assign", b, x.device, x.dtype, x[None], c[None], case.metric)[0][0])
-    return Prepared(lambda: vqkernels.assign(x, c, case.metric, backend=b).indices)
-
-
-def _cdist_assign(case, inp, device, opts):
-    dense_guard(case, opts, "torch.cdist")
-    x, c = normalized(inp["x"], case.metric), normalized(inp["codebook"], case.metric)
-    return Prepared(lambda: torch.cdist(x, c).argmin(1))
-
-
-def _faiss_assign(case, inp, device, opts):
-    faiss = import_peer("faiss")
-    x, c = inp["x"], inp["codebook"]
-    cosine = case.metric == "cosine"
-    gpu = device == "cuda"
-    if gpu:
-        if not hasattr(faiss, "StandardGpuResources"):
-            raise Skip("this faiss build has no GPU index (faiss-cpu)")
-        importlib.import_module("faiss.contrib.torch_utils")  # lets the GPU index take torch tensors
-        res = faiss.StandardGpuResources()
-
-    def fn():
-        xs, cs = normalized(x.float(), case.metric).contiguous(), normalized(c.float(), case.metric).contiguous()
-        if gpu:
-            index = faiss.GpuIndexFlatIP(res, case.D) if cosine else faiss.GpuIndexFlatL2(res, case.D)
-            index.add(cs)
-            return index.search(xs, 1)[1][:, 0]
-        index = faiss.IndexFlatIP(case.D) if cosine else faiss.IndexFlatL2(case.D)
-        index.add(cs.numpy())
-        return torch.from_numpy(index.search(xs.numpy(), 1)[1][:, 0])
-
-    return Prepared(fn)
-
-
 def _vqp_module(case, codes, device, training):
+    """vector-quantize-pytorch's VectorQuantize with our hyper-parameters and codebook ``codes [K, D]``."""
     vqp = import_peer("vector_quantize_pytorch")
-    vq = vqp.VectorQuantize(
-        dim=case.D, codebook_size=case.K, decay=DECAY, eps=EPS, kmeans_init=False,
-        use_cosine_sim=case.metric == "cosine", rotation_trick=False, commitment_weight=1.0,
-    ).to(device)
-    vq.train(training)
+    vq = vqp.VectorQuantize(dim=case.D, codebook_size=case.K, decay=DECAY, eps=EPS, kmeans_init=False,
+                            use_cosine_sim=case.metric == "cosine", rotation_trick=False, commitment_weight=1.0)
+    vq.to(device).train(training)
     try:
         with torch.no_grad():
-            book = vq._codebook
-            src = normalized(codes.float(), case.metric)
+            book, src = vq._codebook, normalized(codes.float(), case.metric)
             book.embed.copy_(src.reshape(book.embed.shape))
             book.embed_avg.copy_(src.reshape(book.embed_avg.shape))
             book.cluster_size.fill_(1.0)
@@ -285,408 +240,388 @@ def _vqp_module(case, codes, device, training):
     return vq
 
 
-def _vqp_assign(case, inp, device, opts):
-    dense_guard(case, opts, "VectorQuantize (cdist + argmax)")
-    x = inp["x"]
-    vq = _vqp_module(case, inp["codebook"], device, training=False)
-
-    def fn():
-        with torch.no_grad():
-            return vq(x.unsqueeze(0))[1].reshape(-1)
-
-    return Prepared(fn)
-
-
-def _flash_kmeans_assign(case, inp, device, opts):
-    if device != "cuda":
-        raise Skip("flash-kmeans runs on CUDA only")
-    if case.metric != "l2":
-        raise Skip("flash-kmeans' assignment kernel here is the Euclidean one")
-    run = getattr(import_peer("flash_kmeans.assign_euclid_triton"), "euclid_assign_triton", None)
-    if run is None:
-        raise Skip("this flash-kmeans has no euclid_assign_triton")
-    x, c = inp["x"].unsqueeze(0), inp["codebook"].unsqueeze(0)
-    x_sq = x.float().pow(2).sum(-1).to(x.dtype)  # computed once per input set, as their k-means does
-    return Prepared(lambda: run(x, c, x_sq)[0])
-
-
-def _assign_targets(row):
-    ours_, faiss = best_result(row, "vqkernels[chunked]"), best_result(row, "faiss.")
-    if row["metric"] != "l2" or row["dtype"] != "fp32" or not (ours_ and faiss):
-        return []
-    ratio, big = ours_["median_s"] / faiss["median_s"], row["D"] >= 32
-    return [{"target": f"assign chunked / faiss.IndexFlatL2, {row['label']}", "value": ratio, "unit": "x time",
-             "goal": "<= 1.5x FAISS" if big else "as close to FAISS as possible", "met": ratio <= 1.5 if big else None}]
-
-
-def _assign_inputs(case, g):
-    return {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
-            "codebook": torch.randn(case.K, case.D, generator=g).to(case.torch_dtype)}
-
-
 def _assign_work(case, e):
     return 2 * case.N * case.K * case.D, e * (case.N + case.K) * case.D + 12 * case.N
 
 
-register(OpSpec(
-    "assign", "assign (nearest code)",
-    "exact fp64 distance of each pick <= best pick of any contender + dtype tolerance",
-    ("metric", "N", "K", "D", "dtype"),
-    {"smoke": [Case("assign", 256, 64, 8), Case("assign", 256, 64, 8, metric="cosine")],
-     "cpu-quick": _cases("assign", 2048, (256, 1024, 4096), (8, 64)) + _cases("assign", 2048, (1024,), (64,), metrics=("cosine",)),
-     "cpu-full": (_cases("assign", 8192, (1024, 4096, 16384), (8, 32, 64))
-                  + _cases("assign", 8192, (1024, 16384), (64,), metrics=("cosine",))
-                  + _cases("assign", 8192, (4096,), (64,), dtypes=("bf16",))),
-     "cuda-quick": (_cases("assign", 65536, (1024, 16384), (64,), dtypes=("fp32", "bf16"))
-                    + _cases("assign", 65536, (16384,), (64,), dtypes=("bf16",), metrics=("cosine",))),
-     "cuda-full": (_cases("assign", 65536, (1024, 4096, 16384, 65536), (64, 256), dtypes=("fp32", "bf16"))
-                   + _cases("assign", 65536, (4096, 65536), (64,), dtypes=("bf16",), metrics=("cosine",)))},
-    _assign_inputs,
-    ours("vqkernels[{}]", _ours_assign) + [
-        Contender("faiss.IndexFlat", "peer", _faiss_assign),
-        Contender("torch.cdist+argmin", "peer", _cdist_assign),
-        Contender("vqp.VectorQuantize(eval)", "peer", _vqp_assign),
-        Contender("flash_kmeans.assign", "peer", _flash_kmeans_assign)],
-    lambda case, inp, outputs: assignment_agreement(inp["x"], inp["codebook"], outputs, case.metric),
-    _assign_work,
-    lambda case: case.N * case.K * case.D,
-    targets=_assign_targets,
-))
+@register
+def _assign() -> OpSpec:
+    def ours_(case, inp, b, opts):
+        x, c = inp["x"], inp["codebook"]
+        if opts.kernel_level:
+            return Prepared(lambda: _kernel("assign", b, x.device, x.dtype, x[None], c[None], case.metric)[0][0])
+        return Prepared(lambda: vqkernels.assign(x, c, case.metric, backend=b).indices)
+
+    def cdist(case, inp, device, opts):
+        dense_guard(case, opts, "torch.cdist")
+        x, c = normalized(inp["x"], case.metric), normalized(inp["codebook"], case.metric)
+        return Prepared(lambda: torch.cdist(x, c).argmin(1))
+
+    def faiss_flat(case, inp, device, opts):
+        faiss, x, c, cosine = import_peer("faiss"), inp["x"], inp["codebook"], case.metric == "cosine"
+        if device == "cuda":
+            if not hasattr(faiss, "StandardGpuResources"):
+                raise Skip("this faiss build has no GPU index (faiss-cpu)")
+            importlib.import_module("faiss.contrib.torch_utils")  # lets the GPU index take torch tensors
+            res = faiss.StandardGpuResources()
+
+        def fn():
+            xs, cs = normalized(x.float(), case.metric).contiguous(), normalized(c.float(), case.metric).contiguous()
+            if device == "cuda":
+                index = faiss.GpuIndexFlatIP(res, case.D) if cosine else faiss.GpuIndexFlatL2(res, case.D)
+                index.add(cs)
+                return index.search(xs, 1)[1][:, 0]
+            index = faiss.IndexFlatIP(case.D) if cosine else faiss.IndexFlatL2(case.D)
+            index.add(cs.numpy())
+            return torch.from_numpy(index.search(xs.numpy(), 1)[1][:, 0])
+        return Prepared(fn)
+
+    def vqp_eval(case, inp, device, opts):
+        dense_guard(case, opts, "VectorQuantize (cdist + argmax)")
+        x, vq = inp["x"], _vqp_module(case, inp["codebook"], device, training=False)
+        return Prepared(torch.no_grad()(lambda: vq(x.unsqueeze(0))[1].reshape(-1)))
+
+    def flash_kmeans(case, inp, device, opts):
+        if device != "cuda":
+            raise Skip("flash-kmeans runs on CUDA only")
+        if case.metric != "l2":
+            raise Skip("flash-kmeans' assignment kernel here is the Euclidean one")
+        run = getattr(import_peer("flash_kmeans.assign_euclid_triton"), "euclid_assign_triton", None)
+        if run is None:
+            raise Skip("this flash-kmeans has no euclid_assign_triton")
+        x, c = inp["x"].unsqueeze(0), inp["codebook"].unsqueeze(0)
+        x_sq = x.float().pow(2).sum(-1).to(x.dtype)  # once per input set, as their k-means does
+        return Prepared(lambda: run(x, c, x_sq)[0])
+
+    def targets(row):
+        ours, faiss = best_result(row, "vqkernels[chunked]"), best_result(row, "faiss.")
+        if row["metric"] != "l2" or row["dtype"] != "fp32" or not (ours and faiss):
+            return []
+        ratio, big = ours["median_s"] / faiss["median_s"], row["D"] >= 32
+        return [{"target": f"assign chunked / faiss.IndexFlatL2, {row['label']}", "value": ratio, "unit": "x time",
+                 "goal": "<= 1.5x FAISS" if big else "as close to FAISS as possible", "met": ratio <= 1.5 if big else None}]
+
+    return OpSpec(
+        "assign", "assign (nearest code)",
+        "exact fp64 distance of each pick <= best pick of any contender + dtype tolerance",
+        ("metric", "N", "K", "D", "dtype"),
+        {"smoke": [Case("assign", 256, 64, 8), Case("assign", 256, 64, 8, metric="cosine")],
+         "cpu-quick": _cases("assign", 2048, (256, 1024, 4096), (8, 64)) + _cases("assign", 2048, (1024,), (64,),
+                                                                                  metrics=("cosine",)),
+         "cpu-full": (_cases("assign", 8192, (1024, 4096, 16384), (8, 32, 64))
+                      + _cases("assign", 8192, (1024, 16384), (64,), metrics=("cosine",))
+                      + _cases("assign", 8192, (4096,), (64,), dtypes=("bf16",))),
+         "cuda-quick": (_cases("assign", 65536, (1024, 16384), (64,), dtypes=("fp32", "bf16"))
+                        + _cases("assign", 65536, (16384,), (64,), dtypes=("bf16",), metrics=("cosine",))),
+         "cuda-full": (_cases("assign", 65536, (1024, 4096, 16384, 65536), (64, 256), dtypes=("fp32", "bf16"))
+                       + _cases("assign", 65536, (4096, 65536), (64,), dtypes=("bf16",), metrics=("cosine",)))},
+        lambda case, g: {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
+                         "codebook": torch.randn(case.K, case.D, generator=g).to(case.torch_dtype)},
+        ours("vqkernels[{}]", ours_) + [
+            Contender("faiss.IndexFlat", "peer", faiss_flat), Contender("torch.cdist+argmin", "peer", cdist),
+            Contender("vqp.VectorQuantize(eval)", "peer", vqp_eval),
+            Contender("flash_kmeans.assign", "peer", flash_kmeans)],
+        lambda case, inp, outputs: assignment_agreement(inp["x"], inp["codebook"], outputs, case.metric),
+        _assign_work, lambda case: case.N * case.K * case.D, targets=targets)
 
 
 # --------------------------------------------------------------------------- histogram
-def _ours_histogram(case, inp, b, opts):
-    idx = inp["indices"]
-    if opts.kernel_level:
-        return Prepared(lambda: _kernel("histogram", b, idx.device, None, idx[None], case.K, None)[0])
-    return Prepared(lambda: vqkernels.histogram(idx, case.K, backend=b))
+def _per_code(outputs: dict, good: Callable[[Any], torch.Tensor]) -> Dict[str, Check]:
+    """One Check per contender from ``good(output) -> bool [K]``: which codes agree."""
+    return {name: Check(float(g.double().mean()), bool(g.all())) for name, g in ((n, good(o)) for n, o in outputs.items())}
 
 
-def _check_histogram(case, inp, outputs):
-    truth = torch.bincount(inp["indices"], minlength=case.K)
-    checks = {}
-    for name, counts in outputs.items():
-        same = counts.to(truth.device).long().reshape(-1) == truth
-        checks[name] = Check(float(same.double().mean()), bool(same.all()))
-    return checks
+@register
+def _histogram() -> OpSpec:
+    def ours_(case, inp, b, opts):
+        idx = inp["indices"]
+        if opts.kernel_level:
+            return Prepared(lambda: _kernel("histogram", b, idx.device, None, idx[None], case.K, None)[0])
+        return Prepared(lambda: vqkernels.histogram(idx, case.K, backend=b))
 
+    def check(case, inp, outputs):
+        truth = torch.bincount(inp["indices"], minlength=case.K)
+        return _per_code(outputs, lambda counts: counts.to(truth.device).long().reshape(-1) == truth)
 
-register(OpSpec(
-    "histogram", "histogram (code usage)", "counts equal torch.bincount exactly", ("N", "K"),
-    {"smoke": [Case("histogram", 1024, 64, 1)], "cpu-quick": [Case("histogram", 262144, 4096, 1)],
-     "cpu-full": [Case("histogram", 1 << 20, K, 1) for K in (1024, 65536)],
-     "cuda-quick": [Case("histogram", 1 << 22, 16384, 1)],
-     "cuda-full": [Case("histogram", 1 << 24, K, 1) for K in (1024, 65536)]},
-    # skewed usage (as a real codebook's), so some bins are hot and many are cold
-    lambda case, g: {"indices": (torch.rand(case.N, generator=g).pow(2) * case.K).long().clamp_max(case.K - 1)},
-    ours("vqkernels[{}]", _ours_histogram, dtype=lambda c: None) + [Contender(
-        "torch.bincount", "peer", lambda case, inp, device, opts: Prepared(
-            lambda: torch.bincount(inp["indices"], minlength=case.K)))],
-    _check_histogram,
-    lambda case, e: (0, 8 * case.N + 8 * case.K),
-    lambda case: case.N * case.K,
-))
+    return OpSpec(
+        "histogram", "histogram (code usage)", "counts equal torch.bincount exactly", ("N", "K"),
+        {"smoke": [Case("histogram", 1024, 64, 1)], "cpu-quick": [Case("histogram", 262144, 4096, 1)],
+         "cpu-full": [Case("histogram", 1 << 20, K, 1) for K in (1024, 65536)],
+         "cuda-quick": [Case("histogram", 1 << 22, 16384, 1)],
+         "cuda-full": [Case("histogram", 1 << 24, K, 1) for K in (1024, 65536)]},
+        # skewed usage (as a real codebook's), so some bins are hot and many are cold
+        lambda case, g: {"indices": (torch.rand(case.N, generator=g).pow(2) * case.K).long().clamp_max(case.K - 1)},
+        ours("vqkernels[{}]", ours_, dtype=lambda c: None) + [Contender(
+            "torch.bincount", "peer", lambda case, inp, device, opts: Prepared(
+                lambda: torch.bincount(inp["indices"], minlength=case.K)))],
+        check, lambda case, e: (0, 8 * case.N + 8 * case.K), lambda case: case.N * case.K)
 
 
 # --------------------------------------------------------------------------- cluster_stats
-def _ours_stats(case, inp, b, opts):
-    x, idx, det = inp["x"], inp["indices"], case.variant == "deterministic"
-    if opts.kernel_level:
-        return Prepared(lambda: tuple(t[0] for t in _kernel("cluster_stats", b, x.device, x.dtype, x[None], idx[None],
-                                                              case.K, det)))
-    return Prepared(lambda: tuple(vqkernels.cluster_stats(x, idx, case.K, deterministic=det, backend=b)))
+def _stats_work(case, e):
+    return case.N * case.D, e * case.N * case.D + 8 * case.N + 4 * case.K * (case.D + 1)
 
 
-def _index_add_stats(case, inp, device, opts):
-    x, idx = inp["x"], inp["indices"]
-    return Prepared(lambda: (torch.bincount(idx, minlength=case.K).float(),
-                             torch.zeros(case.K, case.D, device=x.device).index_add_(0, idx, x.float())))
+@register
+def _stats() -> OpSpec:
+    def ours_(case, inp, b, opts):
+        x, idx, det = inp["x"], inp["indices"], case.variant == "deterministic"
+        if opts.kernel_level:
+            return Prepared(lambda: tuple(t[0] for t in _kernel("cluster_stats", b, x.device, x.dtype, x[None],
+                                                                  idx[None], case.K, det)))
+        return Prepared(lambda: tuple(vqkernels.cluster_stats(x, idx, case.K, deterministic=det, backend=b)))
 
+    def index_add(case, inp, device, opts):
+        x, idx = inp["x"], inp["indices"]
+        return Prepared(lambda: (torch.bincount(idx, minlength=case.K).float(),
+                                 torch.zeros(case.K, case.D, device=x.device).index_add_(0, idx, x.float())))
 
-def _one_hot_stats(case, inp, device, opts):
-    """vector-quantize-pytorch's way: a dense one-hot [N, K] and a matmul."""
-    dense_guard(case, opts, "one_hot + matmul", count=2)
-    x, idx = inp["x"], inp["indices"]
+    def one_hot(case, inp, device, opts):
+        """vector-quantize-pytorch's way: a dense one-hot [N, K] and a matmul."""
+        dense_guard(case, opts, "one_hot + matmul", count=2)
+        x, idx = inp["x"], inp["indices"]
 
-    def fn():
-        onehot = F.one_hot(idx, case.K).float()
-        return onehot.sum(0), onehot.t() @ x.float()
+        def fn():
+            onehot = F.one_hot(idx, case.K).float()
+            return onehot.sum(0), onehot.t() @ x.float()
+        return Prepared(fn)
 
-    return Prepared(fn)
+    def check(case, inp, outputs):
+        x, idx = inp["x"].double(), inp["indices"]
+        counts = torch.bincount(idx, minlength=case.K).double()
+        sums = torch.zeros(case.K, case.D, dtype=torch.float64, device=x.device).index_add_(0, idx, x)
+        scale = torch.zeros(case.K, dtype=torch.float64, device=x.device).index_add_(0, idx, x.abs().sum(1))
+        tol = 1e-5 * scale.unsqueeze(1) + 1e-6  # fp32 summation of the rows of one code
+        return _per_code(outputs, lambda cs: (cs[0].double().to(x.device) == counts)
+                         & ((cs[1].double().to(x.device) - sums).abs() <= tol).all(1))
 
-
-def _check_stats(case, inp, outputs):
-    x, idx = inp["x"].double(), inp["indices"]
-    counts = torch.bincount(idx, minlength=case.K).double()
-    sums = torch.zeros(case.K, case.D, dtype=torch.float64, device=x.device).index_add_(0, idx, x)
-    scale = torch.zeros(case.K, dtype=torch.float64, device=x.device).index_add_(0, idx, x.abs().sum(1))
-    tol = 1e-5 * scale.unsqueeze(1) + 1e-6  # fp32 summation of the rows of one code
-    checks = {}
-    for name, (c, s) in outputs.items():
-        good = (c.double().to(x.device) == counts) & ((s.double().to(x.device) - sums).abs() <= tol).all(1)
-        checks[name] = Check(float(good.double().mean()), bool(good.all()))
-    return checks
-
-
-register(OpSpec(
-    "stats", "cluster_stats (per-code counts and sums)", "counts exact, sums within 1e-5 * sum|x| of fp64",
-    ("N", "K", "D", "dtype"),
-    {"smoke": [Case("stats", 512, 64, 8)], "cpu-quick": [Case("stats", 16384, 1024, 64)],
-     "cpu-full": [Case("stats", 65536, K, 64) for K in (1024, 16384, 65536)],
-     "cuda-quick": [Case("stats", 1 << 20, 16384, 64)],
-     "cuda-full": [Case("stats", 1 << 22, K, 64) for K in (1024, 65536)]},
-    lambda case, g: {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
-                     "indices": torch.randint(0, case.K, (case.N,), generator=g)},
-    ours("vqkernels[{}]", _ours_stats) + [
-        Contender("torch.index_add_", "peer", _index_add_stats),
-        Contender("one_hot+matmul (vqp's way)", "peer", _one_hot_stats)],
-    _check_stats,
-    lambda case, e: (case.N * case.D, e * case.N * case.D + 8 * case.N + 4 * case.K * (case.D + 1)),
-    lambda case: case.N * case.K,
-    aliases=("cluster_stats",),
-))
+    return OpSpec(
+        "stats", "cluster_stats (per-code counts and sums)", "counts exact, sums within 1e-5 * sum|x| of fp64",
+        ("N", "K", "D", "dtype"),
+        {"smoke": [Case("stats", 512, 64, 8)], "cpu-quick": [Case("stats", 16384, 1024, 64)],
+         "cpu-full": [Case("stats", 65536, K, 64) for K in (1024, 16384, 65536)],
+         "cuda-quick": [Case("stats", 1 << 20, 16384, 64)],
+         "cuda-full": [Case("stats", 1 << 22, K, 64) for K in (1024, 65536)]},
+        lambda case, g: {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
+                         "indices": torch.randint(0, case.K, (case.N,), generator=g)},
+        ours("vqkernels[{}]", ours_) + [Contender("torch.index_add_", "peer", index_add),
+                                        Contender("one_hot+matmul (vqp's way)", "peer", one_hot)],
+        check, _stats_work, lambda case: case.N * case.K, aliases=("cluster_stats",))
 
 
 # --------------------------------------------------------------------------- ema_update_
-def _ema_state(inp):
-    return {k: inp[k].clone() for k in ("cluster_size", "embed_avg", "codebook")}
+def _ema_work(case, e):
+    return 4 * case.K * case.D, 4 * 5 * case.K * (case.D + 1) + e * case.K * case.D
 
 
-def _ours_ema(case, inp, b, opts):
-    s, counts, sums = _ema_state(inp), inp["counts"], inp["sums"]
-    if opts.kernel_level:
-        args = [t.unsqueeze(0) for t in (s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums)]
-        return Prepared(lambda: _kernel("ema_update", b, counts.device, case.torch_dtype, *args, DECAY, EPS)
-                        or s["codebook"], output=lambda cb: cb.clone())
-    return Prepared(lambda: vqkernels.ema_update_(s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums,
-                                                  DECAY, EPS, backend=b), output=lambda cb: cb.clone())
+@register
+def _ema() -> OpSpec:
+    def state(inp):
+        return {k: inp[k].clone() for k in ("cluster_size", "embed_avg", "codebook")}
 
+    def ours_(case, inp, b, opts):
+        s, counts, sums = state(inp), inp["counts"], inp["sums"]
+        if opts.kernel_level:
+            args = [t.unsqueeze(0) for t in (s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums)]
+            return Prepared(lambda: _kernel("ema_update", b, counts.device, case.torch_dtype, *args, DECAY, EPS)
+                            or s["codebook"], output=lambda cb: cb.clone())
+        return Prepared(lambda: vqkernels.ema_update_(s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums,
+                                                      DECAY, EPS, backend=b), output=lambda cb: cb.clone())
 
-def _torch_ema(case, inp, device, opts):
-    """The same update written as vector-quantize-pytorch writes it (eager torch)."""
-    s, counts, sums, K = _ema_state(inp), inp["counts"], inp["sums"], case.K
+    def eager(case, inp, device, opts):
+        """The same update written as vector-quantize-pytorch writes it (eager torch)."""
+        s, counts, sums, K = state(inp), inp["counts"], inp["sums"], case.K
 
-    def fn():
-        s["cluster_size"].lerp_(counts, 1 - DECAY)
-        s["embed_avg"].lerp_(sums, 1 - DECAY)
-        n = s["cluster_size"].sum()
-        smoothed = (s["cluster_size"] + EPS) / (n + K * EPS) * n
-        return s["codebook"].copy_(s["embed_avg"] / smoothed.unsqueeze(1))
+        def fn():
+            s["cluster_size"].lerp_(counts, 1 - DECAY)
+            s["embed_avg"].lerp_(sums, 1 - DECAY)
+            n = s["cluster_size"].sum()
+            return s["codebook"].copy_(s["embed_avg"] / ((s["cluster_size"] + EPS) / (n + K * EPS) * n).unsqueeze(1))
+        return Prepared(fn, output=lambda cb: cb.clone())
 
-    return Prepared(fn, output=lambda cb: cb.clone())
+    def inputs(case, g):
+        K, D = case.K, case.D
+        counts = torch.bincount(torch.randint(0, K, (max(4 * K, 1024),), generator=g), minlength=K).float()
+        return {"counts": counts, "sums": torch.randn(K, D, generator=g) * counts.unsqueeze(1).sqrt(),
+                "cluster_size": torch.rand(K, generator=g) * 4, "embed_avg": torch.randn(K, D, generator=g),
+                "codebook": torch.randn(K, D, generator=g).to(case.torch_dtype)}
 
+    def check(case, inp, outputs):
+        cs = inp["cluster_size"].double() * DECAY + inp["counts"].double() * (1 - DECAY)
+        ea = inp["embed_avg"].double() * DECAY + inp["sums"].double() * (1 - DECAY)
+        n = cs.sum()
+        truth = ea / ((cs + EPS) / (n + case.K * EPS) * n).unsqueeze(1)
+        rtol = 1e-4 if case.torch_dtype in (torch.float32, torch.float64) else 1e-2
+        return _per_code(outputs, lambda cb: ((cb.double().to(truth.device).reshape(truth.shape) - truth).abs()
+                                              <= rtol * truth.abs() + rtol).all(1))
 
-def _ema_inputs(case, g):
-    K, D = case.K, case.D
-    counts = torch.bincount(torch.randint(0, K, (max(4 * K, 1024),), generator=g), minlength=K).float()
-    return {"counts": counts, "sums": torch.randn(K, D, generator=g) * counts.unsqueeze(1).sqrt(),
-            "cluster_size": torch.rand(K, generator=g) * 4, "embed_avg": torch.randn(K, D, generator=g),
-            "codebook": torch.randn(K, D, generator=g).to(case.torch_dtype)}
-
-
-def _check_ema(case, inp, outputs):
-    cs = inp["cluster_size"].double() * DECAY + inp["counts"].double() * (1 - DECAY)
-    ea = inp["embed_avg"].double() * DECAY + inp["sums"].double() * (1 - DECAY)
-    n = cs.sum()
-    truth = ea / ((cs + EPS) / (n + case.K * EPS) * n).unsqueeze(1)
-    rtol = 1e-4 if case.torch_dtype in (torch.float32, torch.float64) else 1e-2
-    checks = {}
-    for name, cb in outputs.items():
-        good = ((cb.double().to(truth.device).reshape(truth.shape) - truth).abs() <= rtol * truth.abs() + rtol).all(1)
-        checks[name] = Check(float(good.double().mean()), bool(good.all()))
-    return checks
-
-
-register(OpSpec(
-    "ema", "ema_update_ (EMA statistics and codebook)", "codebook within 1e-4 (fp32) of the fp64 update",
-    ("K", "D", "dtype"),
-    {"smoke": [Case("ema", 0, 64, 8)], "cpu-quick": [Case("ema", 0, 16384, 64)],
-     "cpu-full": [Case("ema", 0, K, 64) for K in (1024, 16384, 65536)],
-     "cuda-quick": [Case("ema", 0, 65536, 64)], "cuda-full": [Case("ema", 0, K, 256) for K in (16384, 65536)]},
-    _ema_inputs,
-    ours("vqkernels[{}]", _ours_ema) + [Contender("torch eager (vqp's formulas)", "peer", _torch_ema)],
-    _check_ema,
-    lambda case, e: (4 * case.K * case.D, 4 * 5 * case.K * (case.D + 1) + e * case.K * case.D),
-    lambda case: case.K * case.D,
-    unit="codes/s", count=lambda case: case.K, aliases=("ema_update", "ema_update_"),
-))
+    return OpSpec(
+        "ema", "ema_update_ (EMA statistics and codebook)", "codebook within 1e-4 (fp32) of the fp64 update",
+        ("K", "D", "dtype"),
+        {"smoke": [Case("ema", 0, 64, 8)], "cpu-quick": [Case("ema", 0, 16384, 64)],
+         "cpu-full": [Case("ema", 0, K, 64) for K in (1024, 16384, 65536)],
+         "cuda-quick": [Case("ema", 0, 65536, 64)], "cuda-full": [Case("ema", 0, K, 256) for K in (16384, 65536)]},
+        inputs, ours("vqkernels[{}]", ours_) + [Contender("torch eager (vqp's formulas)", "peer", eager)],
+        check, _ema_work, lambda case: case.K * case.D,
+        unit="codes/s", count=lambda case: case.K, aliases=("ema_update", "ema_update_"))
 
 
 # --------------------------------------------------------------------------- Quantizer training step
-def _training_step(inp, device, vq):
-    D = inp["weight"].shape[0]
-    enc = torch.nn.Linear(D, D).to(device)
-    with torch.no_grad():
-        enc.weight.copy_(inp["weight"])
-        enc.bias.copy_(inp["bias"])
-    x, target = inp["x"], inp["target"]
+@register
+def _step() -> OpSpec:
+    def training_step(inp, device, vq):
+        D = inp["weight"].shape[0]
+        enc = torch.nn.Linear(D, D).to(device)
+        with torch.no_grad():
+            enc.weight.copy_(inp["weight"])
+            enc.bias.copy_(inp["bias"])
+        x, target = inp["x"], inp["target"]
 
-    def fn():
-        quantized, indices, vq_loss = vq(enc(x).unsqueeze(0))[:3]
-        (F.mse_loss(quantized.squeeze(0), target) + vq_loss.sum()).backward()
-        enc.zero_grad(set_to_none=True)
-        return indices.detach().reshape(-1)
+        def fn():
+            quantized, indices, vq_loss = vq(enc(x).unsqueeze(0))[:3]
+            (F.mse_loss(quantized.squeeze(0), target) + vq_loss.sum()).backward()
+            enc.zero_grad(set_to_none=True)
+            return indices.detach().reshape(-1)
+        return Prepared(fn)
 
-    return Prepared(fn)
+    def ours_(case, inp, b, opts):
+        q = vqkernels.Quantizer(case.D, case.K, decay=DECAY, eps=EPS, learning="ema", metric=case.metric,
+                                init="uniform", backend=b).to(inp["x"].device).train()
+        q.codebook = inp["codes"]
+        return training_step(inp, inp["x"].device, q)
 
+    def vqp_train(case, inp, device, opts):
+        dense_guard(case, opts, "VectorQuantize (cdist + one-hot)", count=2)
+        return training_step(inp, device, _vqp_module(case, inp["codes"], device, training=True))
 
-def _ours_step(case, inp, b, opts):
-    q = vqkernels.Quantizer(case.D, case.K, decay=DECAY, eps=EPS, learning="ema", metric=case.metric,
-                            init="uniform", backend=b).to(inp["x"].device).train()
-    q.codebook = inp["codes"]
-    return _training_step(inp, inp["x"].device, q)
+    def inputs(case, g):
+        N, D, bound = case.N, case.D, 1 / math.sqrt(case.D)  # nn.Linear's default init range
+        return {"weight": (torch.rand(D, D, generator=g) * 2 - 1) * bound,
+                "bias": (torch.rand(D, generator=g) * 2 - 1) * bound,
+                "x": torch.randn(N, D, generator=g), "target": torch.randn(N, D, generator=g),
+                "codes": torch.randn(case.K, D, generator=g) * (1 / math.sqrt(3))}  # the encoder outputs' scale
 
+    def check(case, inp, outputs):
+        z = torch.addmm(inp["bias"].double(), inp["x"].double(), inp["weight"].double().t())
+        return assignment_agreement(z, inp["codes"], outputs, case.metric)
 
-def _vqp_step(case, inp, device, opts):
-    dense_guard(case, opts, "VectorQuantize (cdist + one-hot)", count=2)
-    return _training_step(inp, device, _vqp_module(case, inp["codes"], device, training=True))
+    def work(case, e):  # the assignment dominates; encoder fwd/bwd is 6 N D^2
+        nbytes = _assign_work(case, e)[1] + _stats_work(case, e)[1] + _ema_work(case, e)[1] + 24 * case.N * case.D
+        return 2 * case.N * case.K * case.D + 6 * case.N * case.D ** 2, nbytes
 
+    def targets(row):
+        ours, vqp = best_result(row, "vqkernels.Quantizer", "vqkernels"), best_result(row, "vqp.")
+        if not (ours and vqp):
+            return []
+        speed, K = vqp["median_s"] / ours["median_s"], row["K"]
+        out = [{"target": f"step speed-up over vqp, {row['label']}", "value": speed, "unit": "x",
+                "goal": ">= 10x at K >= 4096" if K >= 4096 else "(K < 4096: reported only)",
+                "met": speed >= 10 if K >= 4096 else None}]
+        if ours.get("peak_mem_bytes") and vqp.get("peak_mem_bytes"):
+            mem = vqp["peak_mem_bytes"] / ours["peak_mem_bytes"]
+            out.append({"target": f"step peak-memory ratio vqp / ours, {row['label']}", "value": mem, "unit": "x",
+                        "goal": ">= 10x at K = 65536" if K >= 65536 else "(reported only)",
+                        "met": mem >= 10 if K >= 65536 else None})
+        return out
 
-def _step_inputs(case, g):
-    N, D, bound = case.N, case.D, 1 / math.sqrt(case.D)  # nn.Linear's default init range
-    return {"weight": (torch.rand(D, D, generator=g) * 2 - 1) * bound, "bias": (torch.rand(D, generator=g) * 2 - 1) * bound,
-            "x": torch.randn(N, D, generator=g), "target": torch.randn(N, D, generator=g),
-            "codes": torch.randn(case.K, D, generator=g) * (1 / math.sqrt(3))}  # the encoder outputs' scale
-
-
-def _step_targets(row):
-    ours_, vqp = best_result(row, "vqkernels.Quantizer", "vqkernels"), best_result(row, "vqp.")
-    if not (ours_ and vqp):
-        return []
-    speed, K = vqp["median_s"] / ours_["median_s"], row["K"]
-    out = [{"target": f"step speed-up over vqp, {row['label']}", "value": speed, "unit": "x",
-            "goal": ">= 10x at K >= 4096" if K >= 4096 else "(K < 4096: reported only)",
-            "met": speed >= 10 if K >= 4096 else None}]
-    if ours_.get("peak_mem_bytes") and vqp.get("peak_mem_bytes"):
-        mem = vqp["peak_mem_bytes"] / ours_["peak_mem_bytes"]
-        out.append({"target": f"step peak-memory ratio vqp / ours, {row['label']}", "value": mem, "unit": "x",
-                    "goal": ">= 10x at K = 65536" if K >= 65536 else "(reported only)",
-                    "met": mem >= 10 if K >= 65536 else None})
-    return out
-
-
-def _check_step(case, inp, outputs):
-    z = torch.addmm(inp["bias"].double(), inp["x"].double(), inp["weight"].double().t())
-    return assignment_agreement(z, inp["codes"], outputs, case.metric)
-
-
-def _step_work(case, e):  # the assignment dominates; encoder fwd/bwd is 6 N D^2
-    (af, ab), (_, sb), (_, eb) = _assign_work(case, e), SPECS["stats"].work(case, e), SPECS["ema"].work(case, e)
-    return 2 * case.N * case.K * case.D + 6 * case.N * case.D ** 2, ab + sb + eb + 24 * case.N * case.D
-
-
-register(OpSpec(
-    "step", "Quantizer training step (encoder fwd + quantize + loss + backward + EMA update)",
-    "first step's picks (same encoder, same codebook): exact distance <= best + dtype tolerance",
-    ("N", "K", "D", "dtype"),
-    {"smoke": [Case("step", 128, 256, 8)], "cpu-quick": [Case("step", 256, K, 32) for K in (1024, 16384, 65536)],
-     "cpu-full": [Case("step", 4096, K, 64) for K in (1024, 4096, 16384, 65536)],
-     "cuda-quick": [Case("step", 16384, K, 64) for K in (1024, 16384, 65536)],
-     "cuda-full": [Case("step", 16384, K, 64) for K in (1024, 4096, 16384, 65536)]},
-    _step_inputs,
-    ours("vqkernels.Quantizer[{}]", _ours_step, dtype=lambda c: torch.float32)
-    + [Contender("vqp.VectorQuantize(train)", "peer", _vqp_step)],
-    _check_step, _step_work, lambda case: case.N * case.K * case.D,
-    memory_subprocess=True, aliases=("train",), targets=_step_targets,
-))
+    return OpSpec(
+        "step", "Quantizer training step (encoder fwd + quantize + loss + backward + EMA update)",
+        "first step's picks (same encoder, same codebook): exact distance <= best + dtype tolerance",
+        ("N", "K", "D", "dtype"),
+        {"smoke": [Case("step", 128, 256, 8)], "cpu-quick": [Case("step", 256, K, 32) for K in (1024, 16384, 65536)],
+         "cpu-full": [Case("step", 4096, K, 64) for K in (1024, 4096, 16384, 65536)],
+         "cuda-quick": [Case("step", 16384, K, 64) for K in (1024, 16384, 65536)],
+         "cuda-full": [Case("step", 16384, K, 64) for K in (1024, 4096, 16384, 65536)]},
+        inputs, ours("vqkernels.Quantizer[{}]", ours_, dtype=lambda c: torch.float32)
+        + [Contender("vqp.VectorQuantize(train)", "peer", vqp_train)],
+        check, work, lambda case: case.N * case.K * case.D,
+        memory_subprocess=True, aliases=("train",), targets=targets)
 
 
 # --------------------------------------------------------------------------- kmeans
-def _ours_kmeans(case, inp, b, opts):
-    x, init = inp["x"], inp["init"]
-    return Prepared(lambda: vqkernels.kmeans(x, case.K, case.iters, metric=case.metric, tol=0.0, init_centroids=init,
-                                             backend=b).centroids)
+@register
+def _kmeans() -> OpSpec:
+    def ours_(case, inp, b, opts):
+        x, init = inp["x"], inp["init"]
+        return Prepared(lambda: vqkernels.kmeans(x, case.K, case.iters, metric=case.metric, tol=0.0,
+                                                 init_centroids=init, backend=b).centroids)
 
+    def faiss_kmeans(case, inp, device, opts):
+        faiss = import_peer("faiss")
+        if device != "cpu":
+            raise Skip("faiss.Kmeans is timed on CPU (its GPU path needs faiss-gpu and host arrays)")
+        x, init = inp["x"].float().contiguous().numpy(), inp["init"].contiguous().numpy()
 
-def _faiss_kmeans(case, inp, device, opts):
-    faiss = import_peer("faiss")
-    if device != "cpu":
-        raise Skip("faiss.Kmeans is timed on CPU (its GPU path needs faiss-gpu and host arrays)")
-    x, init = inp["x"].float().contiguous().numpy(), inp["init"].contiguous().numpy()
+        def fn():
+            km = faiss.Kmeans(case.D, case.K, niter=case.iters, seed=0, verbose=False, spherical=case.metric == "cosine",
+                              min_points_per_centroid=1, max_points_per_centroid=max(1, x.shape[0]))
+            km.train(x, init_centroids=init)
+            return torch.from_numpy(km.centroids.copy())
+        return Prepared(fn)
 
-    def fn():
-        km = faiss.Kmeans(case.D, case.K, niter=case.iters, seed=0, verbose=False, spherical=case.metric == "cosine",
-                          min_points_per_centroid=1, max_points_per_centroid=max(1, x.shape[0]))
-        km.train(x, init_centroids=init)
-        return torch.from_numpy(km.centroids.copy())
+    def fast_pytorch_kmeans(case, inp, device, opts):
+        mod = import_peer("fast_pytorch_kmeans")
+        dense_guard(case, opts, "fast_pytorch_kmeans' K x N mask")
+        x, init = inp["x"].float(), inp["init"]
 
-    return Prepared(fn)
+        def fn():
+            km = mod.KMeans(n_clusters=case.K, max_iter=case.iters, tol=-1.0, verbose=0,
+                            mode="cosine" if case.metric == "cosine" else "euclidean")
+            km.fit_predict(x, centroids=init.clone())
+            return km.centroids
+        return Prepared(fn)
 
+    def flash_kmeans(case, inp, device, opts):
+        if device != "cuda":
+            raise Skip("flash-kmeans runs on CUDA only")
+        fn_name = "batch_kmeans_Cosine" if case.metric == "cosine" else "batch_kmeans_Euclid"
+        run = getattr(import_peer("flash_kmeans"), fn_name, None)
+        if run is None:
+            raise Skip(f"this flash-kmeans has no {fn_name}")
+        x, init = inp["x"].unsqueeze(0), inp["init"].to(inp["x"].dtype).unsqueeze(0)
+        # tol=0: the shift test `shift < tol` never passes, so exactly `iters` iterations run
+        return Prepared(lambda: run(x, case.K, max_iters=case.iters, tol=0.0, init_centroids=init.clone(),
+                                    verbose=False)[1][0])
 
-def _fast_pytorch_kmeans(case, inp, device, opts):
-    mod = import_peer("fast_pytorch_kmeans")
-    dense_guard(case, opts, "fast_pytorch_kmeans' K x N mask")
-    x, init = inp["x"].float(), inp["init"]
+    def inputs(case, g):
+        N, K, D = case.N, case.K, case.D
+        centres = torch.randn(max(1, K // 4), D, generator=g) * 2
+        x = centres[torch.randint(0, centres.shape[0], (N,), generator=g)] + torch.randn(N, D, generator=g)
+        x = x.to(case.torch_dtype)
+        return {"x": x, "init": x[torch.randperm(N, generator=g)[:K]].float().clone()}
 
-    def fn():
-        km = mod.KMeans(n_clusters=case.K, max_iter=case.iters, tol=-1.0, verbose=0,
-                        mode="cosine" if case.metric == "cosine" else "euclidean")
-        km.fit_predict(x, centroids=init.clone())
-        return km.centroids
+    def check(case, inp, outputs, rtol: float = 0.01):
+        """k-means runs diverge legitimately (ties, empty clusters): compare the inertia of each
+        contender's centroids, recomputed exactly, with the best one (within 1%)."""
+        x, inertia = inp["x"].float(), {}
+        for name, centroids in outputs.items():
+            c = centroids.to(x.device).float()
+            backend = "reference" if x.shape[0] * case.K * case.D <= 1 << 24 else None
+            inertia[name] = float("inf") if not torch.isfinite(c).all() else float(pick_distances(
+                x, c, vqkernels.assign(x, c, case.metric, backend=backend).indices, case.metric).sum())
+        best = min(inertia.values()) if inertia else 0.0
+        oks = {name: value <= best * (1 + rtol) + 1e-9 for name, value in inertia.items()}
+        return {name: Check(float(ok), ok, f"inertia {inertia[name]:.6g} ({inertia[name] / best - 1:+.2%} vs best)"
+                            if best else "") for name, ok in oks.items()}
 
-    return Prepared(fn)
+    def work(case, e):
+        (af, ab), (_, sb) = _assign_work(case, e), _stats_work(case, e)
+        return case.iters * (af + case.N * case.D), case.iters * (ab + sb)
 
+    return OpSpec(
+        "kmeans", "kmeans (fixed Lloyd iterations, same initial centroids)",
+        "inertia of the returned centroids (recomputed exactly) within 1% of the best contender's",
+        ("N", "K", "D", "iters", "dtype"),
+        {"smoke": [Case("kmeans", 512, 16, 8, iters=2)], "cpu-quick": [Case("kmeans", 8192, 256, 32, iters=5)],
+         "cpu-full": [Case("kmeans", 32768, K, 32, iters=5) for K in (256, 1024, 4096)],
+         "cuda-quick": [Case("kmeans", 1 << 18, 1024, 64, iters=10)],
+         "cuda-full": [Case("kmeans", 1 << 20, K, 128, iters=10) for K in (1024, 8192)]},
+        inputs, ours("vqkernels.kmeans[{}]", ours_) + [
+            Contender("faiss.Kmeans", "peer", faiss_kmeans),
+            Contender("fast_pytorch_kmeans", "peer", fast_pytorch_kmeans),
+            Contender("flash_kmeans", "peer", flash_kmeans)],
+        check, work, lambda case: case.N * case.K * case.D * max(1, case.iters),
+        unit="row-iters/s", count=lambda case: case.N * case.iters)
 
-def _flash_kmeans(case, inp, device, opts):
-    if device != "cuda":
-        raise Skip("flash-kmeans runs on CUDA only")
-    fn_name = "batch_kmeans_Cosine" if case.metric == "cosine" else "batch_kmeans_Euclid"
-    run = getattr(import_peer("flash_kmeans"), fn_name, None)
-    if run is None:
-        raise Skip(f"this flash-kmeans has no {fn_name}")
-    x, init = inp["x"].unsqueeze(0), inp["init"].to(inp["x"].dtype).unsqueeze(0)
-    # tol=0: the shift test `shift < tol` never passes, so exactly `iters` iterations run
-    return Prepared(lambda: run(x, case.K, max_iters=case.iters, tol=0.0, init_centroids=init.clone(), verbose=False)[1][0])
-
-
-def _kmeans_inputs(case, g):
-    N, K, D = case.N, case.K, case.D
-    centres = torch.randn(max(1, K // 4), D, generator=g) * 2
-    x = (centres[torch.randint(0, centres.shape[0], (N,), generator=g)] + torch.randn(N, D, generator=g)).to(case.torch_dtype)
-    return {"x": x, "init": x[torch.randperm(N, generator=g)[:K]].float().clone()}
-
-
-def _check_kmeans(case, inp, outputs, rtol: float = 0.01):
-    """k-means runs diverge legitimately (ties, empty clusters): compare the inertia of each
-    contender's centroids, recomputed exactly, with the best one (within 1%)."""
-    x = inp["x"].float()
-    inertia = {}
-    for name, centroids in outputs.items():
-        c = centroids.to(x.device).float()
-        if not torch.isfinite(c).all():
-            inertia[name] = float("inf")
-            continue
-        backend = "reference" if x.shape[0] * case.K * case.D <= 1 << 24 else None
-        inertia[name] = float(pick_distances(x, c, vqkernels.assign(x, c, case.metric, backend=backend).indices,
-                                             case.metric).sum())
-    best = min(inertia.values()) if inertia else 0.0
-    checks = {}
-    for name, value in inertia.items():
-        ok = value <= best * (1 + rtol) + 1e-9
-        checks[name] = Check(1.0 if ok else 0.0, ok, f"inertia {value:.6g} ({value / best - 1:+.2%} vs best)" if best else "")
-    return checks
-
-
-def _kmeans_work(case, e):
-    (af, ab), (sf, sb) = _assign_work(case, e), SPECS["stats"].work(case, e)
-    return case.iters * (af + case.N * case.D), case.iters * (ab + sb)
-
-
-register(OpSpec(
-    "kmeans", "kmeans (fixed Lloyd iterations, same initial centroids)",
-    "inertia of the returned centroids (recomputed exactly) within 1% of the best contender's",
-    ("N", "K", "D", "iters", "dtype"),
-    {"smoke": [Case("kmeans", 512, 16, 8, iters=2)], "cpu-quick": [Case("kmeans", 8192, 256, 32, iters=5)],
-     "cpu-full": [Case("kmeans", 32768, K, 32, iters=5) for K in (256, 1024, 4096)],
-     "cuda-quick": [Case("kmeans", 1 << 18, 1024, 64, iters=10)],
-     "cuda-full": [Case("kmeans", 1 << 20, K, 128, iters=10) for K in (1024, 8192)]},
-    _kmeans_inputs,
-    ours("vqkernels.kmeans[{}]", _ours_kmeans) + [
-        Contender("faiss.Kmeans", "peer", _faiss_kmeans),
-        Contender("fast_pytorch_kmeans", "peer", _fast_pytorch_kmeans),
-        Contender("flash_kmeans", "peer", _flash_kmeans)],
-    _check_kmeans, _kmeans_work, lambda case: case.N * case.K * case.D * max(1, case.iters),
-    unit="row-iters/s", count=lambda case: case.N * case.iters,
-))
 
 OPS = tuple(SPECS)
