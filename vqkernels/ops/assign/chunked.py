@@ -14,8 +14,9 @@ therefore also marks a row *ambiguous* when its runner-up scores within the roun
 of its best (:func:`score_error_bound`). Pass 2 re-decides the ambiguous rows only: it
 rescores them, takes every code within the bound of the best as a candidate, and picks
 the candidate with the smallest exact distance (direct difference, the reference's
-formula) and, among equal distances, the lowest index -- the reference's rule. One host
-sync decides whether pass 2 runs; it syncs once per K tile only when it does.
+formula) and, among equal distances, the lowest index -- the reference's rule. (A few
+ambiguous rows are simply compared with every code of their codebook.) One host sync
+decides whether pass 2 runs; the candidate search syncs once per K tile when it does.
 
 ``distances`` is the winner's exact distance (:func:`vqkernels.ops._metrics.paired_distance`).
 """
@@ -133,7 +134,7 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
                 continue
             # second best over all tiles seen: of {best <= second} and {vals <= runner_up}
             second = torch.minimum(torch.maximum(best, vals), torch.minimum(second, runner_up))
-            better = vals < best  # strict: an equal score in a later tile keeps the earlier code
+            better = vals < best  # strict, though equal scores make the row ambiguous: pass 2 decides it
             best_idx = torch.where(better, idx + k0, best_idx)
             best = torch.where(better, vals, best)
         amb = second - best <= bound  # another code within the rounding bound of the best
@@ -143,7 +144,17 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
         ambiguous[:, n0:n1] = amb & torch.isfinite(bound)  # non-finite rows are masked by the op
         winners = codes.gather(1, best_idx.unsqueeze(-1).expand(-1, -1, D))
         distances[:, n0:n1] = _metrics.paired_distance(rows, winners, metric, normalized_inputs=True)
-    if bool(ambiguous.any()):  # the one host sync of a call without near-ties
+    amb_c, amb_n = ambiguous.nonzero(as_tuple=True)  # the one host sync of a call without near-ties
+    if amb_c.numel() == 0:
+        return indices, distances
+    if amb_c.numel() * K * D <= _budget(x.device.type):
+        # Few rows: decide them against every code of their codebook by the exact distance.
+        rows = _metrics.normalized(x[amb_c, amb_n].to(dtype), metric).unsqueeze(1)  # [M, 1, D]
+        exact = _metrics.paired_distance(rows, codes[amb_c], metric, normalized_inputs=True)  # [M, K]
+        best_d, best_i = exact.min(-1)  # the first minimum: the lowest index, as the reference
+        indices[amb_c, amb_n] = best_i
+        distances[amb_c, amb_n] = best_d
+    else:
         _redecide(x, codes, codes_t, centre, metric, best_scores + bounds, ambiguous, indices, distances, tile_k)
     return indices, distances
 
