@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import vqkernels
 from vqkernels import distributed as vqdist
+from vqkernels.codebook import Codebook
 from vqkernels.quantizer import Quantizer
 
 TIMEOUT_S = 180
@@ -147,7 +148,50 @@ def scenario_kmeans(rank, world):
     return out
 
 
-SCENARIOS = {"ema": scenario_ema, "restart": scenario_restart, "deferred": scenario_deferred, "kmeans": scenario_kmeans}
+def codebook_data(world, rank, steps=10):
+    """``[C=2, n, DIM]`` rows per step (codebook c around 20 c, moving by +6 after step 3) and
+    a row mask; the last rank never has a kept row."""
+    g = torch.Generator().manual_seed(500 * world + rank)
+    out = []
+    for s in range(steps):
+        z = torch.randn(2, 24 + 5 * rank, DIM, generator=g) + 20.0 * torch.arange(2).view(2, 1, 1) + (0.0 if s < 3 else 6.0)
+        keep = torch.rand(z.shape[1], generator=g) > 0.2
+        if rank == world - 1:
+            keep[:] = False
+        out.append((z, keep))
+    return out
+
+
+def train_codebooks(book, data, sync):
+    """The codebook state's training step, as a layer with C codebooks drives it."""
+    book.broadcast_(sync)
+    for z, keep in data:
+        if not book.is_initialised:
+            book.initialise_(z, keep, sync)
+        indices = vqkernels.assign(z, book.codes()).indices.masked_fill(~keep, -1)
+        book.update_(z, indices, keep, sync)
+    return {k: v.clone() for k, v in book.state_dict().items()}
+
+
+def scenario_codebooks(rank, world):
+    """A Codebook with C = 2 under the group hook: EMA statistics of both codebooks in one
+    all-reduce; k-means init, and dead-code restarts of both codebooks from all ranks' rows."""
+    sync = vqdist.sync_for(True)
+    torch.manual_seed(3000 + rank)  # different random codes per rank: the first call broadcasts rank 0's
+    ema = Codebook(8, DIM, num_codebooks=2, decay=0.9, deterministic=True)
+    torch.manual_seed(4000 + rank)
+    restart = Codebook(8, DIM, num_codebooks=2, init="kmeans", kmeans_iters=3, dead_code_threshold=2.0)
+    data = codebook_data(world, rank)
+    return {"ema": train_codebooks(ema, data[:3], sync), "restart": train_codebooks(restart, data, sync)}
+
+
+SCENARIOS = {
+    "ema": scenario_ema,
+    "restart": scenario_restart,
+    "deferred": scenario_deferred,
+    "kmeans": scenario_kmeans,
+    "codebooks": scenario_codebooks,
+}
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -253,6 +297,24 @@ def test_deferred_switch_uses_all_ranks_reservoirs(world_results):
     for rank in range(world):  # every rank's region holds codes: k-means saw the union
         near = (embed - 10.0 * rank).norm(dim=1).min()
         assert float(near) < 3.0, f"no code near rank {rank}'s data"
+
+
+def test_codebook_axis_sync_matches_single_process_and_restarts_from_all_ranks(world_results):
+    world, results = world_results
+    for name in ("ema", "restart"):
+        assert_same_across_ranks([r["codebooks"][name] for r in results], f"codebooks {name}")
+    torch.manual_seed(3000)  # rank 0's construction seed: its codes are the ones broadcast
+    ref = Codebook(8, DIM, num_codebooks=2, decay=0.9, deterministic=True)
+    per_rank = [codebook_data(world, r)[:3] for r in range(world)]
+    union = [(torch.cat([d[s][0] for d in per_rank], 1), torch.cat([d[s][1] for d in per_rank])) for s in range(3)]
+    want = train_codebooks(ref, union, vqdist.LOCAL)
+    got = results[0]["codebooks"]["ema"]
+    for k in ("embed", "embed_avg", "cluster_size"):
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    embed = results[0]["codebooks"]["restart"]["embed"]
+    for c in range(2):  # re-seeded from the moved rows of codebook c's own view (around 20 c + 6)
+        moved = ((embed[c] - (20.0 * c + 6.0)).norm(dim=1) < 4).sum()
+        assert int(moved) >= 5, f"codebook {c}: only {int(moved)} codes re-seeded from the moved data"
 
 
 def test_distributed_kmeans_matches_single_process_on_the_union(world_results):
