@@ -25,22 +25,27 @@ enum class AssignKernel : int { kAuto = 0, kMma = 1, kSimt = 2 };
 constexpr int64_t kSimtMaxD = 32;
 // The largest K: code indices travel in 32 bits next to a "no code" sentinel (0x7FFFFFFF).
 constexpr int64_t kMaxCodes = 0x7FFFFFFE;
+// The largest C (independent codebooks in one call): the codebook axis is a grid y/z
+// dimension of the assign and histogram kernels.
+constexpr int64_t kMaxCodebooks = 65535;
 
 struct DeviceInfo {
   int num_sms;
   int cc_major;
 };
 
+// Shapes below: C independent codebooks (C >= 1), N rows and K codes per codebook, D
+// features. Every buffer is contiguous.
 struct AssignArgs {
-  const void* x;         // [N, D]
-  const void* codebook;  // [K, D], same dtype
-  int64_t N, K, D;
+  const void* x;         // [C, N, D]
+  const void* codebook;  // [C, K, D], same dtype
+  int64_t C, N, K, D;
   int metric;                 // 0 l2, 1 cosine, 2 dot
-  float* code_bias;           // [K] workspace
-  float* code_scale;          // [K] workspace
-  unsigned long long* keys;   // [N] workspace
-  int64_t* indices;           // [N] out
-  float* distances;           // [N] out
+  float* code_bias;           // [C, K] workspace
+  float* code_scale;          // [C, K] workspace
+  unsigned long long* keys;   // [C, N] workspace
+  int64_t* indices;           // [C, N] out, per-codebook code indices
+  float* distances;           // [C, N] out
   AssignKernel kernel;        // kAuto picks; kMma needs fp16/bf16 and sm_80+ (checked by the glue)
   bool vec_ok;                // D % 8 == 0 and x, codebook 16-byte aligned (16-bit dtypes)
   DeviceInfo dev;
@@ -60,45 +65,52 @@ cudaError_t assign_bf16(const AssignArgs& a);
 cudaError_t assign_f32(const AssignArgs& a);
 
 struct HistogramArgs {
-  const void* indices;  // [N]
+  const void* indices;  // [C, N]
   Index index_kind;
-  const void* weights;  // [N] or nullptr
+  const void* weights;  // [C, N] or nullptr
   Scalar weight_kind;
-  int64_t N, K;
-  void* out;       // [K], zeroed: int64 (no weights, out_float false) or float32
+  int64_t C, N, K;
+  void* out;       // [C, K], zeroed: int64 (no weights, out_float false) or float32
   bool out_float;  // counts as float32 (cluster_stats)
   DeviceInfo dev;
   cudaStream_t stream;
 };
 cudaError_t histogram(const HistogramArgs& a);
 
+// cluster_stats, atomic: cluster_stats_atomic. Deterministic: cluster_stats_keys writes one
+// sort key per row into `keys`, the glue stable-sorts them (sorted_keys, order), then
+// cluster_stats_sorted reduces each (codebook, code) run in a fixed order.
 struct ClusterStatsArgs {
-  const void* x;  // [N, D]
+  const void* x;  // [C, N, D]
   Scalar x_kind;
-  const void* indices;  // [N] (atomic) or the stably sorted indices (deterministic)
+  const void* indices;  // [C, N]
   Index index_kind;
-  const int64_t* order;  // deterministic: [N] sorted position -> row; atomic: unused
-  int64_t* starts;       // deterministic: [K + 1] workspace; atomic: unused
-  int64_t N, K, D;
-  float* counts;  // [K]: zeroed for atomic
-  float* sums;    // [K, D]: zeroed for atomic
+  int64_t C, N, K, D;
+  float* counts;  // [C, K]: zeroed for atomic
+  float* sums;    // [C, K, D]: zeroed for atomic
+  // deterministic only (unused by the atomic path):
+  int64_t* keys;                // [C * N] out of cluster_stats_keys: c * (K + 1) + code, masked -> code K
+  const int64_t* sorted_keys;   // [C * N] keys, stably sorted
+  const int64_t* order;         // [C * N] sorted position -> flattened row of x
+  int64_t* starts;              // [C * (K + 1) + 1] workspace
   DeviceInfo dev;
   cudaStream_t stream;
 };
 cudaError_t cluster_stats_atomic(const ClusterStatsArgs& a);
+cudaError_t cluster_stats_keys(const ClusterStatsArgs& a);
 cudaError_t cluster_stats_sorted(const ClusterStatsArgs& a);
 
 struct EmaArgs {
-  void* cluster_size;  // [H, K] stats dtype, in place
-  void* embed_avg;     // [H, K, D] stats dtype, in place
-  void* codebook;      // [H, K, D] codebook dtype, overwritten
-  const void* counts;  // [H, K] stats dtype
-  const void* sums;    // [H, K, D] stats dtype
+  void* cluster_size;  // [C, K] stats dtype, in place
+  void* embed_avg;     // [C, K, D] stats dtype, in place
+  void* codebook;      // [C, K, D] codebook dtype, overwritten
+  const void* counts;  // [C, K] stats dtype
+  const void* sums;    // [C, K, D] stats dtype
   Scalar stats_kind;   // kFloat or kDouble
   Scalar codebook_kind;
-  int64_t H, K, D;
+  int64_t C, K, D;
   double decay, eps;
-  double* n;  // [H] workspace
+  double* n;  // [C] workspace
   DeviceInfo dev;
   cudaStream_t stream;
 };

@@ -1,4 +1,6 @@
 // Launchers for histogram, cluster statistics and the EMA update (all dtype combinations).
+// Every op handles its C codebooks in one launch per kernel: a grid axis (histogram) or
+// the flattened C * N rows / C * K codes (the rest).
 #include <type_traits>
 
 #include <cuda_runtime.h>
@@ -14,10 +16,56 @@ namespace {
 // K <= 12288 codes (4-byte bins).
 constexpr size_t kHistSmemBytes = 48 * 1024;
 
-unsigned capped_blocks(int64_t need, int64_t per_sm, const DeviceInfo& dev) {
-  const int64_t cap = static_cast<int64_t>(dev.num_sms > 0 ? dev.num_sms : 1) * per_sm;
+constexpr unsigned kThreads = 256;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<T>{}) for the element type T of a kernel input: float16, bfloat16 or float32.
+template <typename F>
+cudaError_t with_float_type(Scalar kind, F&& f) {
+  switch (kind) {
+    case Scalar::kHalf:
+      return f(Tag<__half>{});
+    case Scalar::kBFloat16:
+      return f(Tag<__nv_bfloat16>{});
+    case Scalar::kFloat:
+      return f(Tag<float>{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// f(Tag<IndexT>{}) for code indices: int32 or int64.
+template <typename F>
+cudaError_t with_index_type(Index kind, F&& f) {
+  return kind == Index::kInt32 ? f(Tag<int32_t>{}) : f(Tag<int64_t>{});
+}
+
+// `need` blocks, but at least 1 and at most `cap`.
+unsigned clamp_blocks(int64_t need, int64_t cap) {
+  if (cap < 1) cap = 1;
   if (need < 1) need = 1;
   return static_cast<unsigned>(need < cap ? need : cap);
+}
+
+int64_t sms(const DeviceInfo& dev) { return dev.num_sms > 0 ? dev.num_sms : 1; }
+
+unsigned capped_blocks(int64_t need, int64_t per_sm, const DeviceInfo& dev) {
+  return clamp_blocks(need, sms(dev) * per_sm);
+}
+
+// Blocks per codebook when grid.y is the codebook axis: `need` for one codebook, with the
+// whole grid capped as capped_blocks caps one, but at least one block per codebook.
+unsigned blocks_per_codebook(int64_t need, int64_t C, int64_t per_sm, const DeviceInfo& dev) {
+  return clamp_blocks(need, sms(dev) * per_sm / C);
+}
+
+// Grid-stride blocks for `items` items of `per_block` each, at most per_sm blocks per SM.
+unsigned stride_blocks(int64_t items, int64_t per_block, int64_t per_sm, const DeviceInfo& dev) {
+  return capped_blocks((items + per_block - 1) / per_block, per_sm, dev);
 }
 
 // 2^p threads per row, the smallest power of two >= D, at most a warp.
@@ -36,11 +84,12 @@ cudaError_t launch_histogram_typed(const HistogramArgs& a) {
   const size_t smem = static_cast<size_t>(a.K) * sizeof(typename HistAcc<W>::type);
   if (smem <= kHistSmemBytes) {
     // Few blocks, many rows each: every block pays O(K) to clear and flush its private copy.
-    const unsigned blocks = capped_blocks((a.N + 256 * 8 - 1) / (256 * 8), 2, a.dev);
-    histogram_shared_kernel<IndexT, W, OutT><<<blocks, 256, smem, a.stream>>>(idx, w, a.N, K, out);
+    const dim3 grid(blocks_per_codebook((a.N + kThreads * 8 - 1) / (kThreads * 8), a.C, 2, a.dev),
+                    static_cast<unsigned>(a.C));
+    histogram_shared_kernel<IndexT, W, OutT><<<grid, kThreads, smem, a.stream>>>(idx, w, a.N, K, out);
   } else {
-    const unsigned blocks = capped_blocks((a.N + 255) / 256, 8, a.dev);
-    histogram_global_kernel<IndexT, W, OutT><<<blocks, 256, 0, a.stream>>>(idx, w, a.N, K, out);
+    const dim3 grid(blocks_per_codebook((a.N + kThreads - 1) / kThreads, a.C, 8, a.dev), static_cast<unsigned>(a.C));
+    histogram_global_kernel<IndexT, W, OutT><<<grid, kThreads, 0, a.stream>>>(idx, w, a.N, K, out);
   }
   return cudaGetLastError();
 }
@@ -56,122 +105,88 @@ cudaError_t launch_histogram_out(const HistogramArgs& a) {
 template <typename IndexT>
 cudaError_t launch_histogram_index(const HistogramArgs& a) {
   if (a.weights == nullptr) return launch_histogram_out<IndexT, NoWeight>(a);
-  switch (a.weight_kind) {
-    case Scalar::kHalf:
-      return launch_histogram_out<IndexT, __half>(a);
-    case Scalar::kBFloat16:
-      return launch_histogram_out<IndexT, __nv_bfloat16>(a);
-    case Scalar::kFloat:
-      return launch_histogram_out<IndexT, float>(a);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_float_type(a.weight_kind, [&](auto w) {
+    return launch_histogram_out<IndexT, typename decltype(w)::type>(a);
+  });
 }
 
 template <typename T, typename IndexT>
 cudaError_t launch_cluster_sums_atomic(const ClusterStatsArgs& a) {
   const int tpr_log2 = tpr_log2_for(a.D);
-  const int64_t rows_per_block = 256 >> tpr_log2;
-  const unsigned blocks = capped_blocks((a.N + rows_per_block - 1) / rows_per_block, 8, a.dev);
-  cluster_sums_atomic_kernel<T, IndexT><<<blocks, 256, 0, a.stream>>>(
-      static_cast<const T*>(a.x), static_cast<const IndexT*>(a.indices), a.N, static_cast<int>(a.K),
+  const int64_t rows = a.C * a.N;
+  cluster_sums_atomic_kernel<T, IndexT><<<stride_blocks(rows, kThreads >> tpr_log2, 8, a.dev), kThreads, 0, a.stream>>>(
+      static_cast<const T*>(a.x), static_cast<const IndexT*>(a.indices), a.N, rows, static_cast<int>(a.K),
       static_cast<int>(a.D), tpr_log2, a.sums);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_cluster_sums_atomic_x(const ClusterStatsArgs& a) {
-  return a.index_kind == Index::kInt32 ? launch_cluster_sums_atomic<T, int32_t>(a)
-                                       : launch_cluster_sums_atomic<T, int64_t>(a);
-}
-
-template <typename T>
-cudaError_t launch_segment_sums(const ClusterStatsArgs& a) {
-  const unsigned blocks = capped_blocks(a.K, 16, a.dev);
-  segment_sums_kernel<T><<<blocks, kSegWarps * 32, 0, a.stream>>>(static_cast<const T*>(a.x), a.order, a.starts,
-                                                                  static_cast<int>(a.K), static_cast<int>(a.D),
-                                                                  a.counts, a.sums);
   return cudaGetLastError();
 }
 
 template <typename S, typename T>
 cudaError_t launch_ema_typed(const EmaArgs& a) {
   const int K = static_cast<int>(a.K);
-  ema_sizes_kernel<S><<<static_cast<unsigned>(a.H), kEmaSizeThreads, 0, a.stream>>>(
+  ema_sizes_kernel<S><<<static_cast<unsigned>(a.C), kEmaSizeThreads, 0, a.stream>>>(
       static_cast<S*>(a.cluster_size), static_cast<const S*>(a.counts), K, a.decay, a.n);
   const int tpr_log2 = tpr_log2_for(a.D);
-  const int64_t rows = a.H * a.K;
-  const int64_t rows_per_block = 256 >> tpr_log2;
-  const unsigned blocks = capped_blocks((rows + rows_per_block - 1) / rows_per_block, 8, a.dev);
-  ema_embed_kernel<S, T><<<blocks, 256, 0, a.stream>>>(
+  const int64_t rows_per_block = kThreads >> tpr_log2;
+  const dim3 grid(blocks_per_codebook((a.K + rows_per_block - 1) / rows_per_block, a.C, 8, a.dev),
+                  static_cast<unsigned>(a.C));
+  ema_embed_kernel<S, T><<<grid, kThreads, 0, a.stream>>>(
       static_cast<S*>(a.embed_avg), static_cast<const S*>(a.sums), static_cast<const S*>(a.cluster_size), a.n,
-      static_cast<T*>(a.codebook), rows, K, static_cast<int>(a.D), tpr_log2, a.decay, a.eps);
+      static_cast<T*>(a.codebook), K, static_cast<int>(a.D), tpr_log2, a.decay, a.eps);
   return cudaGetLastError();
 }
 
 template <typename S>
 cudaError_t launch_ema_stats(const EmaArgs& a) {
-  switch (a.codebook_kind) {
-    case Scalar::kHalf:
-      return launch_ema_typed<S, __half>(a);
-    case Scalar::kBFloat16:
-      return launch_ema_typed<S, __nv_bfloat16>(a);
-    case Scalar::kFloat:
-      return launch_ema_typed<S, float>(a);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_float_type(a.codebook_kind, [&](auto t) { return launch_ema_typed<S, typename decltype(t)::type>(a); });
 }
 
 }  // namespace
 
 cudaError_t histogram(const HistogramArgs& a) {
-  if (a.N == 0) return cudaSuccess;
-  return a.index_kind == Index::kInt32 ? launch_histogram_index<int32_t>(a) : launch_histogram_index<int64_t>(a);
+  if (a.N == 0 || a.C == 0) return cudaSuccess;
+  return with_index_type(a.index_kind, [&](auto i) { return launch_histogram_index<typename decltype(i)::type>(a); });
 }
 
 cudaError_t cluster_stats_atomic(const ClusterStatsArgs& a) {
-  if (a.N == 0) return cudaSuccess;
-  HistogramArgs h{a.indices, a.index_kind, nullptr, Scalar::kFloat, a.N, a.K, a.counts, /*out_float=*/true,
+  if (a.N == 0 || a.C == 0) return cudaSuccess;
+  HistogramArgs h{a.indices, a.index_kind, nullptr, Scalar::kFloat, a.C, a.N, a.K, a.counts, /*out_float=*/true,
                   a.dev,     a.stream};
   cudaError_t err = histogram(h);
   if (err != cudaSuccess) return err;
-  switch (a.x_kind) {
-    case Scalar::kHalf:
-      return launch_cluster_sums_atomic_x<__half>(a);
-    case Scalar::kBFloat16:
-      return launch_cluster_sums_atomic_x<__nv_bfloat16>(a);
-    case Scalar::kFloat:
-      return launch_cluster_sums_atomic_x<float>(a);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_float_type(a.x_kind, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return with_index_type(a.index_kind,
+                           [&](auto i) { return launch_cluster_sums_atomic<T, typename decltype(i)::type>(a); });
+  });
+}
+
+cudaError_t cluster_stats_keys(const ClusterStatsArgs& a) {
+  const int64_t rows = a.C * a.N;
+  if (rows == 0) return cudaSuccess;
+  return with_index_type(a.index_kind, [&](auto i) {
+    using IndexT = typename decltype(i)::type;
+    segment_keys_kernel<IndexT><<<stride_blocks(rows, kThreads, 8, a.dev), kThreads, 0, a.stream>>>(
+        static_cast<const IndexT*>(a.indices), a.N, rows, static_cast<int>(a.K), a.keys);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t cluster_stats_sorted(const ClusterStatsArgs& a) {
-  const int K = static_cast<int>(a.K);
-  const unsigned blocks = capped_blocks((a.N + 1 + 255) / 256, 8, a.dev);
-  if (a.index_kind == Index::kInt32) {
-    segment_starts_kernel<int32_t><<<blocks, 256, 0, a.stream>>>(static_cast<const int32_t*>(a.indices), a.N, K,
-                                                                 a.starts);
-  } else {
-    segment_starts_kernel<int64_t><<<blocks, 256, 0, a.stream>>>(static_cast<const int64_t*>(a.indices), a.N, K,
-                                                                 a.starts);
-  }
-  switch (a.x_kind) {
-    case Scalar::kHalf:
-      return launch_segment_sums<__half>(a);
-    case Scalar::kBFloat16:
-      return launch_segment_sums<__nv_bfloat16>(a);
-    case Scalar::kFloat:
-      return launch_segment_sums<float>(a);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  const int64_t rows = a.C * a.N;
+  const int64_t bins = a.C * (a.K + 1);
+  segment_starts_kernel<<<stride_blocks(rows + 1, kThreads, 8, a.dev), kThreads, 0, a.stream>>>(a.sorted_keys, rows,
+                                                                                                bins, a.starts);
+  return with_float_type(a.x_kind, [&](auto t) {
+    using T = typename decltype(t)::type;
+    segment_sums_kernel<T><<<capped_blocks(bins, 16, a.dev), kSegWarps * 32, 0, a.stream>>>(
+        static_cast<const T*>(a.x), a.order, a.starts, bins, static_cast<int>(a.K), static_cast<int>(a.D), a.counts,
+        a.sums);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t ema_update(const EmaArgs& a) {
-  if (a.H == 0 || a.K == 0) return cudaSuccess;
+  if (a.C == 0 || a.K == 0) return cudaSuccess;
   switch (a.stats_kind) {
     case Scalar::kFloat:
       return launch_ema_stats<float>(a);

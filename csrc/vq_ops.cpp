@@ -14,6 +14,7 @@
 // here guard the C++ boundary (direct torch.ops calls) with the same style of messages.
 #include <Python.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -65,10 +66,12 @@ std::string shape_str(const Tensor& t) {
   return s + ")";
 }
 
-void check_cuda_tensor(const char* name, const Tensor& t, int64_t dim) {
+// `layout` names the dimensions, e.g. "[C, N, D]" (C: the codebook axis).
+void check_cuda_tensor(const char* name, const Tensor& t, const char* layout) {
+  const int64_t dim = static_cast<int64_t>(std::count(layout, layout + std::strlen(layout), ',')) + 1;
   TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
   TORCH_CHECK(t.is_cuda(), "the cuda backend needs CUDA tensors: ", name, " is on ", t.device());
-  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", shape_str(t));
+  TORCH_CHECK(t.dim() == dim, name, " must be ", layout, " (", dim, " dimensions), got shape ", shape_str(t));
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the public op makes it so), got strides ", t.strides());
 }
 
@@ -107,6 +110,21 @@ void check_codebook_size(int64_t K) {
   TORCH_CHECK(K <= vqk::kMaxCodes, "K must be <= ", vqk::kMaxCodes, " for the cuda backend, got ", K);
 }
 
+// C: the leading codebook axis of `name` (shape shape_str(t)).
+void check_codebook_count(const char* name, const Tensor& t) {
+  const int64_t C = t.size(0);
+  TORCH_CHECK(C >= 1, name, " must hold at least one codebook (C >= 1 along dimension 0), got shape ", shape_str(t));
+  TORCH_CHECK(C <= vqk::kMaxCodebooks, "the cuda backend handles at most ", vqk::kMaxCodebooks,
+              " codebooks in one call (C is a grid dimension), got ", name, " of shape ", shape_str(t));
+}
+
+// `t` has the same codebook axis C as `first` (dimension 0).
+void check_same_codebooks(const char* name, const Tensor& t, const char* first_name, const Tensor& first) {
+  TORCH_CHECK(t.size(0) == first.size(0), name, " has C=", t.size(0), " codebooks (shape ", shape_str(t), ") but ",
+              first_name, " has C=", first.size(0), " (shape ", shape_str(first),
+              "); expected the same leading codebook axis");
+}
+
 vqk::Scalar scalar_kind(const Tensor& t) {
   switch (t.scalar_type()) {
     case at::kHalf:
@@ -135,7 +153,15 @@ vqk::DeviceInfo device_info(const Tensor& t) {
   return info;
 }
 
-cudaStream_t current_stream(const Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+// What every op needs before it allocates and launches: the device of `t` made current
+// (for the allocations and the launch), its properties and its current stream.
+struct OnDevice {
+  c10::cuda::CUDAGuard guard;
+  vqk::DeviceInfo dev;
+  cudaStream_t stream;
+  explicit OnDevice(const Tensor& t)
+      : guard(t.device()), dev(device_info(t)), stream(c10::cuda::getCurrentCUDAStream(t.get_device()).stream()) {}
+};
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "vqkernels ", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
@@ -155,9 +181,10 @@ vqk::AssignKernel requested_assign_kernel() {
 }
 
 // ---------------------------------------------------------------------------------------
+// assign: x [C, N, D], codebook [C, K, D] -> (indices int64 [C, N], distances float32 [C, N]).
 std::tuple<Tensor, Tensor> assign_cuda(const Tensor& x, const Tensor& codebook, c10::string_view metric) {
-  check_cuda_tensor("x", x, 2);
-  check_cuda_tensor("codebook", codebook, 2);
+  check_cuda_tensor("x", x, "[C, N, D]");
+  check_cuda_tensor("codebook", codebook, "[C, K, D]");
   check_float_dtype("x", x);
   check_same_device("codebook", codebook, "x", x);
   check_same_dtype("codebook", codebook, "x", x);
@@ -171,46 +198,50 @@ std::tuple<Tensor, Tensor> assign_cuda(const Tensor& x, const Tensor& codebook, 
   } else {
     TORCH_CHECK(false, "metric must be one of ('l2', 'cosine', 'dot'), got '", std::string(metric), "'");
   }
-  const int64_t N = x.size(0), K = codebook.size(0), D = codebook.size(1);
+  check_codebook_count("codebook", codebook);
+  check_same_codebooks("x", x, "codebook", codebook);
+  const int64_t C = codebook.size(0), N = x.size(1), K = codebook.size(1), D = codebook.size(2);
   check_codebook_size(K);
   TORCH_CHECK(D >= 1, "codebook must have D >= 1 features, got shape ", shape_str(codebook));
   TORCH_CHECK(D <= INT32_MAX, "the cuda backend supports D < 2^31 features, got ", D);
-  TORCH_CHECK(x.size(1) == D, "x has ", x.size(1), " features (shape ", shape_str(x), ") but codebook has ", D,
-              " (shape ", shape_str(codebook), "); expected x of shape [N, ", D, "]");
+  TORCH_CHECK(x.size(2) == D, "x has ", x.size(2), " features (shape ", shape_str(x), ") but codebook has ", D,
+              " (shape ", shape_str(codebook), "); expected x of shape [", C, ", N, ", D, "]");
 
-  c10::cuda::CUDAGuard guard(x.device());
-  Tensor indices = at::empty({N}, x.options().dtype(at::kLong));
-  Tensor distances = at::empty({N}, x.options().dtype(at::kFloat));
+  const OnDevice on(x);
+  Tensor indices = at::empty({C, N}, x.options().dtype(at::kLong));
+  Tensor distances = at::empty({C, N}, x.options().dtype(at::kFloat));
   if (N == 0) return {indices, distances};
 
   const vqk::Scalar kind = scalar_kind(x);
-  const vqk::DeviceInfo dev = device_info(x);
   const vqk::AssignKernel requested = requested_assign_kernel();
   if (requested == vqk::AssignKernel::kMma) {
     TORCH_CHECK(kind != vqk::Scalar::kFloat,
                 "VQKERNELS_CUDA_ASSIGN_KERNEL=mma needs float16 or bfloat16 inputs, got dtype float32");
-    TORCH_CHECK(dev.cc_major >= 8, "VQKERNELS_CUDA_ASSIGN_KERNEL=mma needs compute capability >= 8.0, got ",
-                dev.cc_major, ".x");
+    TORCH_CHECK(on.dev.cc_major >= 8, "VQKERNELS_CUDA_ASSIGN_KERNEL=mma needs compute capability >= 8.0, got ",
+                on.dev.cc_major, ".x");
   }
-  Tensor terms = at::empty({2, K}, x.options().dtype(at::kFloat));
-  Tensor keys = at::empty({N}, x.options().dtype(at::kLong));
+  Tensor terms = at::empty({2, C * K}, x.options().dtype(at::kFloat));
+  Tensor keys = at::empty({C, N}, x.options().dtype(at::kLong));
 
   vqk::AssignArgs a{};
   a.x = x.data_ptr();
   a.codebook = codebook.data_ptr();
+  a.C = C;
   a.N = N;
   a.K = K;
   a.D = D;
   a.metric = metric_id;
   a.code_bias = terms.data_ptr<float>();
-  a.code_scale = terms.data_ptr<float>() + K;
+  a.code_scale = terms.data_ptr<float>() + C * K;
   a.keys = reinterpret_cast<unsigned long long*>(keys.data_ptr<int64_t>());
   a.indices = indices.data_ptr<int64_t>();
   a.distances = distances.data_ptr<float>();
   a.kernel = requested;
+  // Every codebook's slice starts 16-byte aligned too: its offset, c * N * D or c * K * D
+  // elements, is a multiple of 8 when D is.
   a.vec_ok = D % 8 == 0 && aligned16(a.x) && aligned16(a.codebook);
-  a.dev = dev;
-  a.stream = current_stream(x);
+  a.dev = on.dev;
+  a.stream = on.stream;
   cudaError_t err;
   switch (kind) {
     case vqk::Scalar::kHalf:
@@ -228,80 +259,91 @@ std::tuple<Tensor, Tensor> assign_cuda(const Tensor& x, const Tensor& codebook, 
 }
 
 // ---------------------------------------------------------------------------------------
+// histogram: indices [C, N] (negative: masked), weights [C, N] or None -> counts [C, K]
+// (int64, or float32 with weights).
 Tensor histogram_cuda(const Tensor& indices, int64_t K, const std::optional<Tensor>& weights) {
-  check_cuda_tensor("indices", indices, 1);
+  check_cuda_tensor("indices", indices, "[C, N]");
   check_index_dtype("indices", indices);
+  check_codebook_count("indices", indices);
   check_codebook_size(K);
   const bool weighted = weights.has_value() && weights->defined();
   if (weighted) {
-    check_cuda_tensor("weights", *weights, 1);
+    check_cuda_tensor("weights", *weights, "[C, N]");
     check_float_dtype("weights", *weights);
     check_same_device("weights", *weights, "indices", indices);
-    TORCH_CHECK(weights->size(0) == indices.size(0), "weights has shape ", shape_str(*weights),
+    TORCH_CHECK(weights->sizes() == indices.sizes(), "weights has shape ", shape_str(*weights),
                 " but indices has shape ", shape_str(indices), "; expected equal shapes");
   }
-  c10::cuda::CUDAGuard guard(indices.device());
-  Tensor out = at::zeros({K}, indices.options().dtype(weighted ? at::kFloat : at::kLong));
-  const int64_t N = indices.size(0);
+  const OnDevice on(indices);
+  const int64_t C = indices.size(0), N = indices.size(1);
+  Tensor out = at::zeros({C, K}, indices.options().dtype(weighted ? at::kFloat : at::kLong));
   if (N == 0) return out;
   vqk::HistogramArgs a{};
   a.indices = indices.data_ptr();
   a.index_kind = index_kind(indices);
   a.weights = weighted ? weights->data_ptr() : nullptr;
   a.weight_kind = weighted ? scalar_kind(*weights) : vqk::Scalar::kFloat;
+  a.C = C;
   a.N = N;
   a.K = K;
   a.out = out.data_ptr();
   a.out_float = weighted;
-  a.dev = device_info(indices);
-  a.stream = current_stream(indices);
+  a.dev = on.dev;
+  a.stream = on.stream;
   check_launch(vqk::histogram(a), "histogram_cuda");
   return out;
 }
 
 // ---------------------------------------------------------------------------------------
+// cluster_stats: x [C, N, D], indices [C, N] -> (counts float32 [C, K], sums float32 [C, K, D]).
 std::tuple<Tensor, Tensor> cluster_stats_cuda(const Tensor& x, const Tensor& indices, int64_t K, bool deterministic) {
-  check_cuda_tensor("x", x, 2);
+  check_cuda_tensor("x", x, "[C, N, D]");
   check_float_dtype("x", x);
-  check_cuda_tensor("indices", indices, 1);
+  check_cuda_tensor("indices", indices, "[C, N]");
   check_index_dtype("indices", indices);
   check_same_device("indices", indices, "x", x);
+  check_codebook_count("x", x);
   check_codebook_size(K);
-  const int64_t N = x.size(0), D = x.size(1);
-  TORCH_CHECK(indices.size(0) == N, "indices has shape ", shape_str(indices), " but x has shape ", shape_str(x),
-              "; expected indices of shape (", N, ",) (x without its last dimension)");
+  const int64_t C = x.size(0), N = x.size(1), D = x.size(2);
+  TORCH_CHECK(indices.size(0) == C && indices.size(1) == N, "indices has shape ", shape_str(indices),
+              " but x has shape ", shape_str(x), "; expected indices of shape (", C, ", ", N,
+              ") (x without its last dimension)");
   TORCH_CHECK(D <= INT32_MAX, "the cuda backend supports D < 2^31 features, got ", D);
 
-  c10::cuda::CUDAGuard guard(x.device());
+  const OnDevice on(x);
   const auto f32 = x.options().dtype(at::kFloat);
   vqk::ClusterStatsArgs a{};
   a.x = x.data_ptr();
   a.x_kind = scalar_kind(x);
+  a.indices = indices.data_ptr();
+  a.index_kind = index_kind(indices);
+  a.C = C;
   a.N = N;
   a.K = K;
   a.D = D;
-  a.dev = device_info(x);
-  a.stream = current_stream(x);
+  a.dev = on.dev;
+  a.stream = on.stream;
   if (!deterministic || N == 0) {
-    Tensor counts = at::zeros({K}, f32);
-    Tensor sums = at::zeros({K, D}, f32);
-    a.indices = indices.data_ptr();
-    a.index_kind = index_kind(indices);
+    Tensor counts = at::zeros({C, K}, f32);
+    Tensor sums = at::zeros({C, K, D}, f32);
     a.counts = counts.data_ptr<float>();
     a.sums = sums.data_ptr<float>();
     check_launch(vqk::cluster_stats_atomic(a), "cluster_stats_cuda");
     return {counts, sums};
   }
-  // Stable sort: rows of one code keep their input order, so each code's sum is taken in a
-  // fixed order. Every counts/sums entry is written exactly once by the segment kernel.
-  auto sorted = at::sort(indices, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const Tensor& sorted_indices = std::get<0>(sorted);
+  // One key per row, c * (K + 1) + code (masked rows: code K), and one stable 1-D sort of
+  // all C * N keys: the rows of each (codebook, code) keep their input order, so each sum
+  // is taken in a fixed order. Every counts/sums entry is written exactly once.
+  Tensor keys = at::empty({C * N}, x.options().dtype(at::kLong));
+  a.keys = keys.data_ptr<int64_t>();
+  check_launch(vqk::cluster_stats_keys(a), "cluster_stats_cuda");
+  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const Tensor& sorted_keys = std::get<0>(sorted);
   const Tensor& order = std::get<1>(sorted);
-  Tensor starts = at::empty({K + 1}, x.options().dtype(at::kLong));
-  Tensor counts = at::empty({K}, f32);
-  Tensor sums = at::empty({K, D}, f32);
-  a.indices = sorted_indices.data_ptr();
-  a.index_kind = index_kind(sorted_indices);
+  Tensor starts = at::empty({C * (K + 1) + 1}, x.options().dtype(at::kLong));
+  Tensor counts = at::empty({C, K}, f32);
+  Tensor sums = at::empty({C, K, D}, f32);
+  a.sorted_keys = sorted_keys.data_ptr<int64_t>();
   a.order = order.data_ptr<int64_t>();
   a.starts = starts.data_ptr<int64_t>();
   a.counts = counts.data_ptr<float>();
@@ -311,14 +353,16 @@ std::tuple<Tensor, Tensor> cluster_stats_cuda(const Tensor& x, const Tensor& ind
 }
 
 // ---------------------------------------------------------------------------------------
+// ema_update, in place: cluster_size [C, K], embed_avg [C, K, D], codebook [C, K, D] from
+// counts [C, K] and sums [C, K, D].
 void ema_update_cuda(const Tensor& cluster_size, const Tensor& embed_avg, const Tensor& codebook, const Tensor& counts,
                      const Tensor& sums, double decay, double eps) {
-  check_cuda_tensor("codebook", codebook, 3);
+  check_cuda_tensor("codebook", codebook, "[C, K, D]");
   check_float_dtype("codebook", codebook);
-  check_cuda_tensor("cluster_size", cluster_size, 2);
-  check_cuda_tensor("embed_avg", embed_avg, 3);
-  check_cuda_tensor("counts", counts, 2);
-  check_cuda_tensor("sums", sums, 3);
+  check_cuda_tensor("cluster_size", cluster_size, "[C, K]");
+  check_cuda_tensor("embed_avg", embed_avg, "[C, K, D]");
+  check_cuda_tensor("counts", counts, "[C, K]");
+  check_cuda_tensor("sums", sums, "[C, K, D]");
   check_stats_dtype("cluster_size", cluster_size);
   const auto stats_dtype = cluster_size.scalar_type();
   check_same_dtype("embed_avg", embed_avg, "cluster_size", cluster_size);
@@ -328,12 +372,13 @@ void ema_update_cuda(const Tensor& cluster_size, const Tensor& embed_avg, const 
   check_same_device("embed_avg", embed_avg, "codebook", codebook);
   check_same_device("counts", counts, "codebook", codebook);
   check_same_device("sums", sums, "codebook", codebook);
-  const int64_t H = codebook.size(0), K = codebook.size(1), D = codebook.size(2);
+  check_codebook_count("codebook", codebook);
+  const int64_t C = codebook.size(0), K = codebook.size(1), D = codebook.size(2);
   TORCH_CHECK(K <= INT32_MAX && D <= INT32_MAX, "the cuda backend supports K, D < 2^31, got codebook shape ",
               shape_str(codebook));
-  TORCH_CHECK(cluster_size.size(0) == H && cluster_size.size(1) == K, "cluster_size has shape ",
-              shape_str(cluster_size), "; expected (", H, ", ", K, ") to match codebook ", shape_str(codebook));
-  TORCH_CHECK(counts.sizes() == cluster_size.sizes(), "counts has shape ", shape_str(counts), "; expected (", H, ", ",
+  TORCH_CHECK(cluster_size.size(0) == C && cluster_size.size(1) == K, "cluster_size has shape ",
+              shape_str(cluster_size), "; expected (", C, ", ", K, ") to match codebook ", shape_str(codebook));
+  TORCH_CHECK(counts.sizes() == cluster_size.sizes(), "counts has shape ", shape_str(counts), "; expected (", C, ", ",
               K, ") to match codebook ", shape_str(codebook));
   TORCH_CHECK(embed_avg.sizes() == codebook.sizes(), "embed_avg has shape ", shape_str(embed_avg), "; expected ",
               shape_str(codebook), " to match codebook");
@@ -342,11 +387,11 @@ void ema_update_cuda(const Tensor& cluster_size, const Tensor& embed_avg, const 
   TORCH_CHECK(decay >= 0.0 && decay <= 1.0, "decay must be a float in [0, 1], got ", decay);
   TORCH_CHECK(eps > 0.0, "eps must be a float > 0 (Laplace smoothing), got ", eps);
 
-  c10::cuda::CUDAGuard guard(codebook.device());
+  const OnDevice on(codebook);
   // The kernels read counts/sums in the statistics' dtype (a no-op when they already match).
   const Tensor counts_s = counts.scalar_type() == stats_dtype ? counts : counts.to(stats_dtype).contiguous();
   const Tensor sums_s = sums.scalar_type() == stats_dtype ? sums : sums.to(stats_dtype).contiguous();
-  Tensor n = at::empty({H}, codebook.options().dtype(at::kDouble));
+  Tensor n = at::empty({C}, codebook.options().dtype(at::kDouble));
   vqk::EmaArgs a{};
   a.cluster_size = cluster_size.data_ptr();
   a.embed_avg = embed_avg.data_ptr();
@@ -355,14 +400,14 @@ void ema_update_cuda(const Tensor& cluster_size, const Tensor& embed_avg, const 
   a.sums = sums_s.data_ptr();
   a.stats_kind = scalar_kind(cluster_size);
   a.codebook_kind = scalar_kind(codebook);
-  a.H = H;
+  a.C = C;
   a.K = K;
   a.D = D;
   a.decay = decay;
   a.eps = eps;
   a.n = n.data_ptr<double>();
-  a.dev = device_info(codebook);
-  a.stream = current_stream(codebook);
+  a.dev = on.dev;
+  a.stream = on.stream;
   check_launch(vqk::ema_update(a), "ema_update_cuda");
 }
 

@@ -23,6 +23,12 @@
 // assign_finalize_kernel then unpacks the winner and recomputes its exact fp32 distance by
 // direct difference (l2 ||x-c||^2, cosine 1 - <x/|x|, c/|c|>, dot -<x,c>).
 //
+// The codebook axis: C independent codebooks in one launch. x is [C, N, D], the codebook
+// [C, K, D], and the score terms, keys and outputs are [C, K] / [C, N], all contiguous.
+// The main kernels take codebook c from blockIdx.z and move every base pointer to its
+// slice once, with 64-bit offsets; the warp-per-item kernels run over the flattened C * K
+// codes or C * N rows.
+//
 // Bounds: rows past N and codes past K are loaded as zeros; D is zero-padded up to the
 // chunk size in shared memory (zeros add nothing to a dot product); codes past K get
 // bias = +inf so they never win. All row/code offsets are 64-bit.
@@ -60,14 +66,15 @@ constexpr int kRowsPerWarpBlock = 8;  // warp-per-row kernels: 256 threads = 8 r
 }  // namespace assign_cfg
 
 // ---------------------------------------------------------------------------------------
-// Per-code score terms (one warp per code).
+// Per-code score terms (one warp per code) of all C * K codes of a [C, K, D] codebook: the
+// terms of a code depend on that code alone, so the codebook axis is just more codes.
 template <typename T>
 __global__ void __launch_bounds__(256)
-    code_terms_kernel(const T* __restrict__ codebook, int K, int D, int metric, float* __restrict__ bias,
+    code_terms_kernel(const T* __restrict__ codebook, int64_t codes, int D, int metric, float* __restrict__ bias,
                       float* __restrict__ scale) {
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); k < K;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); k < codes;
        k += static_cast<int64_t>(gridDim.x) * warps) {
     const T* c = codebook + k * static_cast<int64_t>(D);
     float ss = 0.f;
@@ -167,9 +174,107 @@ __device__ __forceinline__ uint4 load8_u16(const uint16_t* __restrict__ base, in
   return v;
 }
 
-// Tensor-core assignment. T is __half or __nv_bfloat16. Grid: (ceil(N / 128), splits);
-// block y handles K tiles [y * tiles_per_split, min(+tiles_per_split, ceil(K / 128))).
-// keys[N] must be preset to all-ones (the empty minimum) and is atomicMin-ed.
+// ---------------------------------------------------------------------------------------
+// What the two main kernels share: the block's slice of the work, the score-term staging,
+// the SIMT operand load and the double-buffered main loop.
+
+// The slice of a [C, N, D] x [C, K, D] problem one block works on: codebook blockIdx.z,
+// rows [row0, row0 + BM), K tiles [kt_begin, kt_end) (split blockIdx.y of the codebook).
+// The constructor moves every base pointer to codebook c once (64-bit offsets), so the
+// loops below index within one codebook exactly as in the single-codebook case.
+template <typename T, int BM, int BN>
+struct AssignBlock {
+  const T* x;                  // [N, D] of codebook c
+  const T* codebook;           // [K, D]
+  const float* code_bias;      // [K]
+  const float* code_scale;     // [K]
+  unsigned long long* keys;    // [N]
+  int64_t row0;
+  int kt_begin, kt_end;
+
+  __device__ __forceinline__ AssignBlock(const T* x_all, const T* codebook_all, const float* bias_all,
+                                         const float* scale_all, unsigned long long* keys_all, int64_t N, int K,
+                                         int D, int tiles_per_split) {
+    const int64_t c = blockIdx.z;
+    x = x_all + c * N * D;
+    codebook = codebook_all + c * K * D;
+    code_bias = bias_all + c * K;
+    code_scale = scale_all + c * K;
+    keys = keys_all + c * N;
+    row0 = static_cast<int64_t>(blockIdx.x) * BM;
+    const int num_tiles = (K + BN - 1) / BN;
+    kt_begin = static_cast<int>(blockIdx.y) * tiles_per_split;
+    kt_end = min(kt_begin + tiles_per_split, num_tiles);
+  }
+};
+
+// Score terms of one K tile, staged like the operand tiles: with the first D chunk of tile
+// kt, thread t < BN fetches code kt * BN + t's (bias, scale) into registers (load) and
+// parks them in shared memory beside the operands (store). Codes past K get bias = +inf
+// (never win) and scale 0.
+template <int BN>
+struct CodeTermsStage {
+  float bias = 0.f, scale = 0.f;
+
+  __device__ __forceinline__ void load(const float* __restrict__ code_bias, const float* __restrict__ code_scale,
+                                       int K, int kt, int dc) {
+    if (dc == 0 && threadIdx.x < BN) {
+      const int code = kt * BN + static_cast<int>(threadIdx.x);
+      bias = code < K ? __ldg(code_bias + code) : __int_as_float(0x7f800000);
+      scale = code < K ? __ldg(code_scale + code) : 0.f;
+    }
+  }
+  __device__ __forceinline__ void store(float (&s_bias)[2][BN], float (&s_scale)[2][BN], int kt, int dc) const {
+    if (dc == 0 && threadIdx.x < BN) {
+      s_bias[kt & 1][threadIdx.x] = bias;
+      s_scale[kt & 1][threadIdx.x] = scale;
+    }
+  }
+};
+
+// Element d of row `row` in fp32; zero past the last row or past D (SIMT operand tiles).
+template <typename T>
+__device__ __forceinline__ float load1_f32(const T* __restrict__ base, int64_t row, int64_t nrows, int d, int D) {
+  return (row < nrows && d < D) ? to_f32(base[row * static_cast<int64_t>(D) + d]) : 0.f;
+}
+
+// The main loop of both kernels: K tiles [kt_begin, kt_end), each in `nchunks` D chunks,
+// through two shared-memory buffers. load(kt, dc) fetches a chunk into registers,
+// store(buf, kt, dc) parks it in buffer buf, compute(buf, kt, dc) consumes buffer buf.
+// The global loads of chunk t+1 are in flight while chunk t is consumed. One barrier per
+// chunk suffices: it orders this chunk's reads of buffer `buf` (and of the score terms of
+// tile kt) before the next iteration's stores into them, and this iteration's stores into
+// `buf ^ 1` before the next iteration's reads.
+template <typename Load, typename Store, typename Compute>
+__device__ __forceinline__ void double_buffered_k_tiles(int kt_begin, int kt_end, int nchunks, Load& load,
+                                                        Store& store, Compute& compute) {
+  int kt = kt_begin, dc = 0, buf = 0;
+  load(kt, dc);
+  store(buf, kt, dc);
+  __syncthreads();
+  while (true) {
+    int nkt = kt, ndc = dc + 1;
+    if (ndc == nchunks) {
+      ndc = 0;
+      ++nkt;
+    }
+    const bool has_next = nkt < kt_end;  // block-uniform
+    if (has_next) load(nkt, ndc);        // global loads in flight during compute()
+    compute(buf, kt, dc);
+    if (has_next) store(buf ^ 1, nkt, ndc);
+    __syncthreads();
+    if (!has_next) break;
+    kt = nkt;
+    dc = ndc;
+    buf ^= 1;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core assignment. T is __half or __nv_bfloat16. Grid: (ceil(N / 128), splits, C);
+// block (x, y, c) handles codebook c's rows [128 x, +128) and K tiles
+// [y * tiles_per_split, min(+tiles_per_split, ceil(K / 128))).
+// keys[C, N] must be preset to all-ones (the empty minimum) and is atomicMin-ed.
 // Two blocks per SM (2 x 43 KB shared, <= 128 registers: ptxas fits it without spilling)
 // so one block's global loads and argmin epilogue overlap the other's MMAs.
 template <typename T>
@@ -186,25 +291,23 @@ __global__ void __launch_bounds__(assign_cfg::kMmaThreads, 2)
   __shared__ float sBias[2][kMmaBN];
   __shared__ float sScale[2][kMmaBN];
 
-  const uint16_t* __restrict__ xs = reinterpret_cast<const uint16_t*>(x);
-  const uint16_t* __restrict__ cs = reinterpret_cast<const uint16_t*>(codebook);
+  const AssignBlock<T, kMmaBM, kMmaBN> blk(x, codebook, code_bias, code_scale, keys, N, K, D, tiles_per_split);
+  if (blk.kt_begin >= blk.kt_end) return;  // block-uniform
+  const uint16_t* __restrict__ xs = reinterpret_cast<const uint16_t*>(blk.x);
+  const uint16_t* __restrict__ cs = reinterpret_cast<const uint16_t*>(blk.codebook);
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int wm = warp / kMmaWarpsN;
   const int wn = warp % kMmaWarpsN;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaBM;
-  const int num_tiles = (K + kMmaBN - 1) / kMmaBN;
-  const int kt_begin = static_cast<int>(blockIdx.y) * tiles_per_split;
-  const int kt_end = min(kt_begin + tiles_per_split, num_tiles);
-  if (kt_begin >= kt_end) return;  // block-uniform
+  const int64_t row0 = blk.row0;
   const int nchunks = (D + kMmaBK - 1) / kMmaBK;
   const bool vec_ok = vec != 0;
 
   // Prefetch registers: 2 x 16 bytes of x and of the codebook per thread, plus one code's
   // score terms for threads 0..127 at the first chunk of a K tile.
   uint4 ra[2], rb[2];
-  float rbias = 0.f, rscale = 0.f;
+  CodeTermsStage<kMmaBN> terms;
 
   auto load_chunk = [&](int kt, int dc) {
 #pragma unroll
@@ -215,11 +318,7 @@ __global__ void __launch_bounds__(assign_cfg::kMmaThreads, 2)
       ra[i] = load8_u16(xs, row0 + r, N, d, D, vec_ok);
       rb[i] = load8_u16(cs, static_cast<int64_t>(kt) * kMmaBN + r, K, d, D, vec_ok);
     }
-    if (dc == 0 && tid < kMmaBN) {
-      const int code = kt * kMmaBN + tid;
-      rbias = code < K ? __ldg(code_bias + code) : __int_as_float(0x7f800000);  // +inf: never wins
-      rscale = code < K ? __ldg(code_scale + code) : 0.f;
-    }
+    terms.load(blk.code_bias, blk.code_scale, K, kt, dc);
   };
   auto store_chunk = [&](int buf, int kt, int dc) {
 #pragma unroll
@@ -230,10 +329,7 @@ __global__ void __launch_bounds__(assign_cfg::kMmaThreads, 2)
       *reinterpret_cast<uint4*>(&sA[buf][r][c]) = ra[i];
       *reinterpret_cast<uint4*>(&sB[buf][r][c]) = rb[i];
     }
-    if (dc == 0 && tid < kMmaBN) {
-      sBias[kt & 1][tid] = rbias;
-      sScale[kt & 1][tid] = rscale;
-    }
+    terms.store(sBias, sScale, kt, dc);
   };
 
   float acc[kMmaMT][kMmaNT][4];
@@ -249,20 +345,7 @@ __global__ void __launch_bounds__(assign_cfg::kMmaThreads, 2)
     }
   }
 
-  int kt = kt_begin, dc = 0, buf = 0;
-  load_chunk(kt, dc);
-  store_chunk(buf, kt, dc);
-  __syncthreads();
-
-  while (true) {
-    int nkt = kt, ndc = dc + 1;
-    if (ndc == nchunks) {
-      ndc = 0;
-      ++nkt;
-    }
-    const bool has_next = nkt < kt_end;  // block-uniform
-    if (has_next) load_chunk(nkt, ndc);  // global loads in flight during the MMAs below
-
+  auto compute_chunk = [&](int buf, int kt, int dc) {
     if (dc == 0) {
 #pragma unroll
       for (int mi = 0; mi < kMmaMT; ++mi)
@@ -326,17 +409,9 @@ __global__ void __launch_bounds__(assign_cfg::kMmaThreads, 2)
         }
       }
     }
+  };
 
-    if (has_next) store_chunk(buf ^ 1, nkt, ndc);
-    // One barrier per chunk: it orders this chunk's reads of buffer `buf` (and of the score
-    // terms of tile kt) before the next iteration's stores into them, and this iteration's
-    // stores into `buf ^ 1` before the next iteration's reads.
-    __syncthreads();
-    if (!has_next) break;
-    kt = nkt;
-    dc = ndc;
-    buf ^= 1;
-  }
+  double_buffered_k_tiles(blk.kt_begin, blk.kt_end, nchunks, load_chunk, store_chunk, compute_chunk);
 
   // The 4 lanes of a quad share rows: merge them, then one atomic per row per warp.
 #pragma unroll
@@ -347,7 +422,7 @@ __global__ void __launch_bounds__(assign_cfg::kMmaThreads, 2)
       unsigned i = bidx[mi][h];
       warp_argmin(v, i, 3);
       const int64_t row = row0 + wm * kMmaWM + mi * 16 + h * 8 + (lane >> 2);
-      if ((lane & 3) == 0 && row < N && i != kNoCode) atomicMin(keys + row, pack_argmin_key(v, i));
+      if ((lane & 3) == 0 && row < N && i != kNoCode) atomicMin(blk.keys + row, pack_argmin_key(v, i));
     }
   }
 }
@@ -371,18 +446,16 @@ __global__ void __launch_bounds__(assign_cfg::kSimtThreads)
   __shared__ float sBias[2][kSimtBN];
   __shared__ float sScale[2][kSimtBN];
 
+  const AssignBlock<T, kSimtBM, kSimtBN> blk(x, codebook, code_bias, code_scale, keys, N, K, D, tiles_per_split);
+  if (blk.kt_begin >= blk.kt_end) return;  // block-uniform
   const int tid = threadIdx.x;
   const int tx = tid & 15;  // code group
   const int ty = tid >> 4;  // row group
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kSimtBM;
-  const int num_tiles = (K + kSimtBN - 1) / kSimtBN;
-  const int kt_begin = static_cast<int>(blockIdx.y) * tiles_per_split;
-  const int kt_end = min(kt_begin + tiles_per_split, num_tiles);
-  if (kt_begin >= kt_end) return;  // block-uniform
+  const int64_t row0 = blk.row0;
   const int nchunks = (D + kSimtBK - 1) / kSimtBK;
 
   float rx[8], rc[8];
-  float rbias = 0.f, rscale = 0.f;
+  CodeTermsStage<kSimtBN> terms;
 
   // Slot s of 2048: element (r = s / 16, d = s % 16); a warp reads 2 rows x 16 consecutive d.
   auto load_chunk = [&](int kt, int dc) {
@@ -391,16 +464,10 @@ __global__ void __launch_bounds__(assign_cfg::kSimtThreads)
       const int slot = tid + i * kSimtThreads;
       const int r = slot >> 4;
       const int d = dc * kSimtBK + (slot & 15);
-      const int64_t row = row0 + r;
-      const int64_t code = static_cast<int64_t>(kt) * kSimtBN + r;
-      rx[i] = (row < N && d < D) ? to_f32(x[row * static_cast<int64_t>(D) + d]) : 0.f;
-      rc[i] = (code < K && d < D) ? to_f32(codebook[code * static_cast<int64_t>(D) + d]) : 0.f;
+      rx[i] = load1_f32(blk.x, row0 + r, N, d, D);
+      rc[i] = load1_f32(blk.codebook, static_cast<int64_t>(kt) * kSimtBN + r, K, d, D);
     }
-    if (dc == 0 && tid < kSimtBN) {
-      const int code = kt * kSimtBN + tid;
-      rbias = code < K ? __ldg(code_bias + code) : __int_as_float(0x7f800000);
-      rscale = code < K ? __ldg(code_scale + code) : 0.f;
-    }
+    terms.load(blk.code_bias, blk.code_scale, K, kt, dc);
   };
   auto store_chunk = [&](int b, int kt, int dc) {
 #pragma unroll
@@ -409,10 +476,7 @@ __global__ void __launch_bounds__(assign_cfg::kSimtThreads)
       sX[b][slot & 15][slot >> 4] = rx[i];
       sC[b][slot & 15][slot >> 4] = rc[i];
     }
-    if (dc == 0 && tid < kSimtBN) {
-      sBias[kt & 1][tid] = rbias;
-      sScale[kt & 1][tid] = rscale;
-    }
+    terms.store(sBias, sScale, kt, dc);
   };
 
   float acc[8][8];
@@ -424,20 +488,7 @@ __global__ void __launch_bounds__(assign_cfg::kSimtThreads)
     bidx[i] = kNoCode;
   }
 
-  int kt = kt_begin, dc = 0, buf = 0;
-  load_chunk(kt, dc);
-  store_chunk(buf, kt, dc);
-  __syncthreads();
-
-  while (true) {
-    int nkt = kt, ndc = dc + 1;
-    if (ndc == nchunks) {
-      ndc = 0;
-      ++nkt;
-    }
-    const bool has_next = nkt < kt_end;
-    if (has_next) load_chunk(nkt, ndc);
-
+  auto compute_chunk = [&](int buf, int kt, int dc) {
     if (dc == 0) {
 #pragma unroll
       for (int i = 0; i < 8; ++i)
@@ -480,14 +531,9 @@ __global__ void __launch_bounds__(assign_cfg::kSimtThreads)
         }
       }
     }
+  };
 
-    if (has_next) store_chunk(buf ^ 1, nkt, ndc);
-    __syncthreads();  // see assign_mma_kernel: one barrier per chunk suffices with two buffers
-    if (!has_next) break;
-    kt = nkt;
-    dc = ndc;
-    buf ^= 1;
-  }
+  double_buffered_k_tiles(blk.kt_begin, blk.kt_end, nchunks, load_chunk, store_chunk, compute_chunk);
 
   // The 16 lanes of a half-warp (same ty) share rows: merge, then one atomic per row.
 #pragma unroll
@@ -496,27 +542,28 @@ __global__ void __launch_bounds__(assign_cfg::kSimtThreads)
     unsigned idx = bidx[i];
     warp_argmin(v, idx, 15);
     const int64_t row = row0 + ((i < 4) ? (ty * 4 + i) : (64 + ty * 4 + (i - 4)));
-    if (tx == 0 && row < N && idx != kNoCode) atomicMin(keys + row, pack_argmin_key(v, idx));
+    if (tx == 0 && row < N && idx != kNoCode) atomicMin(blk.keys + row, pack_argmin_key(v, idx));
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// Unpack the winner of each row and recompute its exact fp32 distance (one warp per row).
-// A row whose key holds no valid code (a NaN/Inf row: no score compared below +inf) gets
-// code 0 so the read stays in bounds; the public op then reports such rows as -1 / NaN.
+// Unpack the winner of each row and recompute its exact fp32 distance (one warp per row,
+// over all C * N rows; row r belongs to codebook r / N). A row whose key holds no valid
+// code (a NaN/Inf row: no score compared below +inf) gets code 0 so the read stays in
+// bounds; the public op then reports such rows as -1 / NaN. indices are per codebook.
 template <typename T>
 __global__ void __launch_bounds__(256)
     assign_finalize_kernel(const T* __restrict__ x, const T* __restrict__ codebook,
-                           const unsigned long long* __restrict__ keys, int64_t N, int K, int D, int metric,
-                           int64_t* __restrict__ indices, float* __restrict__ distances) {
+                           const unsigned long long* __restrict__ keys, int64_t N, int64_t rows, int K, int D,
+                           int metric, int64_t* __restrict__ indices, float* __restrict__ distances) {
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); row < N;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); row < rows;
        row += static_cast<int64_t>(gridDim.x) * warps) {
     const unsigned ki = key_index(keys[row]);
     const int64_t k = ki < static_cast<unsigned>(K) ? static_cast<int64_t>(ki) : 0;
     const T* xr = x + row * static_cast<int64_t>(D);
-    const T* cr = codebook + k * static_cast<int64_t>(D);
+    const T* cr = codebook + ((row / N) * K + k) * static_cast<int64_t>(D);
     float s0 = 0.f, s1 = 0.f, s2 = 0.f;
     for (int d = lane; d < D; d += 32) {
       const float xv = to_f32(xr[d]);

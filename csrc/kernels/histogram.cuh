@@ -7,6 +7,10 @@
 // codes contend only inside the block), then adds its non-zero bins to the global result
 // with one global atomic per bin. histogram_global_kernel is the fallback for K too large
 // for shared memory; with that many codes, global-atomic collisions are rare anyway.
+//
+// The codebook axis: indices (and weights) are [C, N], out is [C, K]; both kernels take
+// codebook c from blockIdx.y and move their base pointers to its slice (64-bit offsets),
+// so a block's private histogram always belongs to one codebook.
 #pragma once
 
 #include <type_traits>
@@ -37,14 +41,34 @@ __device__ __forceinline__ void hist_flush(unsigned long long* out, unsigned int
 __device__ __forceinline__ void hist_flush(float* out, unsigned int v) { atomicAdd(out, static_cast<float>(v)); }
 __device__ __forceinline__ void hist_flush(float* out, float v) { atomicAdd(out, v); }
 
+// Codebook blockIdx.y's slice of indices [C, N], weights [C, N] (or none) and out [C, K].
+template <typename IndexT, typename W, typename OutT>
+struct HistSlice {
+  const IndexT* indices;
+  const W* weights;
+  OutT* out;
+  __device__ __forceinline__ HistSlice(const IndexT* indices_all, const W* weights_all, int64_t N, int K,
+                                       OutT* out_all) {
+    const int64_t c = blockIdx.y;
+    indices = indices_all + c * N;
+    weights = weights_all == nullptr ? nullptr : weights_all + c * N;
+    out = out_all + c * K;
+  }
+};
+
 // Dynamic shared memory: K * sizeof(HistAcc<W>::type) bytes. `out` must be zeroed.
+// Grid: (blocks per codebook, C).
 template <typename IndexT, typename W, typename OutT>
 __global__ void __launch_bounds__(256)
-    histogram_shared_kernel(const IndexT* __restrict__ indices, const W* __restrict__ weights, int64_t N, int K,
-                            OutT* __restrict__ out) {
+    histogram_shared_kernel(const IndexT* __restrict__ indices_all, const W* __restrict__ weights_all, int64_t N,
+                            int K, OutT* __restrict__ out_all) {
   using Acc = typename HistAcc<W>::type;
   static_assert(std::is_same<Acc, unsigned int>::value || std::is_same<OutT, float>::value,
                 "weighted histograms accumulate in fp32");
+  const HistSlice<IndexT, W, OutT> sl(indices_all, weights_all, N, K, out_all);
+  const IndexT* __restrict__ indices = sl.indices;
+  const W* __restrict__ weights = sl.weights;
+  OutT* __restrict__ out = sl.out;
   extern __shared__ __align__(16) unsigned char hist_smem[];
   Acc* bins = reinterpret_cast<Acc*>(hist_smem);
   for (int k = threadIdx.x; k < K; k += blockDim.x) bins[k] = Acc(0);
@@ -61,13 +85,17 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// `out` must be zeroed.
+// `out` must be zeroed. Grid: (blocks per codebook, C).
 template <typename IndexT, typename W, typename OutT>
 __global__ void __launch_bounds__(256)
-    histogram_global_kernel(const IndexT* __restrict__ indices, const W* __restrict__ weights, int64_t N, int K,
-                            OutT* __restrict__ out) {
+    histogram_global_kernel(const IndexT* __restrict__ indices_all, const W* __restrict__ weights_all, int64_t N,
+                            int K, OutT* __restrict__ out_all) {
   static_assert(std::is_same<W, NoWeight>::value || std::is_same<OutT, float>::value,
                 "weighted histograms accumulate in fp32");
+  const HistSlice<IndexT, W, OutT> sl(indices_all, weights_all, N, K, out_all);
+  const IndexT* __restrict__ indices = sl.indices;
+  const W* __restrict__ weights = sl.weights;
+  OutT* __restrict__ out = sl.out;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
     const int64_t k = static_cast<int64_t>(indices[i]);

@@ -1,5 +1,10 @@
 """CUDA C++ ``assign`` (the extension's kernels, csrc/kernels/assign.cuh).
 
+Backend contract: ``x [C, N, D]``, ``codebook [C, K, D]`` (contiguous, same dtype) ->
+``(indices int64 [C, N], distances float32 [C, N])``. The C codebooks run in one launch
+per kernel (grid.z of the main kernels; the per-code and per-row kernels run over all
+C * K codes / C * N rows).
+
 fp16/bf16 with D > 32 run on tensor cores (mma.sync m16n8k16, fp32 accumulation); fp32,
 and fp16/bf16 with D <= 32, run a register-tiled SIMT kernel in IEEE fp32 (so fp32 inputs
 are exact whatever torch.get_float32_matmul_precision() says). Both keep a running

@@ -1,5 +1,7 @@
-"""CUDA C++ ``ema_update`` (csrc/kernels/stats.cuh): one kernel updates the cluster sizes and
-reduces each codebook's total n, a second lerps embed_avg and writes the codebook."""
+"""CUDA C++ ``ema_update`` (csrc/kernels/stats.cuh), in place on ``cluster_size [C, K]``,
+``embed_avg [C, K, D]`` and ``codebook [C, K, D]`` from ``counts [C, K]`` and ``sums
+[C, K, D]``: one kernel updates the cluster sizes and reduces each codebook's total n (a
+block per codebook), a second lerps embed_avg and writes the codebook (grid.y: the codebook)."""
 from ... import _extension
 
 
