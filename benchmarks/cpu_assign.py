@@ -29,9 +29,10 @@ def bench_assign(shapes, repeats: int) -> list:
     """Check, then time, the three contenders on each shape ``(N, K, D)``."""
     # this script always ran cdist at full size; memory is measured separately below
     opts = bench.Options(repeats=repeats, max_dense_bytes=float("inf"), memory="off")
-    rows = []
+    rows, table = [], bench.Table("cpu")
     for N, K, D in shapes:
         row = bench.run_case(bench.Case("assign", N, K, D), opts, only=list(CONTENDERS.values()))
+        table.row(row)
         by_name = {e["contender"]: e for e in row["results"] if e["status"] == "ok"}  # FAISS may be missing
         results = {key: {"median": e["median_s"], "p20": e["p20_s"], "p80": e["p80_s"], "repeats": e["repeats"],
                          "rows_per_s": e["throughput"], "agree": e["agree"]}
@@ -40,11 +41,7 @@ def bench_assign(shapes, repeats: int) -> list:
         if "faiss.IndexFlatL2" in results and "vqkernels.chunked" in results:
             out["chunked_over_faiss"] = results["vqkernels.chunked"]["median"] / results["faiss.IndexFlatL2"]["median"]
         rows.append(out)
-        parts = [f"N={N:>6} K={K:>6} D={D:>3}"] + [f"{k} {r['median'] * 1e3:9.1f} ms (agree {r['agree']:.4f})"
-                                                    for k, r in results.items()]
-        if "chunked_over_faiss" in out:
-            parts.append(f"chunked/faiss {out['chunked_over_faiss']:.2f}x")
-        print(" | ".join(parts), flush=True)
+    table.close_op()
     return rows
 
 

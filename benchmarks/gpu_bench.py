@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import io
 import itertools
 import json
 import math
@@ -47,24 +48,18 @@ SPEC_OF = {"assign": "assign", "histogram": "histogram", "cluster_stats": "stats
 CONTENDER_OF = {"cdist": "torch.cdist+argmin", "flash_kmeans": "flash_kmeans.assign"}  # else vqkernels[backend]
 
 
-def _int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _choice_list(allowed):
+def _list(allowed=None):
+    """argparse type: comma-separated positive integers, or names from ``allowed``."""
     def parse(text):
         values = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(allowed)}")
-        return values
-
+        if allowed is not None:
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(allowed)}")
+            return values
+        if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+        return [int(v) for v in values]
     return parse
 
 
@@ -73,13 +68,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results", help="output folder for gpu_bench.json / gpu_bench.log")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--n", type=int, default=1 << 20, help="rows N (default 2^20)")
-    p.add_argument("--ks", type=_int_list, default=[1024, 16384, 65536], help="codebook sizes K")
-    p.add_argument("--ds", type=_int_list, default=[8, 32, 256], help="dimensions D")
-    p.add_argument("--dtypes", type=_choice_list(DTYPES), default=["bf16", "fp32"])
+    p.add_argument("--ks", type=_list(), default=[1024, 16384, 65536], help="codebook sizes K")
+    p.add_argument("--ds", type=_list(), default=[8, 32, 256], help="dimensions D")
+    p.add_argument("--dtypes", type=_list(DTYPES), default=["bf16", "fp32"])
     p.add_argument("--metric", default="l2", choices=["l2", "cosine", "dot"])
-    p.add_argument("--ops", type=_choice_list(OPS), default=list(OPS))
-    p.add_argument("--backends", type=_choice_list(ASSIGN_BACKENDS), default=["triton", "cuda", "chunked"])
-    p.add_argument("--baselines", type=_choice_list(BASELINES), default=list(BASELINES))
+    p.add_argument("--ops", type=_list(OPS), default=list(OPS))
+    p.add_argument("--backends", type=_list(ASSIGN_BACKENDS), default=["triton", "cuda", "chunked"])
+    p.add_argument("--baselines", type=_list(BASELINES), default=list(BASELINES))
     p.add_argument("--fp32-precision", default="medium", choices=["highest", "high", "medium"],
                    help="torch.set_float32_matmul_precision for the run (medium: tf32, the rate the fp32 floor uses)")
     p.add_argument("--time-budget", type=float, default=420.0, help="seconds; rows that would overrun are skipped")
@@ -145,7 +140,7 @@ def measure_ceilings(device: str, fp32_precision: str) -> dict:
     return out
 
 
-def run_shape(group, args, ceilings, l2_bytes, deadline):
+def run_shape(group, args, ceilings, l2_bytes, deadline, table):
     """Check and time every provider of one shape through :func:`vqkernels.bench.run_case`; fill the rows."""
     op, N, K, D, dtype, variant = (group[0][k] for k in ("op", "N", "K", "D", "dtype", "variant"))
     case = bench.Case(SPEC_OF[op], N, K, D or 1, dtype if dtype in DTYPES else "fp32",
@@ -160,6 +155,7 @@ def run_shape(group, args, ceilings, l2_bytes, deadline):
                          target_s=args.target_s, max_repeats=args.max_reps, deadline=deadline)
     names = {CONTENDER_OF.get(r["provider"], f"vqkernels[{r['provider']}]"): r for r in group}
     result = bench.run_case(case, opts, only=list(names))
+    table.row(result)
     ok = [e for e in result["results"] if e["status"] == "ok"]
     for e in result["results"]:
         row = names[e["contender"]]
@@ -186,23 +182,6 @@ def run_shape(group, args, ceilings, l2_bytes, deadline):
             if measured:
                 row["frac_of_measured_mm"] = work["flops"] / t / measured
         row.update(floor_ms=floor * 1e3, x_floor=t / floor)
-
-
-def _fmt(v, spec):
-    return format(v, spec) if isinstance(v, (int, float)) else "-"
-
-
-def summary_table(rows):
-    lines = [f"{'op':13s} {'provider':12s} {'dtype':6s} {'K':>6s} {'D':>4s} {'median ms':>10s} {'TFLOP/s':>8s} "
-             f"{'GB/s':>7s} {'x floor':>8s} {'frac mm':>7s}  status"]
-    for r in rows:
-        op = r["op"] + ("/" + r["variant"][:3] if r["op"] == "cluster_stats" and r.get("variant") else "")
-        lines.append(
-            f"{op:13s} {r['provider']:12s} {r['dtype']:6s} {r['K']:>6d} {str(r['D'] or '-'):>4s} "
-            f"{_fmt(r.get('median_ms'), '10.3f')} {_fmt(r.get('tflops'), '8.1f')} {_fmt(r.get('gbytes_per_s'), '7.0f')} "
-            f"{_fmt(r.get('x_floor'), '8.2f')} {_fmt(r.get('frac_of_measured_mm'), '7.2f')}  "
-            f"{r['status']}{(': ' + r['note']) if r.get('note') else ''}")
-    return "\n".join(lines)
 
 
 def write_json(path, payload):
@@ -246,6 +225,7 @@ def main(argv=None) -> int:
         log(f"machine and versions: {machine}")
         ceilings = payload["ceilings"] = measure_ceilings(args.device, args.fp32_precision)
         log(f"ceilings: {ceilings}")
+        table = bench.Table(args.device, stream=io.StringIO())  # the package's table, printed at the end
         shape = lambda r: tuple(r[k] for k in ("op", "K", "D", "dtype", "variant"))  # noqa: E731
         for _, group in itertools.groupby(payload["rows"], key=shape):
             group = list(group)
@@ -255,7 +235,7 @@ def main(argv=None) -> int:
                     row.update(status="skipped", note="time budget")
                 continue
             try:
-                run_shape(group, args, ceilings, machine.get("l2_bytes"), end)
+                run_shape(group, args, ceilings, machine.get("l2_bytes"), end, table)
             except Exception as exc:  # one failing shape must not stop the run
                 for row in group:
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
@@ -264,12 +244,14 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()  # give back a baseline's N x K matrix before the next shape
             for row in group:
                 log(f"{row['op']} {row['provider']} {row['dtype']} K={row['K']} D={row['D']} {row.get('variant') or ''}: "
-                    f"{row['status']} {_fmt(row.get('median_ms'), '.3f')} ms {row.get('note', '')}")
+                    f"{row['status']} {row.get('median_ms', float('nan')):.3f} ms {row.get('note', '')}")
             write_json(json_path, payload)  # keep what we have if the run is killed
         payload["elapsed_s"] = round(time.monotonic() - started, 1)
         write_json(json_path, payload)
-        log("summary (x floor = median / max(2NKD/peak, bytes/4.3e12); frac mm = achieved / measured torch.mm rate)\n"
-            + summary_table(payload["rows"]))
+        table.close_op()
+        # gpu_check.sh prints the log from "summary (x floor" on
+        log("summary (x floor = median / max(flops / peak, bytes / 4.3e12), in the JSON with TFLOP/s and the fraction "
+            "of the measured torch.mm rate; the table's 'of floor' is its inverse)\n" + table.stream.getvalue())
         # 1 when a provider failed, or one of ours disagreed with the best pick (a peer's disagreement is reported)
         return int(any(r["status"] == "error" or (r.get("agrees") is False and r["provider"] in ASSIGN_BACKENDS)
                        for r in payload["rows"]))

@@ -32,14 +32,6 @@ _DISTRIBUTIONS = {"faiss": ("faiss-cpu", "faiss-gpu", "faiss"), "vector_quantize
 
 
 # --------------------------------------------------------------------------- the machine
-def load_average() -> Optional[list]:
-    """1, 5 and 15 minute load averages (None where the OS has none): a busy machine skews every figure."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def _version(name: str) -> Optional[str]:
     from importlib import metadata
 
@@ -72,7 +64,8 @@ def machine_info() -> dict:
                     memory_gib=round(p.total_memory / 2**30, 1), l2_bytes=getattr(p, "L2_cache_size", None))
     info.update({name: _version(name) for name in PEERS})
     info["extension"] = _extension.status()
-    info["load_average"] = load_average()
+    # 1, 5 and 15 minute load averages (None where the OS has none): a busy machine skews every figure
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return info
 
 
@@ -205,14 +198,6 @@ class Options:
     deadline: Optional[float] = None  # time.monotonic() after which contenders are skipped ("time budget")
 
 
-def memory_mode(case: Case, opts: Options) -> str:
-    if opts.memory != "auto":
-        return opts.memory
-    if opts.device == "cpu" and case.spec.memory_subprocess and opts.subprocess_memory:
-        return "subprocess"
-    return "inprocess"
-
-
 def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda s: None,
              only: Optional[Sequence[str]] = None) -> dict:
     """Run, check and time every contender (or those named in ``only``) on one row; the row as a dict.
@@ -222,10 +207,9 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
     """
     device, spec = opts.device, case.spec
     sets = [make_inputs(case, device, opts.seed + i, opts.on_device) for i in range(max(1, opts.rotate))]
-    inputs = sets[0]
-    entries: Dict[str, dict] = {}
-    outputs: Dict[str, object] = {}
-    mode = memory_mode(case, opts)
+    inputs, entries, outputs = sets[0], {}, {}
+    mode = opts.memory if opts.memory != "auto" else "subprocess" if (
+        opts.device == "cpu" and spec.memory_subprocess and opts.subprocess_memory) else "inprocess"
     for contender in [c for c in spec.contenders if only is None or c.name in only]:
         entry = entries.setdefault(contender.name, {"contender": contender.name, "family": contender.family})
         try:
@@ -287,11 +271,8 @@ def _compare(case: Case, entries: Dict[str, dict], device: str):
     """Ratio to the best agreeing peer, and on GPU the fraction of the roofline floor."""
     peers = [e["median_s"] for e in entries.values()
              if e["family"] == "peer" and e.get("status") == "ok" and e.get("agrees", False)]
-    best = min(peers) if peers else None
-    floor = None
-    if device == "cuda":
-        w = case.work()
-        floor = max(w["flops"] / GPU_PEAK_FLOPS[case.dtype], w["bytes"] / GPU_BANDWIDTH)
+    best, w = min(peers, default=None), case.work()
+    floor = max(w["flops"] / GPU_PEAK_FLOPS[case.dtype], w["bytes"] / GPU_BANDWIDTH) if device == "cuda" else None
     for e in entries.values():
         if e.get("status") == "ok":
             e["vs_best_peer"] = e["median_s"] / best if best else None
