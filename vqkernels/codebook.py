@@ -256,7 +256,7 @@ class Codebook(nn.Module):
         then dead-code restarts."""
         K = self.codebook_size
         if self.learning == "ema":
-            counts, sums = cluster_stats(z, indices, K, deterministic=self.deterministic, heads=True, backend=self.backend)
+            counts, sums = cluster_stats(z, indices, K, deterministic=self.deterministic, codebook_axis=True, backend=self.backend)
             sync.all_reduce_sum_(counts, sums)  # the statistics of all ranks' rows, packed
             counts, sums = counts.view(self.cluster_size.shape), sums.view(self.embed.shape)
             if torch.compiler.is_compiling():
@@ -279,7 +279,7 @@ class Codebook(nn.Module):
             if self.metric == "cosine":
                 self.embed.copy_(normalized(self.embed, self.metric))
         else:
-            counts = histogram(indices, K, heads=True, backend=self.backend).to(self.cluster_size.dtype)
+            counts = histogram(indices, K, codebook_axis=True, backend=self.backend).to(self.cluster_size.dtype)
             sync.all_reduce_sum_(counts)  # usage of all ranks, so every rank sees the same dead codes
             self.cluster_size.mul_(self.decay).add_(counts.view(self.cluster_size.shape), alpha=1.0 - self.decay)
         if self.dead_code_threshold > 0:

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 
 from . import checkpoints as _checkpoints
 from . import distributed as _dist
-from .codebook import INITS, LEARNING, Codebook
+from .codebook import INITS, LEARNING, Codebook  # noqa: F401  (INITS, LEARNING: kept importable from here)
 from .estimators import ESTIMATORS, gather_codes, quantize, rotation_backward
 from .ops import kmeans  # noqa: F401  (kept importable from here; the Codebook runs k-means)
-from .ops._metrics import CENTROID_METRICS
+from .ops._metrics import CENTROID_METRICS, normalized
 from .ops._validation import (
     check_codebook_size,
     check_finite,
@@ -229,7 +229,7 @@ class Quantizer(nn.Module):
             backend=backend,
         )
         # The state dict keeps the flat keys of the single module this used to be.
-        self._register_state_dict_hook(_flatten_codebook_keys)
+        self.register_state_dict_post_hook(_flatten_codebook_keys)
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -254,7 +254,7 @@ class Quantizer(nn.Module):
     def to_codebook_space(self, x: torch.Tensor) -> torch.Tensor:
         """Map inputs ``[..., dim]`` (channel-last) to the space the codes live in ``[..., codebook_dim]``."""
         z = self.project_in(x).to(self.embed.dtype)
-        return F.normalize(z, dim=-1) if self.metric == "cosine" else z
+        return normalized(z, self.metric)
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes ``[..., codebook_dim]`` (channel-last, codebook space) for ``indices [...]``; -1 gives zeros."""
