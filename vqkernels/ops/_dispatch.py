@@ -1,16 +1,26 @@
-"""Backend registry and selection.
+"""Backend registry, selection, and :func:`call`, the one path from a public op to a backend.
 
-Every op (``assign``, ``histogram``, ``cluster_stats``, ``ema_update``) has one
-implementation per backend, in ``vqkernels/ops/<op>/<backend>.py``. This module knows
-which backends exist, what each supports, *why* one refuses, and picks one:
+Every op has one folder, ``vqkernels/ops/<op>/`` (``assign``, ``histogram``,
+``cluster_stats``, ``ema_update``), holding one module per backend; each backend module
+defines a function named after the op. The public function and the custom op carry the
+same name (``ema_update_`` with PyTorch's trailing underscore for in-place). This module
+knows which backends exist, what each supports, *why* one refuses, and picks one:
 
 * ``backend="name"`` (or the ``VQKERNELS_BACKEND`` environment variable) forces a backend;
   if it cannot run these tensors the call raises :class:`BackendUnavailableError` with
   the reason. Nothing falls back silently.
 * ``backend=None`` takes the first backend in the device's priority order that can run
-  the tensors (CUDA: triton -> chunked, cuda opt-in for now; CPU: chunked). The choice is logged once
-  per (op, device, dtype) on the ``vqkernels`` logger, and a backend skipped because it
-  *failed* (rather than was simply not installed) is warned about once.
+  the tensors (CUDA: triton -> chunked, cuda opt-in for now; CPU: chunked). The choice is
+  logged once per (op, device, dtype) on the ``vqkernels`` logger, and a backend skipped
+  because it *failed* (rather than was simply not installed) is warned about once.
+
+The backend contract (what :func:`call` passes; every backend, every op): the codebook
+axis is always present, ``C >= 1``, ``N >= 1``, tensors contiguous:
+
+* ``assign(x [C, N, D], codebook [C, K, D], metric) -> (indices int64 [C, N], distances [C, N])``
+* ``histogram(indices [C, N], K, weights [C, N] | None) -> counts [C, K]``
+* ``cluster_stats(x [C, N, D], indices [C, N], K, deterministic) -> (counts [C, K], sums [C, K, D])``
+* ``ema_update(cluster_size [C, K], embed_avg [C, K, D], codebook [C, K, D], counts, sums, decay, eps)``
 
 Backend modules are imported lazily, so ``import vqkernels`` never imports triton or the
 compiled extension.
@@ -31,9 +41,6 @@ from ..errors import BackendUnavailableError
 logger = logging.getLogger("vqkernels")
 
 ENV_VAR = "VQKERNELS_BACKEND"
-# One name per op: the folder vqkernels/ops/<op>/, the function each backend module defines,
-# and (with a trailing underscore for the in-place ema_update_) the public function and custom op.
-OPS = ("assign", "histogram", "cluster_stats", "ema_update")
 
 
 def _always(_device_type: str) -> Optional[str]:

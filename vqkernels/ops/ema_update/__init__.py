@@ -3,9 +3,9 @@ and rewrite the codebook, in place, with Laplace smoothing of the cluster sizes:
 
     cluster_size = decay * cluster_size + (1 - decay) * counts
     embed_avg    = decay * embed_avg    + (1 - decay) * sums
-    n            = cluster_size.sum()
+    n            = cluster_size.sum(-1)      (each codebook its own total)
     smoothed     = (cluster_size + eps) / (n + K * eps) * n
-    codebook     = embed_avg / smoothed[:, None]
+    codebook     = embed_avg / smoothed[..., None]
 
 The op name is ``ema_update`` in the folder and the dispatch registry; the public function
 and the custom op carry a trailing underscore, PyTorch's mark of an in-place op.
@@ -55,10 +55,15 @@ def ema_update_(
 ) -> torch.Tensor:
     """EMA update of a VQ layer's statistics and codebook, in place.
 
+    The codebook axis (one rule for every op, see :func:`vqkernels.assign`): ``C``
+    independent codebooks are a leading axis of every buffer, ``[C, K]`` / ``[C, K, D]``,
+    read from the codebook's shape; each codebook is smoothed with its own total ``n``,
+    all in one call.
+
     Args:
-        cluster_size: ``[K]`` (or ``[H, K]``) float32/fp64 EMA of counts, updated in place.
-        embed_avg: ``[K, D]`` (or ``[H, K, D]``) float32/fp64 EMA of sums, updated in place.
-        codebook: ``[K, D]`` (or ``[H, K, D]``) any float dtype, overwritten with
+        cluster_size: ``[K]`` (or ``[C, K]``) float32/fp64 EMA of counts, updated in place.
+        embed_avg: ``[K, D]`` (or ``[C, K, D]``) float32/fp64 EMA of sums, updated in place.
+        codebook: ``[K, D]`` (or ``[C, K, D]``) any float dtype, overwritten with
             ``embed_avg / smoothed_cluster_size``.
         counts, sums: this step's :func:`cluster_stats`, shaped like ``cluster_size`` / ``embed_avg``.
         decay: in ``[0, 1]``; 0 replaces the statistics, 1 freezes them.
@@ -99,7 +104,7 @@ def ema_update_(
         raise ValueError(f"eps must be a float > 0 (Laplace smoothing), got {eps!r}")
     requested = _dispatch.requested_backend(backend) if backend is not None else ""
     K, D = codebook.shape[-2], codebook.shape[-1]
-    # Backends always see the head dimension: [H, K] and [H, K, D].
+    # Backends always see the codebook axis: [C, K] and [C, K, D] (C = 1 for a plain codebook).
     _ema_update_op(
         cluster_size.view(-1, K),
         embed_avg.view(-1, K, D),

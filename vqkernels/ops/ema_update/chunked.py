@@ -2,6 +2,7 @@
 
 
 def ema_update(cluster_size, embed_avg, codebook, counts, sums, decay, eps):
+    """In place on ``cluster_size [C, K]``, ``embed_avg [C, K, D]``, ``codebook [C, K, D]``."""
     K = cluster_size.shape[-1]
     weight = 1.0 - decay
     cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=weight)
