@@ -656,3 +656,79 @@ def test_codebook_axis_ema_update(runtime, stats_dtype, codebook_dtype):
     for name, g, w in zip(("cluster_size", "embed_avg", "codebook"), got, want):
         t = tol[g.dtype]
         torch.testing.assert_close(g.cpu(), torch.stack(w), rtol=t, atol=t, msg=lambda m: f"{name}: {m}")
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.fixture
+def cuda_ops():
+    reason = _extension.unavailable_reason()
+    assert reason is None, f"a GPU is present but the cuda backend is unavailable: {reason}"
+    return _extension.ops()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_ops_check_the_codebook_axis(cuda_ops):
+    """The C++ boundary (direct torch.ops calls) names the mismatched [C, ...] shapes."""
+    ops, dev = cuda_ops, "cuda"
+    x = torch.randn(3, 5, 8, device=dev)
+    idx = torch.zeros(3, 5, dtype=torch.int64, device=dev)
+    cases = {
+        r"x has C=3 codebooks \(shape \(3, 5, 8\)\) but codebook has C=2":
+            lambda: ops.assign_cuda(x, torch.randn(2, 4, 8, device=dev), "l2"),
+        r"x must be \[C, N, D\] \(3 dimensions\), got shape \(5, 8\)":
+            lambda: ops.assign_cuda(x[0], torch.randn(4, 8, device=dev), "l2"),
+        r"x has 8 features .* but codebook has 7":
+            lambda: ops.assign_cuda(x, torch.randn(3, 4, 7, device=dev), "l2"),
+        r"weights has shape \(2, 5\) but indices has shape \(3, 5\)":
+            lambda: ops.histogram_cuda(idx, 4, torch.ones(2, 5, device=dev)),
+        r"indices must hold at least one codebook \(C >= 1":
+            lambda: ops.histogram_cuda(idx[:0], 4, None),
+        r"at most 65535 codebooks":
+            lambda: ops.histogram_cuda(torch.zeros(65536, 1, dtype=torch.int64, device=dev), 4, None),
+        r"indices has shape \(2, 5\) but x has shape \(3, 5, 8\); expected indices of shape \(3, 5\)":
+            lambda: ops.cluster_stats_cuda(x, idx[:2], 4, True),
+        r"cluster_size has shape \(2, 4\); expected \(3, 4\)":
+            lambda: ops.ema_update_cuda(torch.ones(2, 4, device=dev), torch.zeros(3, 4, 8, device=dev),
+                                        torch.zeros(3, 4, 8, device=dev), torch.ones(2, 4, device=dev),
+                                        torch.zeros(3, 4, 8, device=dev), 0.9, 1e-5),
+    }
+    for pattern, call in cases.items():
+        with pytest.raises(RuntimeError, match=pattern):
+            call()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_codebook_axis_is_one_launch_per_kernel(cuda_ops):
+    """C = 5 codebooks: every kernel of every op is launched once per call, never per codebook."""
+    from torch.profiler import ProfilerActivity, profile
+
+    C, N, K, D = 5, 300, 200, 40
+    x = torch.randn(C, N, D, device="cuda", dtype=torch.float16)
+    cb = torch.randn(C, K, D, device="cuda", dtype=torch.float16)
+    idx = torch.randint(-1, K, (C, N), device="cuda")
+    stats = [torch.rand(C, K, device="cuda"), torch.randn(C, K, D, device="cuda"), cb.clone()]
+
+    def run():
+        cuda_ops.assign_cuda(x, cb, "l2")
+        cuda_ops.histogram_cuda(idx, K, None)
+        cuda_ops.cluster_stats_cuda(x, idx, K, False)  # a histogram launch of its own, then the sums
+        cuda_ops.cluster_stats_cuda(x, idx, K, True)
+        cuda_ops.ema_update_cuda(*stats, torch.ones(C, K, device="cuda"), torch.ones(C, K, D, device="cuda"), 0.9, 1e-5)
+        torch.cuda.synchronize()
+
+    run()  # warm-up: lazy initialisation stays out of the profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    names = [e.name for e in prof.events() if "vqk::" in e.name]
+    # kernel (either of the alternatives) -> launches per run(); assign runs the mma or the
+    # SIMT kernel (VQKERNELS_CUDA_ASSIGN_KERNEL), the histogram the shared or the global one.
+    expected = {("code_terms_kernel",): 1, ("assign_mma_kernel", "assign_simt_kernel"): 1,
+                ("assign_finalize_kernel",): 1, ("histogram_shared_kernel", "histogram_global_kernel"): 2,
+                ("cluster_sums_atomic_kernel",): 1, ("segment_keys_kernel",): 1, ("segment_starts_kernel",): 1,
+                ("segment_sums_kernel",): 1, ("ema_sizes_kernel",): 1, ("ema_embed_kernel",): 1}
+    counts = {k: sum(any(f"vqk::{alt}" in n for alt in k) for n in names) for k in expected}
+    assert counts == expected, f"kernel launches per call: {counts}; recorded: {names}"
