@@ -1,6 +1,8 @@
 """The sdist carries csrc/ (so a GPU machine can build the extension from it) and the wheel
 carries the CUDA sources as package data (so the JIT loader works after a plain install)."""
+import ast
 import os
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -35,3 +37,22 @@ def test_build_sdist_and_wheel_are_complete(tmp_path):
     for needed in ("setup.py", "pyproject.toml", "README.md"):
         assert needed in sdist_names
     assert any(n.endswith("entry_points.txt") for n in wheel_names)
+
+
+def test_compile_flags_are_written_once():
+    """setup.py, the JIT build and the nvcc compile check take their flags from
+    vqkernels/_build_flags.py, which imports nothing: setup.py reads it by path, before the
+    package can be imported."""
+    flags_file = ROOT / "vqkernels" / "_build_flags.py"
+    tree = ast.parse(flags_file.read_text())
+    imports = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not imports, f"_build_flags.py must import nothing, found {imports}"
+    flags = runpy.run_path(str(flags_file))
+    # IEEE division and sqrt: the winner's exact distance and the EMA division rely on them.
+    assert "--use_fast_math" not in flags["NVCC_FLAGS"], flags["NVCC_FLAGS"]
+    users = [ROOT / "setup.py", ROOT / "vqkernels" / "_extension.py", ROOT / "tests" / "test_cuda_build.py"]
+    for user in users:
+        text = user.read_text()
+        assert "_build_flags" in text, f"{user.name} does not read vqkernels/_build_flags.py"
+        for flag in {*flags["CXX_FLAGS"], *flags["NVCC_FLAGS"], "--use_fast_math"}:
+            assert f'"{flag}"' not in text, f"{user.name} spells out the compile flag {flag!r} again"
