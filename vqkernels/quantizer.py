@@ -150,6 +150,12 @@ class Quantizer(nn.Module):
         ``QuantizerOutput(quantized, indices, loss)``; with ``return_loss_breakdown=True`` a
         fourth field ``breakdown = LossBreakdown(commitment, codebook)``.
 
+    Parts: ``project_in`` / ``project_out``; ``codebook_state``, a
+    :class:`~vqkernels.codebook.Codebook` with one codebook (its tensors ``embed``,
+    ``embed_avg``, ``cluster_size``, ``initted``, ``quantizing``, ``steps``, ``reservoir``,
+    ``reservoir_seen`` and its settings read as the Quantizer's own attributes, and are saved
+    under those flat names); the estimator of ``gradient`` (:mod:`vqkernels.estimators`).
+
     Example:
         >>> vq = Quantizer(dim=64, codebook_size=512, init="kmeans", dead_code_threshold=2)
         >>> x = torch.randn(8, 1024, 64)
@@ -388,9 +394,6 @@ class Quantizer(nn.Module):
         """The sync hook: the world group when ``sync_codebook`` is not off and a process group
         of world size > 1 exists, else the local one. (``torch.compile`` folds it: no graph break.)"""
         return _dist.sync_for(self.sync_codebook is not False)
-
-    def _sync_active(self) -> bool:
-        return self._sync().active
 
     def _continuous_forward(self, x, flat, keep, lead, return_loss_breakdown):
         """Deferred Quantization's continuous phase: identity, plus a reservoir sample in training."""
