@@ -22,6 +22,18 @@ def test_usage_known_values():
     assert empty.used_codes == 0 and empty.perplexity == 0.0
 
 
+def test_entropy_and_perplexity_one_formula():
+    h = dg.entropy(torch.tensor([1, 1, 0, 2]))  # p = (1/4, 1/4, 0, 1/2)
+    assert h.dtype == torch.float64 and math.isclose(float(h), 1.5 * math.log(2), rel_tol=1e-12)
+    rows = torch.tensor([[5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [0.3, 0.1, 0.0, 0.0]])
+    ppl = dg.perplexity(rows)  # one value per row of [C, K]: uniform, empty, one code, weights summing to < 1
+    two = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert ppl.shape == (4,) and torch.allclose(ppl, torch.tensor([4.0, 1.0, 1.0, two], dtype=torch.float64))
+    assert torch.allclose(dg.entropy(rows.t(), dim=0), dg.entropy(rows))
+    # the same formula behind usage and the effective rank
+    assert math.isclose(dg.usage_from_counts(torch.tensor([1, 1, 0, 2])).entropy, float(h), rel_tol=1e-15)
+
+
 def test_monitor_measures_the_stream_not_the_batch():
     K = 64
     monitor = dg.CodebookMonitor(K)
