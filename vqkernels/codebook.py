@@ -225,10 +225,10 @@ class Codebook(nn.Module):
             self.kmeans_init_(rows, None, sync)
             return
         C, n, D = rows.shape
-        picked = sync.sample_rows(_dist._rows_wide(rows), K, replacement=True)  # chosen on rank 0 when synced
+        picked = sync.sample_rows(_dist.wide_rows(rows), K, replacement=True)  # chosen on rank 0 when synced
         if picked.shape[0] == 0:
             raise ValueError(f"init='random' needs at least one unmasked row in the first training batch{where}")
-        self.load_codes_(_dist._rows_stacked(picked, C), torch.ones(C, K, device=z.device))
+        self.load_codes_(_dist.stacked_rows(picked, C), torch.ones(C, K, device=z.device))
 
     @torch.no_grad()
     def kmeans_init_(self, rows: torch.Tensor, batch_rows: Optional[float], sync: _dist.LocalSync) -> None:

@@ -176,14 +176,15 @@ def _randint(high: int, size: int, generator) -> torch.Tensor:
     return torch.randint(high, (size,), generator=generator, device=_gen_device(generator)).cpu()
 
 
-def _rows_wide(rows: torch.Tensor) -> torch.Tensor:
-    """``[C, n, D]`` -> ``[n, C * D]``: row ``i`` of every codebook travels as one row."""
+def wide_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``[C, n, D]`` -> ``[n, C * D]``: row ``i`` as seen by every codebook travels (and is
+    sampled) as one row, so ``C`` codebooks cost one collective."""
     C, n, D = rows.shape
     return rows.transpose(0, 1).reshape(n, C * D)
 
 
-def _rows_stacked(wide: torch.Tensor, C: int) -> torch.Tensor:
-    """Inverse of :func:`_rows_wide`: ``[m, C * D]`` -> ``[C, m, D]``."""
+def stacked_rows(wide: torch.Tensor, C: int) -> torch.Tensor:
+    """Inverse of :func:`wide_rows`: ``[m, C * D]`` -> ``[C, m, D]``."""
     return wide.view(wide.shape[0], C, -1).transpose(0, 1)
 
 
@@ -346,7 +347,7 @@ class GroupSync(LocalSync):
         if n_want == 0:
             return picked, torch.zeros_like(want, dtype=torch.bool)
         kept = rows if keep is None else rows[:, keep]
-        sample = _rows_stacked(self.sample_rows(_rows_wide(kept), n_want), C)  # [C, m, D], same everywhere
+        sample = stacked_rows(self.sample_rows(wide_rows(kept), n_want), C)  # [C, m, D], same everywhere
         m = sample.shape[1]
         if m == 0:
             return picked, torch.zeros_like(want, dtype=torch.bool)
@@ -406,4 +407,6 @@ __all__ = [
     "GroupSync",
     "LOCAL",
     "sync_for",
+    "wide_rows",
+    "stacked_rows",
 ]
