@@ -57,10 +57,13 @@ class Codebook(nn.Module):
     the reservoir and re-seeded into dead codes by row, the same rows for every codebook.
 
     Example:
+        >>> from vqkernels.distributed import LOCAL
         >>> book = Codebook(512, 64, num_codebooks=4, decay=0.99)
-        >>> z = torch.randn(4, 1000, 64)                      # [C, N, D]
+        >>> z = torch.randn(4, 1000, 64)                         # [C, N, D]
         >>> indices = vqkernels.assign(z, book.codes()).indices  # [C, N]
-        >>> book.update_(z, indices, None, LOCAL)              # one cluster_stats + one EMA call for all 4
+        >>> book.update_(z, indices, None, LOCAL)  # one cluster_stats and one ema_update_ call for all 4
+        >>> book.embed.shape, book.cluster_size.shape
+        (torch.Size([4, 512, 64]), torch.Size([4, 512]))
     """
 
     STATE_KEYS = ("embed", "embed_avg", "cluster_size", "initted", "quantizing", "steps", "reservoir", "reservoir_seen")
