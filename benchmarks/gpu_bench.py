@@ -147,10 +147,10 @@ def run_shape(group, args, ceilings, l2_bytes, deadline, table):
                       metric=variant if op == "assign" else "l2", variant=variant if op == "cluster_stats" else "")
     work = case.work()
     cuda = args.device == "cuda"
-    free = torch.cuda.mem_get_info()[0] if cuda else float("inf")  # the N x K matrix, mm intermediate, argmin
+    free = torch.cuda.mem_get_info()[0] if cuda else float("inf")
     sets = args.rotate or int(min(8, max(2, math.ceil(4 * (l2_bytes or 50 << 20) / max(1, work["bytes"])))))
     opts = bench.Options(device=args.device, repeats=args.min_reps, warmup=1, memory="inprocess" if cuda else "off",
-                         max_dense_bytes=0.8 * free / 3,
+                         max_dense_bytes=0.8 * free / 3,  # cdist: the N x K matrix, its mm intermediate, argmin
                          seed=args.seed + K + (D or 0), kernel_level=not args.via_op, rotate=sets, on_device=True,
                          target_s=args.target_s, max_repeats=args.max_reps, deadline=deadline)
     names = {CONTENDER_OF.get(r["provider"], f"vqkernels[{r['provider']}]"): r for r in group}

@@ -4,6 +4,8 @@ Speed is measured here, never asserted in tests.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -142,12 +144,8 @@ def _rss_bytes(field: str) -> int:
 
 def _reset_peak_rss() -> bool:
     gc.collect()
-    try:
-        import ctypes
-
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed pages stay mapped
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
