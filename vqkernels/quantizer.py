@@ -432,7 +432,7 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         book = self.codebook_state
-        own = set(book._parameters) | set(book._buffers) | (set(self._modules) - {"codebook_state"})
+        own = set(book._parameters) | set(book._buffers) | set(self._modules)
         _checkpoints.convert_foreign_state_(
             state_dict, prefix, own=own, learning=self.learning, deferred=bool(self.deferred_steps), error_msgs=error_msgs
         )
