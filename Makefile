@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,triton
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench info clean
+.PHONY: setup demo test bench info mutation clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ bench: setup
 
 info: setup
 	$(VENV)/bin/vqkernels info
+
+# Mutation testing of the ops' reference/chunked code and the codebook (see docs/testing.md).
+# MUTATION_GROUPS picks groups (default: all); mutmut runs on copies under mutants/.
+MUTATION_GROUPS ?=
+mutation: setup
+	$(VENV)/bin/python -c "import mutmut" 2>/dev/null || $(VENV)/bin/python -m pip install -q -e ".[mutation]"
+	$(VENV)/bin/python tests/mutation.py $(MUTATION_GROUPS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -138,6 +138,43 @@ def test_histogram_is_the_loop_count(backend, index_dtype, N, K):
     torch.testing.assert_close(got_w.double(), want_w, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", PORTABLE)
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+def test_histogram_takes_weights_of_every_float_dtype(backend, weight_dtype):
+    g = torch.Generator().manual_seed(3)
+    indices = torch.randint(-1, 9, (60,), generator=g)
+    weights = (torch.rand(60, generator=g, dtype=torch.float64) * 2).to(weight_dtype)
+    got = vqkernels.histogram(indices, 9, weights, backend=backend)
+    assert got.dtype == torch.float32  # documented: float32 sums whatever the weights' dtype
+    want = torch.tensor(loop_histogram(indices, 9, weights), dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.fixture
+def float64_default_dtype():
+    """torch.set_default_dtype(torch.float64), as some scientific code runs: the documented
+    output dtypes must not follow it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("backend", PORTABLE)
+def test_output_dtypes_ignore_the_default_dtype(backend, float64_default_dtype):
+    x, codebook = _randn(20, 3, seed=1).float(), _randn(6, 3, seed=2).float()
+    indices, distances = vqkernels.assign(x, codebook, backend=backend)
+    assert indices.dtype == torch.int64 and distances.dtype == torch.float32
+    assert vqkernels.histogram(indices, 6, backend=backend).dtype == torch.int64
+    assert vqkernels.histogram(indices, 6, torch.ones(20, dtype=torch.float32), backend=backend).dtype == torch.float32
+    for deterministic in (False, True):
+        counts, sums = vqkernels.cluster_stats(x, indices, 6, deterministic=deterministic, backend=backend)
+        assert counts.dtype == sums.dtype == torch.float32
+        want_counts, want_sums = loop_cluster_stats(x, indices, 6)
+        assert torch.equal(counts.double(), want_counts)
+        torch.testing.assert_close(sums.double(), want_sums, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- cluster_stats
 
 
