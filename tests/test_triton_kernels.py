@@ -133,6 +133,43 @@ def test_assign_ties_go_to_lowest_index_across_tiles(device):
                 assert indices[:5].tolist() == [5, 7, 9, 11, 40]
 
 
+def _tied_codebook(K, D, positions, seed):
+    """Codes far from x = 3 e_0 except, at ``positions``, DISTINCT codes 3 e_0 +- e_j that tie
+    exactly with one another in every metric (l2 1, dot -9, cosine 1 - 3 / sqrt(10))."""
+    g = _gen(seed)
+    c = _int_data((K, D), g, -4, 2)  # first coordinate <= 1: worse than the tied codes
+    c[:, 1] = torch.where(c[:, 1] >= 0, 2.0, -2.0)  # ... in cosine too (|c_1| >= 2)
+    for n, pos in enumerate(positions):
+        tied = torch.zeros(D)
+        tied[0] = 3.0
+        tied[1 + n % (D - 1)] = 1.0 if n % 2 == 0 else -1.0
+        c[pos] = tied
+    assert len({tuple(c[p].tolist()) for p in positions}) == len(positions)  # distinct codes
+    return c
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_running_min_keeps_lowest_index_per_column(device):
+    # The kernel keeps a running (min, index) per tile column with a strict "<": distinct
+    # codes with equal scores in the SAME column of later tiles (6 + 32, + 64, + 128, ...,
+    # one column for every BLOCK_K <= 512) must not replace code 6 ("<=" would return the
+    # last of them). And the final reduction over columns must pick the lowest INDEX, not
+    # the leftmost column: code 20 (column 20 of tile 0) beats code 35 (column 3 of tile 1
+    # for BLOCK_K 32) and code 131.
+    K, D = 600, 6
+    x = torch.zeros(7, D)
+    x[:, 0] = 3.0
+    x[1:, 2:] = _int_data((6, D - 2), _gen(21), -1, 2) * 4.0  # rows with other nearest codes
+    for positions, want in (((6, 38, 70, 134, 262, 518), 6), ((35, 20, 131), 20)):
+        c = _tied_codebook(K, D, positions, seed=want)
+        for dtype in _dtypes(device):
+            xd, cd = x.to(dtype).to(device), c.to(dtype).to(device)
+            for metric in ("l2", "dot", "cosine"):
+                indices, distances = _assign1(xd, cd, metric)
+                assert indices[0].item() == want, (metric, dtype, positions, indices[0].item())
+                check_assign(xd, cd, metric, indices, distances, rtol_key=_rtol_key(dtype))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_assign_split_codebook_ranges(device, monkeypatch):
     # Few rows: the codebook is split into ranges combined afterwards; ties across range
@@ -289,6 +326,40 @@ def test_cluster_stats_matches_reference(device, deterministic):
             assert counts.shape == (1, K) and sums.shape == (1, K, D)
             assert torch.equal(counts.cpu(), rc), (N, K, D)
             assert torch.allclose(sums.cpu(), rs, rtol=1e-5, atol=1e-4), (N, K, D, (sums.cpu() - rs).abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_cluster_stats_counts_exact_beyond_2_24(device, deterministic, monkeypatch):
+    # Counting 2^24 rows per code is too slow here; instead: the atomic kernel adds into
+    # int64 counters already at 2^24 + 1 (an fp32 counter would be stuck at 2^24 + 0 / + 2),
+    # and both paths convert their int64 counts once, to the dtype asked for.
+    big = 2**24 + 1
+    x, idx = _stats_case(70, 3, 5, 30)
+    idx[:5] = 1
+    want = torch.bincount(idx[idx >= 0], minlength=3)
+    if not deterministic:
+        counts = torch.full((1, 3), big, dtype=torch.int64).to(device)
+        sums = torch.zeros(1, 3, 5).to(device)
+        tstats._atomic_stats_(x[None].to(device), idx[None].to(device), counts, sums)
+        assert counts.dtype == torch.int64
+        assert counts.cpu()[0].tolist() == (want + big).tolist()  # exact: 2^24 + 1 + n
+        # ... and the op's conversion keeps them: counters pre-seeded through the real path
+        real = tstats._atomic_stats_
+
+        def seeded(x_, idx_, counts_, sums_):
+            counts_ += big
+            real(x_, idx_, counts_, sums_)
+
+        monkeypatch.setattr(tstats, "_atomic_stats_", seeded)
+        counts, _ = tstats.cluster_stats(x[None].to(device), idx[None].to(device), 3, False, torch.float64)
+        assert counts.cpu()[0].tolist() == (want + big).tolist()
+        monkeypatch.setattr(tstats, "_atomic_stats_", real)
+    for counts_dtype in (torch.int64, torch.float64, torch.float32):
+        counts, _ = tstats.cluster_stats(x[None].to(device), idx[None].to(device), 3, deterministic, counts_dtype)
+        assert counts.dtype == counts_dtype and torch.equal(counts.cpu()[0], want.to(counts_dtype))
+    assert float(torch.tensor(big, dtype=torch.int64).to(torch.float64)) == big  # fp64 keeps it
+    assert float(torch.tensor(big, dtype=torch.int64).to(torch.float32)) != big  # fp32 cannot: documented
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -21,11 +21,13 @@ with per-code terms computed once per call in fp32:
   rounded copy would put errors of 1e-3 into ``1 - cos``.
 * ``dot``:    bias = 0, mult = -1
 
-A running ``(min, argmin)`` per row stays in registers across tiles; an equal score in a
-later tile never replaces the earlier one (strict ``<``) and ``tl.min(return_indices=True)``
-breaks ties within a tile to the left, so ties go to the lowest index. A NaN score (a row
-of x holding NaN/Inf, or a NaN code) is mapped to +inf before the tile's minimum, so it
-can never hide the minimum of the tile's other codes. Only the int64
+Per-column running ``(min, index)`` registers ``[BLOCK_N, BLOCK_K]`` stay on chip across
+tiles: column j keeps the best score among codes ``k_start + j + t * BLOCK_K`` and an equal
+score in a later tile never replaces the earlier one (strict ``<``). After the sweep one
+reduction per row takes the minimum over the columns and, among the columns holding it,
+the lowest index, so ties go to the lowest index (no per-tile ``min``/``argmin`` and its
+cross-lane shuffles). A NaN score (a row of x holding NaN/Inf, or a NaN code) is mapped to
++inf first, so it can never hide the minimum of the other codes. Only the int64
 index and the fp32 distance are written -- never an N x K matrix. The winner's distance is
 then recomputed exactly in fp32 by direct difference (:func:`_exact_distance`).
 
@@ -131,7 +133,9 @@ def _exact_distance(x_blk, c_ptr, c_stride, r, rmask, code, D, metric, BLOCK_D: 
         s_cc += tl.sum(cv * cv, axis=1)
     nx = tl.maximum(tl.sqrt_rn(s_xx), 1e-12)
     nc = tl.maximum(tl.sqrt_rn(s_cc), 1e-12)
-    cos_dist = 1.0 - s_xc / (nx * nc)
+    # IEEE-rounded division and roots (a plain ``/`` compiles to the approximate div.full.f32):
+    # the exact distance must match the fp32 reference to the last rounding.
+    cos_dist = 1.0 - tl.div_rn(s_xc, nx * nc)
     return tl.where(metric == 0, s_diff, tl.where(metric == 1, cos_dist, -s_xc))
 
 
@@ -202,8 +206,12 @@ def _assign_kernel(
         c_off = kk[:, None] * c_stride + dd[None, :]
         c_step = BLOCK_K * c_stride
 
-    best = tl.full([BLOCK_N], float("inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_N], tl.int32) + k_start
+    # Per-column running minima: column j of the tile holds the best score seen in codes
+    # k_start + j, k_start + j + BLOCK_K, ... and the index that gave it. Updating them is two
+    # selects per score and no cross-lane traffic; the row's minimum is reduced once, after
+    # the sweep, instead of a min + argmin (shuffles) per tile.
+    run = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    run_idx = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + (k_start + kk)[None, :]
     c_blk = c_ptr + (code0 + k_start) * c_stride  # then advanced by pointer steps: no int32 k0*D
     c2_blk = c2_ptr + (code0 + k_start) * c_stride
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -239,12 +247,18 @@ def _assign_kernel(
         # tile's minimum (a GPU min may return it), and the interpreter's argmin raises on an
         # all-NaN row. Such a row keeps index k_start; the public op overwrites it.
         score = tl.where(score == score, score, float("inf"))
-        tile_min, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_min < best  # strict: an equal score in a later tile keeps the earlier code
-        best = tl.where(better, tile_min, best)
-        best_idx = tl.where(better, tile_arg + k0, best_idx)
+        better = score < run  # strict: an equal score in a later tile keeps the column's earlier code
+        run = tl.where(better, score, run)
+        run_idx = tl.where(better, k0 + kk[None, :], run_idx)
         c_blk += c_step
         c2_blk += c_step
+
+    # One reduction per row: the minimum over the columns, then the lowest index among the
+    # columns that hold it (columns may hold codes of different tiles, so the leftmost
+    # column is not necessarily the lowest index). A row whose scores were all +inf (NaN
+    # or Inf in x) keeps every column's initial index and gets k_start.
+    best = tl.min(run, axis=1)
+    best_idx = tl.min(tl.where(run == best[:, None], run_idx, 2147483647), axis=1)
 
     rows = row0 + r
     if SPLIT:
@@ -501,3 +515,65 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
                 x, codebook, indices, distances, N, K, D, metric_id, BLOCK_N=eb_n, BLOCK_D=epi_d
             )
     return indices, distances
+
+
+# --------------------------------------------------------------------------- compile check
+
+_TL_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _assign_signature(dtype: torch.dtype) -> dict:
+    t = "*" + _TL_TYPE[dtype]
+    return dict(x_ptr=t, c_ptr=t, c2_ptr=t, e_ptr=t, bias_ptr="*fp32", mult_ptr="*fp32", idx_ptr="*i64",
+                dist_ptr="*fp32", part_score_ptr="*fp32", part_idx_ptr="*i64", N="i32", K="i32", D="i32",
+                k_split="i32", c_stride="i32", k_bucket="i32", metric="i32")
+
+
+def compile_cases() -> list:
+    """Every assign variant the launcher can choose on a GPU, each config at its worst case.
+
+    For every input family (bf16 / fp16, fp32 under each matmul precision), one- and
+    two-part score operands and every D layout the launcher produces (a resident chunk of
+    each padded width, or D chunks), the configs that survive pruning for a large K (a
+    superset of those for any smaller K) are compiled at the WIDEST layout they survive
+    (the most shared memory and registers they can be asked for), with and without the
+    split epilogue. fp16 compiles the same code as bf16 and is checked at its widest layout
+    only. The helper kernels are compiled for every dtype and block width they take."""
+    big = 1 << 20
+    families = [(torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float32, "ieee")]
+    worst = {}  # (dtype, precision, two_part, one_chunk, config index) -> widest BLOCK_D
+    for dtype, precision in families:
+        elem = _operand_bytes(dtype.itemsize, precision)
+        layouts = sorted({_block_d(1 << i, elem, False) for i in range(12)})  # D = 1 .. 2048
+        for two_part in (False, True) if dtype != torch.float32 else (False,):
+            for block_d, one_chunk in layouts:
+                named = {"K": big, "k_split": big, "x_ptr": torch.empty(0, dtype=dtype)}
+                for cfg in _prune_configs(_CONFIGS, named, BLOCK_D=block_d, ONE_CHUNK=one_chunk, PRECISION=precision,
+                                          TWO_PART=two_part):
+                    key = (dtype, precision, two_part, one_chunk, _CONFIGS.index(cfg))
+                    worst[key] = max(worst.get(key, 0), block_d)
+    cases = []
+    for (dtype, precision, two_part, one_chunk, ci), block_d in sorted(worst.items(), key=str):
+        cfg = _CONFIGS[ci]
+        for split in (False, True):
+            consts = dict(PRECISION=precision, BLOCK_D=block_d, ONE_CHUNK=one_chunk, EVEN_D=False, TWO_PART=two_part,
+                          SPLIT=split, EPI_D=16, INTERP=False, **cfg.kwargs)
+            cases.append(tu.compile_case("_assign_kernel", _assign_kernel, _assign_signature(dtype), consts,
+                                         cfg.num_warps, cfg.num_stages))
+    # fp16 at the widest resident layout, with every config that fits there
+    widest = _MAX_SINGLE_CHUNK_BYTES // 2
+    named = {"K": big, "k_split": big, "x_ptr": torch.empty(0, dtype=torch.float16)}
+    for cfg in _prune_configs(_CONFIGS, named, BLOCK_D=widest, ONE_CHUNK=True, PRECISION="ieee", TWO_PART=True):
+        consts = dict(PRECISION="ieee", BLOCK_D=widest, ONE_CHUNK=True, EVEN_D=True, TWO_PART=True, SPLIT=False,
+                      EPI_D=16, INTERP=False, **cfg.kwargs)
+        cases.append(tu.compile_case("_assign_kernel", _assign_kernel, _assign_signature(torch.float16), consts,
+                                     cfg.num_warps, cfg.num_stages))
+    for dtype, t in _TL_TYPE.items():
+        for block_d in (16, 32, 64):  # min(64, max(16, next_pow2(D)))
+            cases.append(tu.compile_case("_code_norms_kernel", _code_norms_kernel,
+                                         dict(c_ptr="*" + t, bias_ptr="*fp32", mult_ptr="*fp32", K="i32", D="i32"),
+                                         dict(BLOCK_K=32, BLOCK_D=block_d)))
+        cases.append(tu.compile_case("_exact_distance_kernel", _exact_distance_kernel,
+                                     dict(x_ptr="*" + t, c_ptr="*" + t, idx_ptr="*i64", dist_ptr="*fp32", N="i32",
+                                          K="i32", D="i32", metric="i32"), dict(BLOCK_N=64, BLOCK_D=16)))
+    return cases

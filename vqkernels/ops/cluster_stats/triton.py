@@ -5,8 +5,9 @@ sums ``[C, K, D]``; every kernel carries the codebook axis in ``program_id(0)``.
 
 cluster_stats, ``deterministic=False``: one program per (codebook, row block, D block)
 loads its rows once and scatters them with fp32 atomics into ``sums[c, code]``; the
-D-block-0 programs also add 1 to an int64 ``counts[c, code]`` (exact; converted to fp32 at
-the end). Float sums depend on the order of the atomics.
+D-block-0 programs also add 1 to an int64 ``counts[c, code]`` (exact; converted once at
+the end, to float32 by default: exact up to 2^24 rows per code; ``counts_dtype=float64``
+keeps them exact beyond). Float sums depend on the order of the atomics.
 
 cluster_stats, ``deterministic=True`` (bitwise reproducible, no float atomics). A
 *segment* is one (codebook, code) pair, numbered ``g = c * (K + 1) + code`` with masked rows
@@ -135,7 +136,7 @@ def _cluster_stats_deterministic(x: torch.Tensor, indices: torch.Tensor, K: int)
     G = C * K1  # segments: (codebook, code) pairs, masked rows under code K
     keys = torch.where(indices >= 0, indices, torch.full_like(indices, K)).to(torch.int64)  # [C, N]
     lengths_all = _hist.histogram(keys, K1, None)  # int64 [C, K + 1]
-    counts = lengths_all[:, :K].to(torch.float32).contiguous()
+    counts = lengths_all[:, :K].contiguous()  # int64; the caller converts
     seg_keys = keys + torch.arange(C, device=device, dtype=torch.int64).view(C, 1) * K1
     order = torch.sort(seg_keys.view(-1), stable=True).indices  # each segment's rows contiguous, in input order
     lengths = lengths_all.view(-1)  # [G]
@@ -171,12 +172,28 @@ def _cluster_stats_deterministic(x: torch.Tensor, indices: torch.Tensor, K: int)
     return counts, sums
 
 
-def cluster_stats(x: torch.Tensor, indices: torch.Tensor, K: int, deterministic: bool):
+def _atomic_stats_(x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> None:
+    """Add the rows of x ``[C, N, D]`` to ``counts`` (int64 ``[C, K]``: exact at any count,
+    2^24 rows per code and beyond) and ``sums`` (fp32 ``[C, K, D]``), in place."""
+    C, N, D = x.shape
+    K = counts.shape[1]
+    # 16 elements per thread: each carries a 64-bit address for the atomic.
+    block_d = min(128, max(16, tu.next_power_of_2(D)))
+    block_n = max(16, 4096 // block_d)
+    grid = (C * tu.cdiv(N, block_n), tu.cdiv(D, block_d))
+    _stats_atomic_kernel[grid](x, indices, counts, sums, N, K, D, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8)
+
+
+def cluster_stats(x: torch.Tensor, indices: torch.Tensor, K: int, deterministic: bool,
+                  counts_dtype: torch.dtype = torch.float32):
     """Counts and per-code sums of C codebooks in one launch.
 
     x ``[C, N, D]``, indices ``[C, N]`` (negative = masked, < K).
 
-    Returns ``(counts float32 [C, K], sums float32 [C, K, D])``.
+    Returns ``(counts [C, K], sums float32 [C, K, D])``. Both paths count in int64 (exact at
+    any batch size) and convert once at the end to ``counts_dtype``: float32 (the op's
+    contract) is exact up to 2^24 rows per code; pass torch.float64 (exact to 2^53) or
+    torch.int64 where a code may collect more.
 
     Example (under ``TRITON_INTERPRET=1`` on CPU, or with CUDA tensors):
         >>> counts, sums = cluster_stats(torch.ones(1, 3, 2), torch.tensor([[0, 0, -1]]), 2, True)
@@ -188,12 +205,36 @@ def cluster_stats(x: torch.Tensor, indices: torch.Tensor, K: int, deterministic:
     indices = indices.contiguous()
     with tu.device_guard(x):
         if deterministic:
-            return _cluster_stats_deterministic(x, indices, K)
-        counts = torch.zeros(C, K, dtype=torch.int64, device=x.device)
-        sums = torch.zeros(C, K, D, dtype=torch.float32, device=x.device)
-        # 16 elements per thread: each carries a 64-bit address for the atomic.
-        block_d = min(128, max(16, tu.next_power_of_2(D)))
-        block_n = max(16, 4096 // block_d)
-        grid = (C * tu.cdiv(N, block_n), tu.cdiv(D, block_d))
-        _stats_atomic_kernel[grid](x, indices, counts, sums, N, K, D, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8)
-        return counts.to(torch.float32), sums
+            counts, sums = _cluster_stats_deterministic(x, indices, K)
+        else:
+            counts = torch.zeros(C, K, dtype=torch.int64, device=x.device)
+            sums = torch.zeros(C, K, D, dtype=torch.float32, device=x.device)
+            _atomic_stats_(x, indices, counts, sums)
+        return counts.to(counts_dtype), sums
+
+
+def compile_cases() -> list:
+    """Every cluster_stats variant the launcher can choose, for the sm_90 compile check: the
+    atomic kernel at every block width (BLOCK_N = 4096 / BLOCK_D) for each input dtype and
+    int32 / int64 indices, and the deterministic kernels at their fixed block sizes."""
+    cases = []
+    for xtype in ("fp32", "fp16", "bf16"):
+        for itype in ("i64", "i32"):
+            for block_d in (16, 32, 64, 128):
+                cases.append(tu.compile_case(
+                    "_stats_atomic_kernel", _stats_atomic_kernel,
+                    dict(x_ptr="*" + xtype, idx_ptr="*" + itype, counts_ptr="*i64", sums_ptr="*fp32", N="i32", K="i32",
+                         D="i32"), dict(BLOCK_N=max(16, 4096 // block_d), BLOCK_D=block_d), num_warps=8))
+        for block_d in (16, _SEG_BLOCK_D):
+            cases.append(tu.compile_case(
+                "_segment_sum_kernel", _segment_sum_kernel,
+                dict(x_ptr="*" + xtype, order_ptr="*i64", piece_code_ptr="*i64", piece_start_ptr="*i64",
+                     row_start_ptr="*i64", lengths_ptr="*i64", n_pieces_ptr="*i64", slot_ptr="*i64", sums_ptr="*fp32",
+                     scratch_ptr="*fp32", G="i32", K1="i32", D="i32"),
+                dict(PIECE_ROWS=_PIECE_ROWS, BLOCK_R=_SEG_BLOCK_R, BLOCK_D=block_d), num_warps=_SEG_WARPS))
+    for block_d in (16, _SEG_BLOCK_D):
+        cases.append(tu.compile_case(
+            "_combine_pieces_kernel", _combine_pieces_kernel,
+            dict(codes_ptr="*i64", n_pieces_ptr="*i64", slot_ptr="*i64", sums_ptr="*fp32", scratch_ptr="*fp32",
+                 K1="i32", D="i32"), dict(BLOCK_D=block_d), num_warps=_SEG_WARPS))
+    return cases

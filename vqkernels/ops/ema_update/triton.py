@@ -51,7 +51,9 @@ def _ema_codebook_kernel(
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < K
     cs = tl.load(cs_ptr + h * K + ks, mask=kmask, other=1.0).to(params_ptr.dtype.element_ty)
-    smoothed = (cs + eps) / (n + K * eps) * n
+    # IEEE-rounded divisions: a plain fp32 ``/`` compiles to the approximate div.full.f32
+    # (2 ulp), and the codebook must match the reference's rounding.
+    smoothed = tu.div_rn(cs + eps, n + K * eps) * n
     base = (h * K + ks.to(tl.int64)) * D  # [BLOCK_K] int64 row offsets
     dd = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
@@ -61,7 +63,7 @@ def _ema_codebook_kernel(
         s = tl.load(sums_ptr + off, mask=m, other=0.0).to(params_ptr.dtype.element_ty)
         ea = decay * ea + weight * s
         tl.store(ea_ptr + off, ea.to(ea_ptr.dtype.element_ty), mask=m)
-        cb = ea / smoothed[:, None]
+        cb = tu.div_rn(ea, smoothed[:, None])
         tl.store(cb_ptr + off, cb.to(cb_ptr.dtype.element_ty), mask=m)
 
 
@@ -90,3 +92,20 @@ def ema_update(cluster_size, embed_avg, codebook, counts, sums, decay, eps):
         _ema_codebook_kernel[(H * tu.cdiv(K, block_k),)](
             cluster_size, embed_avg, codebook, sums, n, params, K, D, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4
         )
+
+
+def compile_cases() -> list:
+    """Every ema_update variant the launcher can choose, for the sm_90 compile check: fp32 and
+    fp64 statistics, fp32 / fp16 / bf16 codebooks, the narrowest and widest D blocks."""
+    cases = []
+    for stype in ("fp32", "fp64"):
+        cases.append(tu.compile_case("_ema_sizes_kernel", _ema_sizes_kernel,
+                                     dict(cs_ptr="*" + stype, counts_ptr="*fp32", n_ptr="*" + stype,
+                                          params_ptr="*" + stype, K="i32"), dict(BLOCK_K=1024)))
+        for ctype in ("fp32", "fp16", "bf16"):
+            for block_d in (16, 64):
+                cases.append(tu.compile_case("_ema_codebook_kernel", _ema_codebook_kernel,
+                                             dict(cs_ptr="*" + stype, ea_ptr="*" + stype, cb_ptr="*" + ctype,
+                                                  sums_ptr="*" + stype, n_ptr="*" + stype, params_ptr="*" + stype,
+                                                  K="i32", D="i32"), dict(BLOCK_K=32, BLOCK_D=block_d)))
+    return cases

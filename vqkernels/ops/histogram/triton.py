@@ -126,3 +126,23 @@ def histogram(indices: torch.Tensor, K: int, weights=None):
         _hist_sort_kernel[(C * tu.cdiv(N, block),)](indices, w, out, N, K, HAS_WEIGHTS=weights is not None,
                                                     BLOCK=block, num_warps=4)
         return out
+
+
+def compile_cases() -> list:
+    """Every histogram variant the launcher can choose, for the sm_90 compile check: the
+    private-bins kernel at its smallest and largest bin count, the sort kernel with int32 /
+    int64 indices, with and without fp32 / fp16 / bf16 weights."""
+    cases = []
+    for itype in ("i64", "i32"):
+        for bins in (32, _MAX_SMALL_BINS):
+            cases.append(tu.compile_case("_hist_small_kernel", _hist_small_kernel,
+                                         dict(idx_ptr="*" + itype, out_ptr="*i64", N="i32", K="i32", P="i32"),
+                                         dict(BINS=bins, BLOCK=1024)))
+        cases.append(tu.compile_case("_hist_sort_kernel", _hist_sort_kernel,
+                                     dict(idx_ptr="*" + itype, w_ptr="*i64", out_ptr="*i64", N="i32", K="i32"),
+                                     dict(HAS_WEIGHTS=False, BLOCK=1024)))
+        for wtype in ("fp32", "fp16", "bf16"):
+            cases.append(tu.compile_case("_hist_sort_kernel", _hist_sort_kernel,
+                                         dict(idx_ptr="*" + itype, w_ptr="*" + wtype, out_ptr="*fp32", N="i32", K="i32"),
+                                         dict(HAS_WEIGHTS=True, BLOCK=1024)))
+    return cases
