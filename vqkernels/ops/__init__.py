@@ -1,4 +1,8 @@
-"""The public ops; each folder holds the op's definition (reference.py) beside its backends."""
+"""The public ops; each folder holds the op's definition (reference.py) beside its backends.
+
+Every op takes an optional leading codebook axis ``C`` of independent codebooks, handled in
+one backend call (the rule is written once, in :func:`vqkernels.assign`'s docstring).
+"""
 from ..errors import BackendUnavailableError
 from .assign import AssignResult, assign
 from .cluster_stats import ClusterStats, cluster_stats
