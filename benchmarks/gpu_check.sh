@@ -1,153 +1,216 @@
 #!/usr/bin/env bash
-# The whole GPU side of vqkernels in one command, for a lent GPU machine (one H200 here):
+# The whole GPU side of vqkernels in one command on a lent, bare GPU machine (one H200):
 #
-#   benchmarks/gpu_check.sh [OUTDIR]          (default OUTDIR: benchmarks/results)
+#   benchmarks/gpu_check.sh [--dry-run] [--budget SECONDS] [--wheels DIR] OUTDIR
 #
-#   0. records the environment (nvidia-smi, python / torch / triton versions)  -> env.txt
-#   1. installs wheels brought along in .whl/ (there is no package registry there), if any
-#   2. installs the package editable, building the CUDA extension when sources exist
-#      (a failed extension build is reported, then the package is installed pure Python)
-#                                                                               -> install.log
-#   3. runs the GPU tests: python -m pytest -m gpu                              -> pytest_gpu.log
-#   4. runs benchmarks/gpu_bench.py (kernel-level table)       -> gpu_bench.json, gpu_bench.log
-#   5. runs `vqkernels bench --device cuda --quick` (every op and peer, Quantizer step)
-#                                                  -> bench_cuda.json, bench_cuda.png, bench_cuda.log
+# Phases run in this order, each with its own time budget, and each writes its result
+# into OUTDIR the moment it ends (OUTDIR/phases/<phase>.json, then results.json and
+# summary.txt are rewritten), so a run killed by the command's time limit still returns
+# every earlier phase:
 #
-# Everything is also appended to OUTDIR/gpu_check.log; the summary table is printed last.
-# The whole run is planned to end inside VQK_CHECK_BUDGET_S seconds (default 470, under
-# 8 minutes): each step gets a timeout from what is left. VQK_FULL_SUITE=1 also runs the
-# non-GPU tests if time remains. Exit status: 0 when tests and benchmark both succeeded.
+#   env          python / torch / triton / GPU / nvcc / nvidia-smi      -> env.json, env.txt
+#   wheels       .whl/*.whl (or --wheels DIR) installed with pip --no-index --no-deps into
+#                a target folder put on PYTHONPATH; which optional peers (faiss,
+#                vector-quantize-pytorch, flash-kmeans) import, or why not -> peers.json
+#   build        the CUDA extension (setup.py build_ext --inplace, ninja, MAX_JOBS,
+#                TORCH_CUDA_ARCH_LIST=9.0) under a timeout -> build.log; a failure is recorded
+#                and VQKERNELS_JIT=0 is exported, so no later import retries the build
+#   smoke        every op and backend once against the reference (codebook axis, ties,
+#                NaN rows, masks), 60 s                               -> smoke.json
+#   tests        pytest -m gpu (-n auto with pytest-xdist)  -> pytest_gpu.log, pytest_gpu.xml
+#   bench_core   the shapes of docs/gpu_expectations.md first (N=65536, K=16384, D=256 and 8)
+#                                                            -> bench_core/gpu_bench.json
+#   bench_suite  vqkernels bench --device cuda --quick        -> bench_suite.json
+#   bench_full   the full gpu_bench grid with whatever time is left -> bench_full/gpu_bench.json
+#
+# --dry-run (CI, no GPU): runs everything that needs no GPU -- argument parsing, the
+# environment report, the wheel install into the target folder with no package index,
+# the smoke checks' CPU path (chunked against the reference, small shapes), the phase
+# records, results.json and summary.txt -- and records the GPU phases as skipped.
+#
+# Budget: --budget (default 470 s, under an 8-minute command); every phase's timeout is
+# the smaller of its own share and what is left. Environment overrides: PYTHON (default
+# python3), VQK_BUDGET_<PHASE> (seconds), MAX_JOBS (default: CPU count).
+# Exit status: 0 when every phase that ran succeeded (skipped phases do not count).
 set -u -o pipefail
-cd "$(dirname "$0")/.." || exit 2
-OUT="${1:-benchmarks/results}"
+
+usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; }
+DRY=0
+BUDGET=470
+WHEELS=""
+OUT=""
+while (( $# )); do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --budget) shift; BUDGET="${1:-}" ;;
+    --budget=*) BUDGET="${1#*=}" ;;
+    --wheels) shift; WHEELS="${1:-}" ;;
+    --wheels=*) WHEELS="${1#*=}" ;;
+    -h|--help) usage; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+    *) [ -n "$OUT" ] && { echo "gpu_check.sh: one OUTDIR expected, got '$OUT' and '$1'" >&2; exit 2; }; OUT="$1" ;;
+  esac
+  shift
+done
+[ -n "$OUT" ] || { echo "gpu_check.sh: OUTDIR is required (results must land where the caller collects them)" >&2; usage >&2; exit 2; }
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: --budget expects whole seconds, got '$BUDGET'" >&2; exit 2; }
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
-BUDGET="${VQK_CHECK_BUDGET_S:-470}"
-START=$(date +%s)
+WHEELS="${WHEELS:-$REPO/.whl}"
+cd "$REPO" || exit 2
 PY="${PYTHON:-python3}"
+SMOKE="$REPO/benchmarks/gpu_smoke.py"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the checkout itself, installed or not
+START=$(date +%s)
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
+FAILED=0
 
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( BUDGET - $(elapsed) )); }
 say() { echo "[gpu_check $(elapsed)s] $*" | tee -a "$LOG"; }
-clamp() { local v=$1 lo=$2 hi=$3; (( v < lo )) && v=$lo; (( v > hi )) && v=$hi; echo "$v"; }
+# phase budget: min(own share (VQK_BUDGET_<NAME> overrides), what is left minus a reserve)
+share() {
+  local name=$1 own=$2 reserve=${3:-10} var
+  var="VQK_BUDGET_$(echo "$name" | tr '[:lower:]' '[:upper:]')"
+  own=${!var:-$own}
+  local rest=$(( $(left) - reserve ))
+  (( rest < own )) && own=$rest
+  (( own < 0 )) && own=0
+  echo "$own"
+}
+# record NAME STATUS SECONDS DETAIL: the phase's file, then results.json / summary.txt again
+record() {
+  "$PY" "$SMOKE" record --out "$OUT" "$1" "$2" "$3" "$4" >> "$LOG" 2>&1
+  "$PY" "$SMOKE" summary --out "$OUT" --quiet >> "$LOG" 2>&1
+  [ "$2" = failed ] || [ "$2" = timeout ] && FAILED=1
+  say "$1: $2 ($3 s) $4"
+}
+status_of() { case $1 in 0) echo ok ;; 124|137) echo timeout ;; *) echo failed ;; esac; }
+HAS_GPU=0
 
-say "repository $(pwd); output $OUT; budget ${BUDGET}s; python $PY"
+say "repository $REPO; output $OUT; budget ${BUDGET}s; python $PY; dry run $DRY"
 
-# --- 0. environment -------------------------------------------------------------------
-{
-  date -u
-  uname -a
-  nvidia-smi 2>&1 || echo "nvidia-smi unavailable"
-  "$PY" - <<'EOF'
-import sys
-print("python", sys.version.replace("\n", " "))
-try:
-    import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda, "cuda available", torch.cuda.is_available())
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30), "GiB")
-except Exception as exc:
-    print("torch unavailable:", exc)
-try:
-    import triton
-    print("triton", triton.__version__)
-except Exception as exc:
-    print("triton unavailable:", exc)
-EOF
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt" >> "$LOG"
-
-# --- 1. wheels carried in .whl/ --------------------------------------------------------
-WHEELS="none in .whl/"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl >> "$LOG" 2>&1; then
-    WHEELS="installed: $(cd .whl && ls *.whl | tr '\n' ' ')"
-  elif "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/vqk_site .whl/*.whl >> "$LOG" 2>&1; then
-    export PYTHONPATH="/tmp/vqk_site${PYTHONPATH:+:$PYTHONPATH}"
-    WHEELS="installed into /tmp/vqk_site: $(cd .whl && ls *.whl | tr '\n' ' ')"
-  else
-    WHEELS="FAILED to install .whl/*.whl (see gpu_check.log); continuing without them"
-  fi
+# --- env ------------------------------------------------------------------------------
+t0=$(elapsed)
+timeout -k 5 "$(share env 30)" "$PY" "$SMOKE" env --out "$OUT" >> "$LOG" 2>&1
+rc=$?
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" > /dev/null 2>&1 && HAS_GPU=1
+record env "$(status_of $rc)" $(( $(elapsed) - t0 )) "$(head -c 300 "$OUT/env.txt" 2>/dev/null | grep -m1 '^torch:' || true); cuda device: $HAS_GPU"
+if (( ! DRY && ! HAS_GPU )); then
+  say "no CUDA device: the GPU phases will be recorded as skipped"
 fi
-say "wheels: $WHEELS"
 
-# --- 2. the package (and its CUDA extension) ------------------------------------------
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"  # this machine only: half the nvcc time
-export MAX_JOBS="${MAX_JOBS:-16}"
-T_INSTALL=$(clamp $(( $(left) - 240 )) 60 240)
-say "installing (pip install --no-build-isolation --no-deps -e ., timeout ${T_INSTALL}s)"
-if timeout -k 10 "$T_INSTALL" "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1; then
-  INSTALL="ok"
+# --- wheels / optional peers ------------------------------------------------------------
+t0=$(elapsed)
+SITE="$OUT/.site"  # a target folder under OUT: nothing is installed into the system
+timeout -k 5 "$(share wheels 60)" env PIP_NO_INDEX=1 "$PY" "$SMOKE" wheels --out "$OUT" --wheels "$WHEELS" \
+  --target "$SITE" >> "$LOG" 2>&1
+rc=$?
+[ -d "$SITE" ] && export PYTHONPATH="$SITE:$PYTHONPATH"
+record wheels "$(status_of $rc)" $(( $(elapsed) - t0 )) "$(tail -n 1 "$LOG" | cut -c1-300)"
+
+# --- build ------------------------------------------------------------------------------
+if (( DRY )) || (( ! HAS_GPU )); then
+  export VQKERNELS_JIT=0
+  record build skipped 0 "$( (( DRY )) && echo 'dry run' || echo 'no CUDA device'): the extension is not built"
 else
+  t0=$(elapsed)
+  T=$(share build 200 200)
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"  # this machine only: a third of the nvcc time
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  "$PY" -c "import ninja" > /dev/null 2>&1 || command -v ninja > /dev/null || say "ninja not found: the build runs serially"
+  VQKERNELS_BUILD_CUDA=1 timeout -k 10 "$T" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   rc=$?
-  say "install with the CUDA extension failed (rc=$rc$([ $rc = 124 ] && echo ', timed out')); last lines of install.log:"
-  tail -n 25 "$OUT/install.log" | tee -a "$LOG"
-  if VQKERNELS_BUILD_CUDA=0 timeout -k 10 120 "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$OUT/install.log" 2>&1; then
-    INSTALL="ok, pure Python (the extension build failed, rc=$rc)"
+  EXT=$(VQKERNELS_JIT=0 "$PY" -c "from vqkernels import _extension; print(_extension.status())" 2>&1 | tail -n 1)
+  if [ $rc = 0 ]; then
+    record build ok $(( $(elapsed) - t0 )) "extension: $EXT"
   else
-    INSTALL="FAILED (rc=$rc); running from the source tree via PYTHONPATH"
-    export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+    tail -n 30 "$OUT/build.log" >> "$LOG"
+    export VQKERNELS_JIT=0  # recorded once; no later import may start the same build again
+    record build "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc (timeout ${T}s), see build.log; VQKERNELS_JIT=0 from here: $EXT"
   fi
 fi
-EXT=$("$PY" -c "from vqkernels import _extension; print(_extension.status())" 2>&1 | tail -n 1)
-say "install: $INSTALL"
-say "CUDA extension: $EXT"
 
-# --- 3. GPU tests ----------------------------------------------------------------------
-T_TESTS=$(clamp $(( $(left) - 180 )) 30 180)
-# Most of this step is Triton compiling kernel variants: spread the tests over processes
-# when pytest-xdist is there, and skip autotuning (one config per shape, no timing runs).
-XDIST=()
-"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n "${VQK_TEST_WORKERS:-8}")
-say "GPU tests (pytest -m gpu ${XDIST[*]:-}, timeout ${T_TESTS}s, VQKERNELS_TRITON_AUTOTUNE=0)"
-VQKERNELS_TRITON_AUTOTUNE=0 timeout -s INT -k 20 "$T_TESTS" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
-  ${XDIST[@]+"${XDIST[@]}"} > "$OUT/pytest_gpu.log" 2>&1
-RC_TESTS=$?
-TESTS_LINE=$(tail -n 1 "$OUT/pytest_gpu.log")  # pytest -q ends with its totals line
-[ $RC_TESTS = 124 ] && TESTS_LINE="TIMED OUT after ${T_TESTS}s; $TESTS_LINE"
-grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -n 30 | tee -a "$LOG"
-say "GPU tests: rc=$RC_TESTS: $TESTS_LINE"
-
-# --- 4. benchmarks ---------------------------------------------------------------------
-T_BENCH=$(( $(left) - 110 ))  # leave ~90 s for step 5
-if (( T_BENCH < 30 )); then
-  say "benchmark skipped: only ${T_BENCH}s left"
-  RC_BENCH=3
+# --- smoke ------------------------------------------------------------------------------
+t0=$(elapsed)
+if (( DRY )); then
+  timeout -k 5 "$(share smoke 40)" "$PY" "$SMOKE" smoke --out "$OUT" --device cpu --backends chunked \
+    --dtypes fp32 --budget 25 >> "$LOG" 2>&1
+  rc=$?
+  record smoke "$(status_of $rc)" $(( $(elapsed) - t0 )) "CPU path: $(tail -n 1 "$LOG" | cut -c1-200)"
+elif (( HAS_GPU )); then
+  T=$(share smoke 75)
+  timeout -k 5 "$T" "$PY" "$SMOKE" smoke --out "$OUT" --device cuda --backends triton,cuda,chunked \
+    --dtypes fp32,bf16 --budget $(( T > 15 ? T - 15 : T )) >> "$LOG" 2>&1
+  rc=$?
+  record smoke "$(status_of $rc)" $(( $(elapsed) - t0 )) "$(grep -m1 '^smoke on' "$LOG" | cut -c1-200)"
 else
-  say "benchmark (gpu_bench.py --time-budget ${T_BENCH})"
-  TRITON_PRINT_AUTOTUNING=1 timeout -k 15 $(( T_BENCH + 15 )) "$PY" benchmarks/gpu_bench.py --out "$OUT" \
-    --time-budget "$T_BENCH" 2>&1 | tee -a "$LOG" | grep -v "^\[gpu_bench" | tail -n 5
-  RC_BENCH=${PIPESTATUS[0]}
+  record smoke skipped 0 "no CUDA device"
 fi
 
-# --- 5. the user-facing benchmark suite on the GPU --------------------------------------
-T_SUITE=$(( $(left) - 10 ))
-if (( T_SUITE < 30 )); then
-  say "vqkernels bench skipped: only ${T_SUITE}s left"
-  RC_SUITE=3
+# --- tests ------------------------------------------------------------------------------
+if (( DRY )) || (( ! HAS_GPU )); then
+  record tests skipped 0 "$( (( DRY )) && echo 'dry run' || echo 'no CUDA device')"
 else
-  say "vqkernels bench --device cuda --quick (timeout ${T_SUITE}s)"
-  timeout -s INT -k 10 "$T_SUITE" "$PY" -m vqkernels.cli bench --device cuda --quick \
-    --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png" > "$OUT/bench_cuda.log" 2>&1
-  RC_SUITE=$?
-  tail -n 5 "$OUT/bench_cuda.log" | tee -a "$LOG"
+  t0=$(elapsed)
+  T=$(share tests 150 60)
+  XDIST=()
+  "$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n auto)
+  # Most of this phase is Triton compiling kernel variants: spread over processes, and no
+  # autotuning (the first config that fits each shape, no timing runs).
+  VQKERNELS_TRITON_AUTOTUNE=0 timeout -s INT -k 15 "$T" "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
+    ${XDIST[@]+"${XDIST[@]}"} --junitxml "$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -n 30 >> "$LOG"
+  LINE=$(tail -n 1 "$OUT/pytest_gpu.log" | cut -c1-200)
+  # pytest: 0 all passed, 1 some failed, 5 none collected; SIGINT from timeout gives 2 or 124
+  case $rc in 0) S=ok ;; 124|2|130) S=timeout ;; *) S=failed ;; esac
+  record tests "$S" $(( $(elapsed) - t0 )) "rc=$rc ${XDIST[*]:-serial}: $LINE"
 fi
 
-# --- optional: the rest of the suite ---------------------------------------------------
-if [ "${VQK_FULL_SUITE:-0}" = "1" ] && (( $(left) > 60 )); then
-  say "non-GPU tests (timeout $(( $(left) - 10 ))s)"
-  timeout -s INT -k 10 $(( $(left) - 10 )) "$PY" -m pytest -m "not gpu" -q -p no:cacheprovider >> "$OUT/pytest_gpu.log" 2>&1
-  say "non-GPU tests: rc=$?: $(tail -n 1 "$OUT/pytest_gpu.log")"
+# --- benchmarks: fewest shapes first, the full grid if time remains ---------------------
+if (( DRY )) || (( ! HAS_GPU )); then
+  for b in bench_core bench_suite bench_full; do
+    record "$b" skipped 0 "$( (( DRY )) && echo 'dry run' || echo 'no CUDA device')"
+  done
+else
+  t0=$(elapsed)
+  T=$(share bench_core 90 40)
+  if (( T >= 20 )); then
+    TRITON_PRINT_AUTOTUNING=1 timeout -k 10 $(( T + 10 )) "$PY" benchmarks/gpu_bench.py --out "$OUT/bench_core" \
+      --n 65536 --ks 16384 --ds 256,8 --dtypes bf16 --backends triton,cuda --time-budget "$T" > "$OUT/bench_core.log" 2>&1
+    rc=$?
+    record bench_core "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(tail -n 1 "$OUT/bench_core.log" | cut -c1-200)"
+  else
+    record bench_core skipped 0 "only ${T}s left"
+  fi
+  t0=$(elapsed)
+  T=$(share bench_suite 75 25)
+  if (( T >= 30 )); then
+    timeout -s INT -k 10 "$T" "$PY" -m vqkernels.cli bench --device cuda --quick --json "$OUT/bench_suite.json" \
+      > "$OUT/bench_suite.log" 2>&1
+    rc=$?
+    record bench_suite "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(tail -n 1 "$OUT/bench_suite.log" | cut -c1-200)"
+  else
+    record bench_suite skipped 0 "only ${T}s left"
+  fi
+  t0=$(elapsed)
+  T=$(share bench_full 100000 15)
+  if (( T >= 30 )); then
+    timeout -k 10 $(( T + 10 )) "$PY" benchmarks/gpu_bench.py --out "$OUT/bench_full" --time-budget "$T" \
+      > "$OUT/bench_full.log" 2>&1
+    rc=$?
+    record bench_full "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(tail -n 1 "$OUT/bench_full.log" | cut -c1-200)"
+  else
+    record bench_full skipped 0 "only ${T}s left"
+  fi
 fi
 
-# --- summary ---------------------------------------------------------------------------
-if [ -f "$OUT/gpu_bench.log" ]; then
-  sed -n '/summary (x floor/,$p' "$OUT/gpu_bench.log" | tail -n 120
-fi
-say "done in $(elapsed)s: install: $INSTALL | extension: $EXT | tests rc=$RC_TESTS ($TESTS_LINE) | benchmark rc=$RC_BENCH | vqkernels bench rc=$RC_SUITE"
-say "files: $(cd "$OUT" && ls | tr '\n' ' ')"
-[ "$RC_TESTS" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_SUITE" = 0 ]
+# --- results ----------------------------------------------------------------------------
+"$PY" "$SMOKE" summary --out "$OUT" | tee -a "$LOG"
+say "done in $(elapsed)s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
+exit $FAILED
