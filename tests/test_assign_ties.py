@@ -106,3 +106,26 @@ def test_ties_across_tiles_per_codebook(backend, device, monkeypatch):
         want = loop_argmin(exact_distances(x[c], codebooks[c], "l2"))
         got = indices[c].cpu()
         assert torch.equal(got, want), f"codebook {c}: " + first_mismatches(got != want, got, want)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+@pytest.mark.parametrize("offset", [0.0, 20.0, 1e4])
+@pytest.mark.parametrize("budget", [None, SMALL_TILES])
+def test_chunked_picks_exactly_the_reference_code(metric, offset, budget, monkeypatch):
+    """Near-ties everywhere (groups of codes 1e-4 apart, rows 1e-3 from a group), with and
+    without a large common offset: chunked must return the reference's own pick, bit for bit,
+    because every row whose runner-up is within the rounding bound is re-decided by the
+    reference's formula. A bound that is too small shows up here as a mismatch."""
+    if budget is not None:
+        monkeypatch.setenv("VQKERNELS_CHUNK_ELEMENTS", budget)
+    C, N, K = 2, 200, 300
+    for D in (2, 8, 33):
+        g = gen(D + int(offset))
+        base = torch.randn(C, K // 5, D, generator=g)
+        jitter = 1e-4 * torch.randn(C, K, D, generator=g) * (torch.rand(C, K, 1, generator=g) < 0.5)
+        codebooks = base.repeat(1, 5, 1) + jitter + offset
+        x = base[:, torch.randint(0, K // 5, (N,), generator=g)] + 1e-3 * torch.randn(C, N, D, generator=g) + offset
+        want = vqkernels.assign(x, codebooks, metric, backend="reference")
+        got = vqkernels.assign(x, codebooks, metric, backend="chunked")
+        assert torch.equal(got.indices, want.indices), f"D={D}: " + first_mismatches(got.indices != want.indices, got.indices, want.indices)
+        torch.testing.assert_close(got.distances, want.distances, rtol=1e-5, atol=1e-5)

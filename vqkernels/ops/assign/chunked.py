@@ -58,21 +58,23 @@ def tile_sizes(N: int, K: int, D: int, device_type: str, C: int = 1) -> tuple[in
 
 
 def score_error_bound(dtype: torch.dtype, D: int) -> float:
-    """Factor ``f`` such that ``f * (|x'| + max|c'|)^2`` bounds, per row, how far a rounded
-    score difference (two codes' expanded-form scores, plus the reference's own rounding of
-    the two direct-difference distances, plus centring) can be from the exact one.
+    """Factor ``f`` such that ``f * S``, ``S = (|x'| + max|c'|)^2``, bounds per row how far the
+    rounded score difference of two codes can be from the exact distance difference, so a
+    code outside ``best + f * S`` cannot be the reference's pick.
 
     ``|x'|``, ``|c'|`` are the norms of the vectors that enter the matmul (centred for l2,
-    unit for cosine). Worst-case (not typical) error: ``gamma_{D+1}`` per dot product (any
-    summation order), twice for a difference, ``gamma_D`` for each of the reference's
-    distances, a few ulps for centring. fp32 matmuls that round their inputs (tf32 at
-    "high", bf16 at "medium" float32_matmul_precision) add that rounding.
+    unit for cosine); every score and every distance is at most ``S`` in magnitude (l2
+    distances do not change under the centring). Worst case, any summation order: a score
+    (a ``D + 1``-term dot product plus the precomputed ``||c'||^2``) is off by at most
+    ``2 (D + 1) u S``, twice that for a difference; the reference's direct-difference
+    distances by ``D u S`` each; centring adds a few ``u S``. fp32 matmuls that round their
+    inputs (tf32 at "high", bf16 at "medium" float32_matmul_precision) add that rounding.
     """
     u = torch.finfo(dtype).eps / 2
     input_rounding = 0.0
     if dtype == torch.float32:
         input_rounding = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}[torch.get_float32_matmul_precision()]
-    return (4 * D + 16) * u + 8 * input_rounding
+    return (6 * D + 16) * u + 8 * input_rounding
 
 
 def _matmul_rows(rows: torch.Tensor, metric: str, centre) -> torch.Tensor:
