@@ -55,7 +55,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
 }
 
-STATUS_KILLED = {"killed", "caught by type check"}
+# a mutant that hangs (timeout) or crashes the interpreter (segfault) was detected too
+STATUS_KILLED = {"killed", "caught by type check", "timeout", "segfault"}
 STATUS_UNTESTED = {"no tests", "skipped", "not checked"}
 
 

@@ -197,6 +197,23 @@ def test_cluster_stats_are_the_loop_sums(backend, deterministic, N, K, D):
         torch.testing.assert_close(sums.double(), want_sums, rtol=tol, atol=tol * 3 * N)
 
 
+@pytest.mark.parametrize("backend", ["chunked"])
+def test_deterministic_cluster_sums_add_rows_in_input_order(backend):
+    """deterministic=True promises each code's rows summed in input order: bitwise the fp32
+    running sum of a loop. Values of mixed magnitude make any other order round differently."""
+    N, K = 3000, 3
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(N, 2, generator=g) * torch.tensor([1.0, 1e4])).float()
+    x[::7] *= 1e4  # rounding depends on the order of the additions
+    indices = torch.randint(-1, K, (N,), generator=g)
+    _, sums = vqkernels.cluster_stats(x, indices, K, deterministic=True, backend=backend)
+    want = torch.zeros(K, 2, dtype=torch.float32)
+    for n in range(N):
+        if indices[n] >= 0:
+            want[indices[n]] += x[n]  # fp32, one row at a time, in input order
+    assert torch.equal(sums, want), first_mismatches(sums != want, sums, want)
+
+
 # --------------------------------------------------------------------------- ema_update_
 
 
