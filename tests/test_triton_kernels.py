@@ -263,6 +263,24 @@ def test_autotune_is_keyed_without_n_and_prunes():
     assert all(tassign._smem_estimate(c, 256, True, 2, 2) <= _triton_utils.SMEM_BUDGET for c in two)
 
 
+def test_split_fills_whole_waves_of_an_h200(monkeypatch):
+    # The split is sized for 132 SMs: few row blocks get enough ranges to fill (almost) whole
+    # waves, many row blocks stay unsplit, and small K never splits.
+    monkeypatch.setattr(_triton_utils, "sm_count", lambda device: 132)
+    dev = torch.device("cpu")
+    # (1, 17920, 16384): 140 row blocks, just over one wave -- unsplit, the second wave would
+    # run 8 programs on 132 SMs (53 % of two waves)
+    for C, N, K in ((1, 4096, 16384), (1, 100, 65536), (3, 2048, 16384), (1, 8192, 4096), (1, 17920, 16384)):
+        S = tassign._split_count(C, N, K, dev, interp=False, block_n=128, block_k=64)
+        programs = C * -(-N // 128) * S
+        waves = -(-programs // 132)
+        assert S > 1 and programs / (waves * 132) >= 0.75, (C, N, K, S, programs)
+        assert S == -(-K // tassign._range_codes(K, S))  # an S the kernel derives from k_split
+    assert tassign._split_count(1, 65536, 16384, dev, interp=False) == 1  # 512 row blocks: 3.9 waves
+    assert tassign._split_count(1, 64, 512, dev, interp=False) == 1  # K < 1024
+    assert tassign._split_count(1, 64, 65536, dev, interp=True) == 1  # the interpreter never splits
+
+
 # --------------------------------------------------------------------------- histogram
 
 
@@ -673,3 +691,44 @@ def test_kernels_compile_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_every_dispatchable_variant_fits_sm90(tmp_path):
+    """Compile every kernel variant a launcher can choose -- each assign config at the widest
+    layout it is offered for, the histogram sort kernel, the atomic statistics kernel, the
+    code-norm and exact-distance kernels, ... (each op's ``compile_cases()``) -- for sm_90,
+    and require each to fit: <= 227 KiB shared memory, <= 255 registers, no spills. The
+    table (shared memory, registers, spills, CTAs per SM) is printed, and shown on failure.
+
+    Cost: about a minute with a warm Triton cache, several on a cold one (Triton caches
+    compiled kernels in ~/.triton/cache, so reruns are cheap)."""
+    try:
+        from triton.backends.nvidia import compiler as _nv  # noqa: F401
+    except Exception as exc:  # a Triton build without the NVIDIA backend
+        pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
+        pytest.skip("no ptxas available to Triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    report = tmp_path / "sm90.json"
+    proc = subprocess.run([sys.executable, "-m", "vqkernels.ops._triton_utils", "--json", str(report)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    table = proc.stdout[-20000:]
+    print(table)
+    assert report.is_file(), proc.stderr[-5000:]
+    import json
+
+    rows = json.loads(report.read_text())
+    bad = [r for r in rows if r["problems"]]
+    assert not bad and proc.returncode == 0, "\n".join(f"{r['case']}: {r['problems']}" for r in bad) + "\n" + table
+    # every kernel of every op was compiled, and every assign config is offered somewhere
+    want = {"_assign_kernel", "_code_norms_kernel", "_exact_distance_kernel", "_hist_small_kernel",
+            "_hist_sort_kernel", "_stats_atomic_kernel", "_segment_sum_kernel", "_combine_pieces_kernel",
+            "_ema_sizes_kernel", "_ema_codebook_kernel"}
+    assert {r["kernel"] for r in rows} == want
+    assert all(r["regs"] is not None for r in rows), "no cuobjdump: registers and spills were not checked"
+    for cfg in tassign._CONFIGS:
+        tag = f"BLOCK_N={cfg.kwargs['BLOCK_N']},BLOCK_K={cfg.kwargs['BLOCK_K']}; w{cfg.num_warps} s{cfg.num_stages};"
+        assert any(tag in r["case"] for r in rows), f"config {tag} is never offered: remove it from the table"

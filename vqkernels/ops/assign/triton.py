@@ -26,8 +26,9 @@ tiles: column j keeps the best score among codes ``k_start + j + t * BLOCK_K`` a
 score in a later tile never replaces the earlier one (strict ``<``). After the sweep one
 reduction per row takes the minimum over the columns and, among the columns holding it,
 the lowest index, so ties go to the lowest index (no per-tile ``min``/``argmin`` and its
-cross-lane shuffles). A NaN score (a row of x holding NaN/Inf, or a NaN code) is mapped to
-+inf first, so it can never hide the minimum of the other codes. Only the int64
+cross-lane shuffles: a score costs one FMA, one compare and two selects). A NaN score (a row
+of x holding NaN/Inf, or a NaN code) compares False, never enters the running minima and
+can never hide the minimum of the other codes. Only the int64
 index and the fp32 distance are written -- never an N x K matrix. The winner's distance is
 then recomputed exactly in fp32 by direct difference (:func:`_exact_distance`).
 
@@ -39,7 +40,8 @@ Layout of the work:
   call so its tiles load unmasked): the row block is loaded once and stays on chip while
   the codebook tiles stream past.
 * larger ``D``: each tile's dot is accumulated over 128-staged-byte chunks of D.
-* few rows (fewer row blocks, over all codebooks, than SMs): each codebook is split into
+* few rows (row blocks, over all codebooks, that would leave most of a wave of SMs idle;
+  :func:`_split_count` sizes S so the programs fill whole waves): each codebook is split into
   ``S`` ranges, one program per (codebook, range, row block); partial minima ``[C, S, N]``
   are combined by a small torch argmin over S (first minimum: the lowest range, hence the
   lowest index, wins ties) and the exact distance by a second kernel. Programs are ordered
@@ -243,11 +245,11 @@ def _assign_kernel(
         bias = tl.load(bias_ptr + code0 + cols, mask=kmask, other=float("inf"))
         mult = tl.load(mult_ptr + code0 + cols, mask=kmask, other=0.0)
         score = bias[None, :] + mult[None, :] * acc
-        # NaN (a non-finite row of x, or a NaN code) -> +inf: a NaN must never hide the
-        # tile's minimum (a GPU min may return it), and the interpreter's argmin raises on an
-        # all-NaN row. Such a row keeps index k_start; the public op overwrites it.
-        score = tl.where(score == score, score, float("inf"))
-        better = score < run  # strict: an equal score in a later tile keeps the column's earlier code
+        # Strict "<": an equal score in a later tile keeps the column's earlier code. A NaN
+        # score (a non-finite row of x, or a NaN code) compares False, so it never enters
+        # the running minima (they start at +inf) and never hides another code; a row whose
+        # scores are all NaN keeps index k_start, which the public op overwrites.
+        better = score < run
         run = tl.where(better, score, run)
         run_idx = tl.where(better, k0 + kk[None, :], run_idx)
         c_blk += c_step
@@ -294,23 +296,36 @@ def _exact_distance_kernel(x_ptr, c_ptr, idx_ptr, dist_ptr, N, K, D, metric, BLO
 
 # --------------------------------------------------------------------------- autotuning
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, which D). Short on purpose: every config that
-# survives pruning is compiled once per (D, dtype, metric, precision, split) and timed once
-# per K bucket. "narrow" rows (BLOCK_D <= 32) are bound by the per-score epilogue (scale,
-# min, argmin), so they want wide tiles and 8 warps; "wide" rows are bound by the matmul
-# and shared memory, so they want deeper pipelines within the smem budget.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, layouts it is offered for). The per-column
+# running (min, index) epilogue keeps three [BLOCK_N, BLOCK_K] fp32/int32 arrays live
+# (scores, minima, indices) next to the resident row block, so register pressure, not
+# shared memory, bounds the tiles: every (config, layout) pair below compiled for sm_90
+# without spills (``python -m vqkernels.ops._triton_utils`` prints the table; the test
+# ``test_every_dispatchable_variant_fits_sm90`` fails if a pair stops fitting). Layouts
+# (see _layout): "narrow" resident rows of <= 32 columns; "wide" resident 16-bit rows
+# (one operand part), "wide2" two parts (16-bit cosine); "chunked" D loops; fp32 layouts
+# carry their matmul precision (tf32 / tf32x3 / ieee) because each lowers differently.
 _CONFIG_TABLE = [
-    (128, 128, 8, 3, "any"),
-    (128, 64, 8, 3, "wide"),
-    (128, 128, 8, 2, "wide"),  # a resident 128 x 256 row block leaves room for two stages
-    (128, 64, 8, 2, "wide"),  # ... and for two stages of a two-part (cosine, 16-bit) codebook
-    (128, 64, 4, 4, "any"),
-    (256, 64, 8, 3, "narrow"),
-    (64, 128, 4, 3, "wide"),
-    (64, 32, 4, 2, "fallback"),  # fits every shape; used when nothing else does
+    # 254 regs, 96 KiB at D=256 bf16: the largest tile that keeps the running minima on chip
+    (128, 64, 8, 3, ("narrow", "wide", "wide_tf32x3")),
+    # half the running state: fits where 128 x 64 spills (two parts, tf32, D chunks)
+    (128, 32, 8, 3, ("wide", "wide2", "wide_tf32", "wide_tf32x3", "chunked", "chunked2", "chunked_tf32",
+                     "chunked_tf32x3")),
+    (128, 64, 8, 2, ("wide", "wide_tf32x3")),
+    (64, 128, 8, 2, ("wide",)),
+    # 4 warps at ~155-240 regs and <= 48 KiB (16-bit): two or three CTAs per SM, so one
+    # CTA's reduction overlaps another's matmul, and small grids fill whole waves
+    (64, 32, 4, 3, ("narrow", "wide", "wide2", "wide_tf32", "wide_tf32x3", "chunked", "chunked_tf32",
+                    "chunked_tf32x3")),
+    # narrow rows are bound by the per-score epilogue: wide tiles, 8 warps
+    (256, 32, 8, 3, ("narrow",)),
+    (64, 128, 8, 3, ("narrow",)),
+    # fp32 "highest" (ieee) D chunks run the dot on the FMA units from registers: only
+    # 32 x 32 stays out of local memory (64 x 32 spills 48 B in the split variant)
+    (32, 32, 4, 2, ("chunked_ieee", "chunked2", "fallback")),  # fits every shape; used when nothing else does
 ]
-# The table's order is also the heuristic: with autotuning off, the first config that fits
-# is used, so each class starts with the one that compiled without spills for sm_90.
+# The table's order is also the heuristic: with autotuning off, the first config offered
+# for the layout that fits is used.
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st) for bn, bk, w, st, _ in _CONFIG_TABLE
 ]
@@ -318,6 +333,16 @@ _CONFIG_CLASS = {id(c): row[4] for c, row in zip(_CONFIGS, _CONFIG_TABLE)}
 # VQKERNELS_TRITON_AUTOTUNE=0: no timing at all, the first config of the table that fits
 # (for short jobs and test suites, where timing every new shape costs more than it saves).
 _AUTOTUNE_ENV = "VQKERNELS_TRITON_AUTOTUNE"
+
+
+def _layout(block_d: int, one_chunk: bool, dtype_size: int, precision: str, parts: int) -> str:
+    """The layout tag a config must be offered for (see _CONFIG_TABLE)."""
+    if one_chunk and block_d <= 32:
+        return "narrow"
+    base = "wide" if one_chunk else "chunked"
+    if dtype_size == 4:
+        return f"{base}_{precision}"
+    return base + ("2" if parts == 2 else "")
 
 
 def _operand_bytes(dtype_size: int, precision: str) -> int:
@@ -347,16 +372,16 @@ def _prune_configs(configs, named_args, **kwargs):
     elem = _operand_bytes(args["x_ptr"].element_size(), str(args.get("PRECISION", "ieee")))
     parts = 2 if args.get("TWO_PART", False) else 1
     k_cap = max(32, tu.next_power_of_2(K))
-    width = "narrow" if one_chunk and block_d <= 32 else "wide"
+    layout = _layout(block_d, one_chunk, args["x_ptr"].element_size(), str(args.get("PRECISION", "ieee")), parts)
     kept = [
         c
         for c in configs
-        if _CONFIG_CLASS.get(id(c), "any") in ("any", width)
+        if layout in _CONFIG_CLASS.get(id(c), (layout,))
         and c.kwargs["BLOCK_K"] <= k_cap
         and tu.smem_bytes_ok(_smem_estimate(c, block_d, one_chunk, elem, parts))
     ]
     if not kept:
-        kept = [c for c in configs if _CONFIG_CLASS.get(id(c)) == "fallback"] or [configs[-1]]
+        kept = [c for c in configs if "fallback" in _CONFIG_CLASS.get(id(c), ())] or [configs[-1]]
     return kept
 
 
@@ -385,17 +410,37 @@ def _block_d(D: int, elem: int, interp: bool) -> tuple[int, bool]:
     return max(16, chunk // elem), False
 
 
-def _split_count(C: int, N: int, K: int, device: torch.device, interp: bool) -> int:
-    """Codebook ranges: 1 unless there are too few row blocks (over all C codebooks) to fill the GPU."""
+def _split_count(C: int, N: int, K: int, device: torch.device, interp: bool, block_n: int = 128,
+                 block_k: int = 64) -> int:
+    """Codebook ranges S: the split that makes (row blocks x S) programs finish soonest.
+
+    With one resident program per SM (the 8-warp configs hold ~250 registers), the sweep
+    takes ``waves x per-program time``, waves = ceil(C * row_blocks * S / SMs) and a
+    program's time ~ its codebook tiles (k_split / BLOCK_K) plus a fixed cost of about four
+    tiles (loading its row block, the epilogue). Minimising that product picks S so the
+    programs fill whole waves of the 132 SMs of an H200 without cutting the ranges so short
+    that the fixed cost dominates; it stays 1 when there are many row blocks (the last
+    wave's idle SMs are then a small fraction) or K < 1024 (ranges are >= 256 codes).
+    """
     if _FORCE_SPLIT is not None:
         return max(1, min(_FORCE_SPLIT, tu.cdiv(K, 32)))
-    if interp:
+    if interp or K < 1024:
         return 1
     sms = tu.sm_count(device)
-    row_blocks = C * tu.cdiv(N, 128)
-    if row_blocks >= sms or K < 1024:
-        return 1
-    return max(1, min(tu.cdiv(2 * sms, row_blocks), K // 512))
+    row_blocks = C * tu.cdiv(N, block_n)
+    best, best_cost = 1, None
+    for s in range(1, K // 256 + 1):
+        k_split = _range_codes(K, s)
+        s_eff = tu.cdiv(K, k_split)
+        cost = tu.cdiv(row_blocks * s_eff, sms) * (tu.cdiv(k_split, block_k) + 4)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s_eff, cost
+    return best
+
+
+def _range_codes(K: int, S: int) -> int:
+    """Codes per range for S ranges: whole multiples of 256, so every BLOCK_K tiles them exactly."""
+    return tu.cdiv(tu.cdiv(K, S), 256) * 256 if S > 1 else K
 
 
 def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
@@ -468,9 +513,15 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
         c_op, c2_op = operands[0], operands[-1]  # c2 is read only when TWO_PART
         c_stride = c_op.shape[-1]
 
-        S = _split_count(C, N, K, device, interp)
-        # Ranges are whole multiples of 256 codes, so every BLOCK_K tiles them exactly.
-        k_split = tu.cdiv(tu.cdiv(K, S), 256) * 256 if S > 1 else K
+        # The split is sized for the config the heuristic would pick (the autotuner's choice
+        # has the same BLOCK_N in the common layouts).
+        meta = dict(
+            PRECISION=precision, BLOCK_D=block_d, ONE_CHUNK=one_chunk, EVEN_D=even_d, TWO_PART=two_part,
+            SPLIT=False, EPI_D=epi_d, INTERP=interp,
+        )
+        first = _prune_configs(_CONFIGS, {"K": K, "k_split": K, "x_ptr": x}, **meta)[0]
+        S = _split_count(C, N, K, device, interp, first.kwargs["BLOCK_N"], first.kwargs["BLOCK_K"])
+        k_split = _range_codes(K, S)
         S = tu.cdiv(K, k_split)  # the kernel derives the same S from K and k_split
         split = S > 1
 
@@ -485,10 +536,7 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
         k_bucket = min(tu.next_power_of_2(min(K, k_split)), _K_BUCKET_CAP)
         args = (x, c_op, c2_op, codebook, bias, mult, indices, distances, part_score, part_idx, N, K, D, k_split,
                 c_stride, k_bucket, metric_id)
-        meta = dict(
-            PRECISION=precision, BLOCK_D=block_d, ONE_CHUNK=one_chunk, EVEN_D=even_d, TWO_PART=two_part,
-            SPLIT=split, EPI_D=epi_d, INTERP=interp,
-        )
+        meta["SPLIT"] = split
         if interp:
             bn = _INTERP["BLOCK_N"]
             grid = (C * S * tu.cdiv(N, bn),)
