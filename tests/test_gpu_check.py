@@ -145,3 +145,26 @@ def test_summary_reports_the_phase_that_failed(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert [p["phase"] for p in results["phases"]] == ["env", "tests"] and results["ok"] is False
     assert "tests        timeout" in (tmp_path / "summary.txt").read_text()
+
+
+def test_gpu_phases_record_their_failure_on_a_cpu_machine(tmp_path):
+    # VQK_ASSUME_GPU=1 walks the GPU phases here, where each fails fast: every phase must
+    # still be recorded (with its reason), the failed build must switch the JIT build off
+    # for the later phases, and the exit status must say that something failed.
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VQK", "TRITON_"))}
+    env.update(PYTHON=sys.executable, VQK_ASSUME_GPU="1", PIP_NO_INDEX="1", VQK_BUDGET_TESTS="60")
+    proc = subprocess.run(["bash", SCRIPT, "--budget", "400", "--wheels", str(tmp_path / "none"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    log = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1, log
+    results = json.loads((out / "results.json").read_text())
+    phases = {p["phase"]: p for p in results["phases"]}
+    assert list(phases) == list(gpu_smoke.PHASE_ORDER), log
+    assert results["ok"] is False
+    assert phases["build"]["status"] == "failed" and "VQKERNELS_JIT=0" in phases["build"]["detail"], phases["build"]
+    assert (out / "build.log").is_file()
+    assert phases["smoke"]["status"] == "failed" and "no CUDA device" in phases["smoke"]["detail"]
+    assert phases["tests"]["status"] in ("ok", "failed") and (out / "pytest_gpu.log").is_file()
+    for name in ("bench_core", "bench_suite", "bench_full"):
+        assert phases[name]["status"] in ("failed", "skipped") and phases[name]["detail"], phases[name]
