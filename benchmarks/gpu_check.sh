@@ -188,7 +188,8 @@ else
   T=$(share bench_core 90 30)
   if (( T >= 20 )); then
     TRITON_PRINT_AUTOTUNING=1 timeout -k 10 $(( T + 10 )) "$PY" benchmarks/gpu_bench.py --out "$OUT/bench_core" \
-      --n 65536 --ks 16384 --ds 256,8 --dtypes bf16 --backends triton,cuda --time-budget "$T" > "$OUT/bench_core.log" 2>&1
+      --ops assign --n 65536 --ks 16384 --ds 256,8 --dtypes bf16 --backends triton,cuda --time-budget "$T" \
+      > "$OUT/bench_core.log" 2>&1
     rc=$?
     record bench_core "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(tail -n 1 "$OUT/bench_core.log" | cut -c1-200)"
   else
