@@ -176,7 +176,8 @@ def _cases(small: bool = False):
 
     def assign_plain(N, K, D):
         def build(device, dtype, g):
-            return dict(x=rand(N, D, g=g, device=device, dtype=dtype), codebook=rand(K, D, g=g, device=device, dtype=dtype))
+            return dict(x=rand(N, D, g=g, device=device, dtype=dtype),
+                        codebook=rand(K, D, g=g, device=device, dtype=dtype))
         return build
 
     def assign_axis(device, dtype, g):  # three codebooks, each shifted so a mix-up changes the answer
@@ -277,8 +278,9 @@ def _check(op: str, backend: str, args: dict, deterministic: bool = False) -> st
                 derr = (g_dist[ci][finite].double() - chosen).abs()
                 if derr.numel() and not float(derr.max()) <= 1e-3 * (1 + float(chosen.abs().max())):
                     problems.append(f"{metric}: distances of codebook {ci} off by {float(derr.max()):.3g}")
-            if "expect_first" in args and metric == "l2" and int(got.indices.reshape(-1)[0]) != args["expect_first"]:
-                problems.append(f"tie went to {int(got.indices.reshape(-1)[0])}, not the lowest index {args['expect_first']}")
+            first = int(got.indices.reshape(-1)[0])
+            if "expect_first" in args and metric == "l2" and first != args["expect_first"]:
+                problems.append(f"tie went to {first}, not the lowest index {args['expect_first']}")
         return "; ".join(problems)
     if op == "histogram":
         kw = dict(weights=args.get("weights"), codebook_axis=args["codebook_axis"])
@@ -342,7 +344,8 @@ def smoke(device: str, backends: list, dtypes: list, budget: float, out_path: st
                     result["skipped"].append({"case": name, "backend": b, "dtype": dname, "reason": why})
                     continue
                 if time.time() - start > budget:
-                    result["skipped"].append({"case": name, "backend": b, "dtype": dname, "reason": "time budget spent"})
+                    result["skipped"].append({"case": name, "backend": b, "dtype": dname,
+                                              "reason": "time budget spent"})
                     continue
                 t0 = time.time()
                 try:
@@ -400,8 +403,9 @@ def summarize(out: str) -> tuple[dict, str]:
         if p:
             phases[p["phase"]] = p
     order = [n for n in PHASE_ORDER if n in phases] + sorted(set(phases) - set(PHASE_ORDER))
-    results = {"phases": [phases[n] for n in order], "env": _read_json(os.path.join(out, "env.json")),
-               "peers": _read_json(os.path.join(out, "peers.json")), "smoke": _read_json(os.path.join(out, "smoke.json"))}
+    results = {"phases": [phases[n] for n in order]}
+    for name in ("env", "peers", "smoke"):
+        results[name] = _read_json(os.path.join(out, f"{name}.json"))
     lines = []
     env = results["env"] or {}
     gpu = env.get("gpu") or {}
@@ -416,7 +420,8 @@ def summarize(out: str) -> tuple[dict, str]:
                      + ("" if sm.get("done") else " (cut short)"))
         for c in sm["checks"]:
             if not c["ok"]:
-                lines.append(f"  FAILED {c['case']} [{c['backend']} {c['dtype']}]: {c['problem'].splitlines()[0][:200]}")
+                first_line = c["problem"].splitlines()[0][:200]
+                lines.append(f"  FAILED {c['case']} [{c['backend']} {c['dtype']}]: {first_line}")
     if results["peers"]:
         lines.append("peers: " + ", ".join(f"{k}: {v.get('version') or v.get('reason')}"
                                            for k, v in results["peers"].get("peers", {}).items()))

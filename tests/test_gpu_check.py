@@ -88,7 +88,8 @@ def test_dry_run_in_a_bare_environment(bare_python, tmp_path):
     assert peers["status"] == "ok" and peers["wheels"] == ["vqk_dry_peer-0.1-py3-none-any.whl"], peers
     assert (out / ".site" / "vqk_dry_peer" / "__init__.py").is_file()
     assert set(peers["peers"]) == {dist for _, dist in gpu_smoke.PEERS}
-    assert all(p["status"] in ("ok", "skipped") and (p["status"] == "ok" or p["reason"]) for p in peers["peers"].values())
+    for p in peers["peers"].values():  # each peer imports, or says why not
+        assert p["status"] == "ok" or (p["status"] == "skipped" and p["reason"]), p
     # the smoke checks' CPU path ran to the end and passed
     smoke = json.loads((out / "smoke.json").read_text())
     assert smoke["done"] and smoke["checks"] and all(c["ok"] for c in smoke["checks"]), smoke

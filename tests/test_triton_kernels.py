@@ -12,9 +12,11 @@ deterministic statistics) so that these shapes cross every tile, chunk and piece
 boundary. With a GPU the same tests run on CUDA (marker ``gpu``), autotuned unless
 VQKERNELS_TRITON_AUTOTUNE=0 (which benchmarks/gpu_check.sh sets to save compile time).
 
-The last test compiles every kernel (with representative constexprs) for sm_90 with the real compiler
-(no GPU needed: Triton ships ptxas), so that code the interpreter accepts but the
-compiler rejects fails here, not on the first GPU machine.
+The last two tests compile kernels for sm_90 with the real compiler (no GPU needed: Triton
+ships ptxas): one at representative constexprs, one at EVERY variant a launcher can choose
+(each op's ``compile_cases()``), which must also fit an H200 (shared memory, registers, no
+spills). Code the interpreter accepts but the compiler rejects fails here, not on the
+first GPU machine.
 """
 import os
 import subprocess

@@ -258,8 +258,8 @@ def main(argv=None) -> int:
     start = time.time()
     rows = compile_report(args.workers)
     for r in rows:
-        print(f"{r['shared'] if r['shared'] is not None else '-':>7} B smem {r['regs'] if r['regs'] is not None else '-':>4}"
-              f" regs {r['spill'] if r['spill'] is not None else '-':>5} spill {r['ctas_per_sm']:>2} CTA/SM  {r['case']}"
+        shared, regs, spill = ("-" if r[k] is None else r[k] for k in ("shared", "regs", "spill"))
+        print(f"{shared:>7} B smem {regs:>4} regs {spill:>5} spill {r['ctas_per_sm']:>2} CTA/SM  {r['case']}"
               + (f"  <-- {'; '.join(r['problems'])}" if r["problems"] else ""))
     bad = [r for r in rows if r["problems"]]
     print(f"{len(rows)} variants compiled for sm_90 in {time.time() - start:.0f}s; {len(bad)} do not fit")

@@ -143,6 +143,7 @@ def compile_cases() -> list:
                                      dict(HAS_WEIGHTS=False, BLOCK=1024)))
         for wtype in ("fp32", "fp16", "bf16"):
             cases.append(tu.compile_case("_hist_sort_kernel", _hist_sort_kernel,
-                                         dict(idx_ptr="*" + itype, w_ptr="*" + wtype, out_ptr="*fp32", N="i32", K="i32"),
+                                         dict(idx_ptr="*" + itype, w_ptr="*" + wtype, out_ptr="*fp32", N="i32",
+                                              K="i32"),
                                          dict(HAS_WEIGHTS=True, BLOCK=1024)))
     return cases
