@@ -107,6 +107,69 @@ def test_assign_distances_are_exact_at_a_large_offset(backend):
     torch.testing.assert_close(distances.double(), d.gather(1, want.view(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-3)
 
 
+def _near_tie_problem(seed, n_rows=24, D=16, K=64):
+    """Rows whose two nearest codes sit in different 16-code K tiles, inside the chunked
+    backend's score rounding bound (pass 1 marks the rows ambiguous, pass 2 decides them):
+
+    * even rows: an exact tie, x +- 0.5 e_i (exact in fp32 for x in [1, 1.5)): the
+      direct-difference distances are both exactly 0.25 while the rounded scores differ by
+      a few ulps, so only the exact comparison gets the lowest index;
+    * odd rows: exact distances 1 and 1 + delta, |delta| in [1e-4, 3e-4], far above the fp32
+      distance rounding, so the fp64 truth is the reference's pick.
+
+    The nearer (or lower) code alternates between the lower and the higher index.
+    Returns x [n_rows, D], codebook [K, D] (fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (1 + 0.5 * torch.rand(n_rows, D, generator=g)).double()  # fp32 values in [1, 1.5)
+    codebook = torch.randn(K, D, generator=g, dtype=torch.float64) * 3 + 20  # far from every row
+    for n in range(n_rows):
+        a, b = (n, n + K // 2) if n % 4 < 2 else (n + K // 2, n)
+        if n % 2 == 0:
+            step = torch.zeros(D, dtype=torch.float64)
+            step[n % D] = 0.5
+            codebook[a], codebook[b] = x[n] + step, x[n] - step
+            continue
+        u = torch.randn(D, generator=g, dtype=torch.float64)
+        u /= u.norm()
+        w = torch.randn(D, generator=g, dtype=torch.float64)
+        w -= (w @ u) * u
+        w /= w.norm()
+        delta = (1 + 2 * torch.rand(1, generator=g, dtype=torch.float64).item()) * 1e-4
+        delta = delta if n % 4 == 1 else -delta
+        v = (u * 0.6 + w * 0.8) * (1 + delta) ** 0.5  # |v|^2 = 1 + delta, another direction
+        codebook[a], codebook[b] = x[n] + u, x[n] + v
+    x32, c32 = x.float(), codebook.float()
+    ties = exact_distances(x32[::2], c32, "l2")
+    assert bool((ties.min(1).values == 0.25).all()) and bool(((ties == 0.25).sum(1) == 2).all()), "ties not exact"
+    return x32, c32
+
+
+@pytest.mark.parametrize("path", ["few-rows", "pass-2"])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_chunked_near_ties_are_decided_by_the_exact_distance(path, heads, monkeypatch):
+    """Pass 2 of the chunked backend (and its shortcut for a few ambiguous rows) picks the
+    code with the smallest exact distance. A tiny tile budget sends the rows through the
+    tiled pass 2 (several K tiles, row batches and candidate batches); with two codebooks
+    the second has fewer ambiguous rows, so the packed table holds padding."""
+    if path == "pass-2":
+        monkeypatch.setenv("VQKERNELS_CHUNK_ELEMENTS", "64")
+    problems = [_near_tie_problem(seed=h, n_rows=24 - 10 * h) for h in range(heads)]
+    if heads == 1:
+        x, codebook = problems[0]
+        got = [vqkernels.assign(x, codebook, backend="chunked")]
+    else:
+        # pad the second codebook's rows with copies of its last code: unambiguous rows
+        n = max(p[0].shape[0] for p in problems)
+        xs = torch.stack([torch.cat([p[0], p[1][-1:].expand(n - p[0].shape[0], -1)]) for p in problems])
+        both = vqkernels.assign(xs, torch.stack([p[1] for p in problems]), backend="chunked")
+        got = [type(both)(both.indices[h, : p[0].shape[0]], both.distances[h, : p[0].shape[0]]) for h, p in enumerate(problems)]
+    for (x, codebook), (indices, distances) in zip(problems, got):
+        d = exact_distances(x, codebook, "l2")
+        want = loop_argmin(d)
+        assert torch.equal(indices, want), first_mismatches(indices != want, indices, want)
+        torch.testing.assert_close(distances.double(), d.gather(1, want.view(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_keeps_grid_data_exact():
     """Small-integer data (a grid) has exact expanded-form scores only when it is not
     shifted: the chunked backend centres only where a common offset dominates, so exact
