@@ -10,7 +10,7 @@
 #
 #   env          python / torch / triton / GPU / nvcc / nvidia-smi      -> env.json, env.txt
 #   wheels       .whl/*.whl (or --wheels DIR) installed with pip --no-index --no-deps into
-#                a target folder put on PYTHONPATH; which optional peers (faiss,
+#                a temporary target folder put on PYTHONPATH; which optional peers (faiss,
 #                vector-quantize-pytorch, flash-kmeans) import, or why not -> peers.json
 #   build        the CUDA extension (setup.py build_ext --inplace, ninja, MAX_JOBS,
 #                TORCH_CUDA_ARCH_LIST=9.0) under a timeout -> build.log; a failure is recorded
@@ -110,7 +110,9 @@ fi
 
 # --- wheels / optional peers ------------------------------------------------------------
 t0=$(elapsed)
-SITE="$OUT/.site"  # a target folder under OUT: nothing is installed into the system
+# A target folder outside OUT (OUT travels back from the GPU machine; wheels need not) and
+# outside the system site-packages: nothing is installed into the image itself.
+SITE="${VQK_SITE:-$(mktemp -d "${TMPDIR:-/tmp}/vqk_site.XXXXXX")}"
 timeout -k 5 "$(share wheels 60)" env PIP_NO_INDEX=1 "$PY" "$SMOKE" wheels --out "$OUT" --wheels "$WHEELS" \
   --target "$SITE" >> "$LOG" 2>&1
 rc=$?

@@ -69,8 +69,9 @@ def test_dry_run_in_a_bare_environment(bare_python, tmp_path):
     wheels = tmp_path / "wheels"
     _wheel(str(wheels))
     out = tmp_path / "out"
+    env = dict(_bare_env(bare_python), VQK_SITE=str(tmp_path / "site"))  # the default is a fresh mktemp -d
     proc = subprocess.run(["bash", SCRIPT, "--dry-run", "--budget", "300", "--wheels", str(wheels), str(out)],
-                          env=_bare_env(bare_python), capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+                          env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
     log = proc.stdout[-4000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, log
     # every phase recorded, in order, each in its own file
@@ -86,7 +87,8 @@ def test_dry_run_in_a_bare_environment(bare_python, tmp_path):
     # the wheel went into the target folder under OUT, with no index
     peers = json.loads((out / "peers.json").read_text())
     assert peers["status"] == "ok" and peers["wheels"] == ["vqk_dry_peer-0.1-py3-none-any.whl"], peers
-    assert (out / ".site" / "vqk_dry_peer" / "__init__.py").is_file()
+    assert peers["target"] == str(tmp_path / "site")  # outside OUT: wheels do not travel back with the results
+    assert (tmp_path / "site" / "vqk_dry_peer" / "__init__.py").is_file()
     assert set(peers["peers"]) == {dist for _, dist in gpu_smoke.PEERS}
     for p in peers["peers"].values():  # each peer imports, or says why not
         assert p["status"] == "ok" or (p["status"] == "skipped" and p["reason"]), p
@@ -154,7 +156,8 @@ def test_gpu_phases_record_their_failure_on_a_cpu_machine(tmp_path):
     # for the later phases, and the exit status must say that something failed.
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VQK", "TRITON_"))}
-    env.update(PYTHON=sys.executable, VQK_ASSUME_GPU="1", PIP_NO_INDEX="1", VQK_BUDGET_TESTS="60")
+    env.update(PYTHON=sys.executable, VQK_ASSUME_GPU="1", PIP_NO_INDEX="1", VQK_BUDGET_TESTS="60",
+               VQK_SITE=str(tmp_path / "site"))
     proc = subprocess.run(["bash", SCRIPT, "--budget", "400", "--wheels", str(tmp_path / "none"), str(out)], env=env,
                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     log = proc.stdout[-4000:] + proc.stderr[-2000:]
