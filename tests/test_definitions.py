@@ -107,6 +107,20 @@ def test_assign_distances_are_exact_at_a_large_offset(backend):
     torch.testing.assert_close(distances.double(), d.gather(1, want.view(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", PORTABLE)
+def test_assign_over_several_row_chunks(backend):
+    """K * D large enough that the reference bounds its [rows, K, D] temporary with several
+    row chunks (and the chunked backend uses several row tiles): every row still answered."""
+    N, K, D = 300, 512, 64
+    x, codebook = _randn(N, D, seed=21).float(), _randn(K, D, seed=22).float()
+    indices, distances = vqkernels.assign(x, codebook, backend=backend)
+    assert indices.shape == distances.shape == (N,)
+    d = exact_distances(x, codebook, "l2")
+    want = loop_argmin(d)
+    assert torch.equal(indices, want), first_mismatches(indices != want, indices, want)
+    torch.testing.assert_close(distances.double(), d.gather(1, want.view(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-4)
+
+
 def _near_tie_problem(seed, n_rows=24, D=16, K=64):
     """Rows whose two nearest codes sit in different 16-code K tiles, inside the chunked
     backend's score rounding bound (pass 1 marks the rows ambiguous, pass 2 decides them):

@@ -8,7 +8,7 @@ change to this file.
 import pytest
 import torch
 
-from vqkernels.ops.assign import ARGMIN_RTOL, tolerance
+from vqkernels.ops.assign import ARGMIN_RTOL, chunked, tolerance
 
 PINNED_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, "tf32": 4e-3}
 
@@ -47,3 +47,53 @@ def test_tolerance_is_per_row_and_uses_the_largest_code():
     codes = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.5, 0.5]])
     got = tolerance(x, codes, "l2")
     torch.testing.assert_close(got, 2e-5 * torch.tensor([4.0, 29.0, 104.0], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------- chunked assign
+# The chunked backend's rounding bound decides which rows its exact pass 2 re-decides: a
+# smaller bound would let rounded scores pick a farther code. Its tile budget decides its
+# memory (O(tile), never N x K). Both pinned, as the tolerances above.
+
+@pytest.mark.parametrize(
+    "dtype,precision,want",
+    [
+        (torch.float32, "highest", (6 * 16 + 16) * 2.0**-24),
+        (torch.float32, "high", (6 * 16 + 16) * 2.0**-24 + 8 * 2.0**-11),  # tf32 rounds the inputs
+        (torch.float32, "medium", (6 * 16 + 16) * 2.0**-24 + 8 * 2.0**-8),  # bf16 rounds the inputs
+        (torch.float64, "highest", (6 * 16 + 16) * 2.0**-53),
+        (torch.float16, "highest", (6 * 16 + 16) * 2.0**-11),
+        (torch.bfloat16, "highest", (6 * 16 + 16) * 2.0**-8),
+    ],
+)
+def test_chunked_score_error_bound_is_pinned(dtype, precision, want):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        got = chunked.score_error_bound(dtype, 16)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert got == pytest.approx(want, rel=1e-12), f"score_error_bound({dtype}, 16) at {precision!r}"
+
+
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        ((10000, 1000, 8, "cpu"), (1048, 1000)),  # 2**20 scores on CPU
+        ((10000, 1000, 8, "cuda"), (10000, 1000)),  # 2**26 on GPU
+        ((10000, 1000, 8, "xpu"), (4194, 1000)),  # 2**22 elsewhere
+        ((10000, 5000, 8, "cpu", 4), (256, 1024)),  # four codebooks share the budget
+        ((30, 5000, 8, "cpu"), (30, 1024)),  # never more rows than N
+        ((100000, 50, 2**20, "cpu"), (8, 50)),  # wide rows: the row tile bounds tile_n
+        ((100000, 5000, 8, "cpu"), (1024, 1024)),
+    ],
+)
+def test_chunked_tile_sizes_are_pinned(args, want, monkeypatch):
+    monkeypatch.delenv("VQKERNELS_CHUNK_ELEMENTS", raising=False)
+    assert chunked.tile_sizes(*args) == want
+
+
+def test_chunked_tile_budget_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("VQKERNELS_CHUNK_ELEMENTS", "4096")
+    assert chunked.tile_sizes(10000, 1000, 8, "cpu") == (256, 16)
+    monkeypatch.setenv("VQKERNELS_CHUNK_ELEMENTS", "64")
+    assert chunked.tile_sizes(10000, 1000, 8, "cpu") == (64, 16)  # at least 64 rows per tile
