@@ -184,6 +184,26 @@ def test_chunked_near_ties_are_decided_by_the_exact_distance(path, heads, monkey
         torch.testing.assert_close(distances.double(), d.gather(1, want.view(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chunked_pass_2_takes_half_precision_inputs(dtype, monkeypatch):
+    """Exact ties x +- 0.5 e_i (exact in fp16 / bf16 for x in [1, 1.5)) through the tiled pass 2."""
+    monkeypatch.setenv("VQKERNELS_CHUNK_ELEMENTS", "64")
+    g = torch.Generator().manual_seed(4)
+    D, K, n_rows = 8, 48, 12
+    x = (1 + 0.5 * torch.rand(n_rows, D, generator=g)).to(dtype)
+    codebook = (torch.randn(K, D, generator=g) * 3 + 20).to(dtype)
+    for n in range(n_rows):
+        step = torch.zeros(D, dtype=dtype)
+        step[n % D] = 0.5
+        a, b = (n, n + K // 2) if n % 2 else (n + K // 2, n)
+        codebook[a], codebook[b] = x[n] + step, x[n] - step
+    d = exact_distances(x, codebook, "l2")
+    assert bool(((d == 0.25).sum(1) == 2).all()), "ties not exact"
+    indices, _ = vqkernels.assign(x, codebook, backend="chunked")
+    want = loop_argmin(d)
+    assert torch.equal(indices, want), first_mismatches(indices != want, indices, want)
+
+
 def test_chunked_keeps_grid_data_exact():
     """Small-integer data (a grid) has exact expanded-form scores only when it is not
     shifted: the chunked backend centres only where a common offset dominates, so exact

@@ -85,11 +85,13 @@ def test_chunked_score_error_bound_is_pinned(dtype, precision, want):
         ((30, 5000, 8, "cpu"), (30, 1024)),  # never more rows than N
         ((100000, 50, 2**20, "cpu"), (8, 50)),  # wide rows: the row tile bounds tile_n
         ((100000, 5000, 8, "cpu"), (1024, 1024)),
+        ((1, 10, 8, "cpu"), (1, 10)),  # one row: one-row tiles
     ],
 )
 def test_chunked_tile_sizes_are_pinned(args, want, monkeypatch):
     monkeypatch.delenv("VQKERNELS_CHUNK_ELEMENTS", raising=False)
-    assert chunked.tile_sizes(*args) == want
+    got = chunked.tile_sizes(*args)
+    assert got == want and all(type(v) is int for v in got), got
 
 
 def test_chunked_tile_budget_follows_the_environment(monkeypatch):
@@ -97,3 +99,6 @@ def test_chunked_tile_budget_follows_the_environment(monkeypatch):
     assert chunked.tile_sizes(10000, 1000, 8, "cpu") == (256, 16)
     monkeypatch.setenv("VQKERNELS_CHUNK_ELEMENTS", "64")
     assert chunked.tile_sizes(10000, 1000, 8, "cpu") == (64, 16)  # at least 64 rows per tile
+    assert chunked.tile_sizes(64, 1000, 8, "cpu") == (64, 16)  # ... also when N is exactly 64
+    assert chunked.tile_sizes(100, 50, 2**17, "cpu") == (64, 16)  # 64 rows of 2**17 fill the row tile exactly
+    assert chunked.tile_sizes(100, 50, 2**17 + 1, "cpu") == (4, 16)  # past it: the budget's 4 rows
