@@ -7,7 +7,7 @@ import vqkernels.codebook as codebook_module
 from vqkernels.ops import assign, cluster_stats, ema_update_, kmeans
 from vqkernels.quantizer import LossBreakdown, Quantizer, QuantizerOutput, rotation_backward
 
-from helpers import first_mismatches
+from helpers import first_mismatches, snapshot, assert_states_bitwise_equal
 
 
 def batches(n_batches, rows=64, dim=8, seed=0, shift=0.0):
@@ -368,8 +368,19 @@ def test_state_dict_round_trip_resumes_identically(kwargs):
 
 
 def test_fresh_module_loads_strictly():
+    # A module trained past the deferred switch loads strictly into a fresh one, which then
+    # holds bitwise the same state and quantizes the same way.
+    torch.manual_seed(0)
     a = Quantizer(4, 16, init="kmeans", deferred_steps=2)
-    Quantizer(4, 16, init="kmeans", deferred_steps=2).load_state_dict(a.state_dict(), strict=True)
+    for x in batches(3, rows=64, dim=4, seed=7):
+        a(x)
+    assert a.is_quantizing
+    b = Quantizer(4, 16, init="kmeans", deferred_steps=2)
+    b.load_state_dict(a.state_dict(), strict=True)
+    assert_states_bitwise_equal(snapshot(a), snapshot(b), "fresh module after load_state_dict")
+    a.eval(), b.eval()
+    x = batches(1, rows=64, dim=4, seed=8)[0]
+    assert torch.equal(a(x).indices, b(x).indices)
 
 
 # ---------------------------------------------------------------- Deferred Quantization
