@@ -676,11 +676,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_kernels_compile_for_sm90():
-    """Compile (not run) every kernel for Hopper, with its codebook-axis signature.
-
-    (The interpreter accepts code the compiler rejects: constexpr branches, dtype
-    plumbing, dot layouts, int64 offset arithmetic. Running them is benchmarks/gpu_check.sh's job.)"""
+def _sm90_compile_env() -> dict:
+    """Environment for compiling Triton kernels for sm_90 in a subprocess (real compiler, not
+    the interpreter); skips the test where this Triton has no NVIDIA backend or no ptxas."""
     try:
         from triton.backends.nvidia import compiler as _nv  # noqa: F401
     except Exception as exc:  # a Triton build without the NVIDIA backend
@@ -691,6 +689,15 @@ def test_kernels_compile_for_sm90():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def test_kernels_compile_for_sm90():
+    """Compile (not run) every kernel for Hopper, with its codebook-axis signature.
+
+    (The interpreter accepts code the compiler rejects: constexpr branches, dtype
+    plumbing, dot layouts, int64 offset arithmetic. Running them is benchmarks/gpu_check.sh's job.)"""
+    env = _sm90_compile_env()
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -704,16 +711,7 @@ def test_every_dispatchable_variant_fits_sm90(tmp_path):
 
     Cost: about a minute with a warm Triton cache, several on a cold one (Triton caches
     compiled kernels in ~/.triton/cache, so reruns are cheap)."""
-    try:
-        from triton.backends.nvidia import compiler as _nv  # noqa: F401
-    except Exception as exc:  # a Triton build without the NVIDIA backend
-        pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
-        pytest.skip("no ptxas available to Triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env = _sm90_compile_env()
     report = tmp_path / "sm90.json"
     proc = subprocess.run([sys.executable, "-m", "vqkernels.ops._triton_utils", "--json", str(report)], env=env,
                           capture_output=True, text=True, timeout=1800)
