@@ -91,6 +91,10 @@ record() {
   say "$1: $2 ($3 s) $4"
 }
 status_of() { case $1 in 0) echo ok ;; 124|137) echo timeout ;; *) echo failed ;; esac; }
+# record_from_log PHASE RC T0 LOGFILE: record a phase by its exit code and its log's last line
+record_from_log() {
+  record "$1" "$(status_of "$2")" $(( $(elapsed) - $3 )) "rc=$2: $(tail -n 1 "$4" | cut -c1-200)"
+}
 HAS_GPU=0
 
 say "repository $REPO; output $OUT; budget ${BUDGET}s; python $PY; dry run $DRY"
@@ -155,7 +159,7 @@ elif (( HAS_GPU )); then
     --dtypes fp32,bf16 --budget $(( T > 15 ? T - 15 : T )) > "$OUT/smoke.log" 2>&1
   rc=$?
   cat "$OUT/smoke.log" >> "$LOG"
-  record smoke "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(tail -n 1 "$OUT/smoke.log" | cut -c1-200)"
+  record_from_log smoke $rc $t0 "$OUT/smoke.log"
 else
   record smoke skipped 0 "no CUDA device"
 fi
@@ -193,7 +197,7 @@ else
       --ops assign --n 65536 --ks 16384 --ds 256,8 --dtypes bf16 --backends triton,cuda --time-budget "$T" \
       > "$OUT/bench_core.log" 2>&1
     rc=$?
-    record bench_core "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(tail -n 1 "$OUT/bench_core.log" | cut -c1-200)"
+    record_from_log bench_core $rc $t0 "$OUT/bench_core.log"
   else
     record bench_core skipped 0 "only ${T}s left"
   fi
@@ -203,7 +207,7 @@ else
     timeout -s INT -k 10 "$T" "$PY" -m vqkernels.cli bench --device cuda --quick --json "$OUT/bench_suite.json" \
       > "$OUT/bench_suite.log" 2>&1
     rc=$?
-    record bench_suite "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(tail -n 1 "$OUT/bench_suite.log" | cut -c1-200)"
+    record_from_log bench_suite $rc $t0 "$OUT/bench_suite.log"
   else
     record bench_suite skipped 0 "only ${T}s left"
   fi
@@ -213,7 +217,7 @@ else
     timeout -k 10 $(( T + 10 )) "$PY" benchmarks/gpu_bench.py --out "$OUT/bench_full" --time-budget "$T" \
       > "$OUT/bench_full.log" 2>&1
     rc=$?
-    record bench_full "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(tail -n 1 "$OUT/bench_full.log" | cut -c1-200)"
+    record_from_log bench_full $rc $t0 "$OUT/bench_full.log"
   else
     record bench_full skipped 0 "only ${T}s left"
   fi
