@@ -41,7 +41,7 @@ def info_lines() -> list[str]:
     lines.append("backends  (device: available / reason)")
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device_type in device_types:
-        auto = _dispatch.PRIORITY.get(device_type, _dispatch._DEFAULT_PRIORITY)
+        auto = _dispatch.automatic_order(device_type)
         for name, reason in _dispatch.availability(device_type).items():
             state = "available" if reason is None else f"unavailable: {reason}"
             tag = " (automatic choice order: %d)" % (auto.index(name) + 1) if name in auto and reason is None else ""

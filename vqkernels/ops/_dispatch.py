@@ -104,6 +104,11 @@ BACKENDS = {
 PRIORITY = {"cuda": ("triton", "chunked"), "cpu": ("chunked",)}
 _DEFAULT_PRIORITY = ("chunked",)
 
+
+def automatic_order(device_type: str) -> tuple:
+    """Backends tried, in order, when none is requested (``vqkernels info`` prints it)."""
+    return PRIORITY.get(device_type, _DEFAULT_PRIORITY)
+
 _logged: set = set()
 
 
@@ -131,7 +136,7 @@ def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend:
             )
         return name
     reasons = {}
-    for candidate in PRIORITY.get(device_type, _DEFAULT_PRIORITY):
+    for candidate in automatic_order(device_type):
         b = BACKENDS[candidate]
         reason = b.refusal(device_type, dtype)
         if reason is None:
