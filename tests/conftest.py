@@ -19,13 +19,16 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
 def backend_cases():
-    """(backend, device) pairs this machine can run, each a pytest param with marks."""
+    """Every (backend, device) pair, each a pytest param with marks; a pair this machine
+    cannot run is skipped with the backend's own reason. Names come from the dispatch
+    table, so a new backend is parametrised without editing this file."""
     cases = []
     for device in DEVICES:
-        for name in ("reference", "chunked", "triton", "cuda"):
-            if _dispatch.BACKENDS[name].unavailable(device) is not None:
-                continue
+        for name, backend in _dispatch.BACKENDS.items():
             marks = [pytest.mark.gpu] if device == "cuda" else []
+            reason = backend.unavailable(device)
+            if reason is not None:
+                marks.append(pytest.mark.skip(reason=f"{name} on {device}: {reason}"))
             cases.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
     return cases
 
