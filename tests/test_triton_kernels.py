@@ -46,7 +46,7 @@ if not DEVICES:
     pytest.skip("the triton backend cannot run here", allow_module_level=True)
 
 from vqkernels.ops.assign import triton as tassign  # noqa: E402
-from vqkernels.ops.histogram import triton as thist  # noqa: E402
+from vqkernels.ops import _triton_histogram as thist  # noqa: E402  (histogram kernels, shared with cluster_stats)
 from vqkernels.ops.cluster_stats import triton as tstats  # noqa: E402
 from vqkernels.ops.ema_update import triton as tema  # noqa: E402
 
@@ -627,7 +627,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from vqkernels.ops.assign import triton as A
-    from vqkernels.ops.histogram import triton as H
+    from vqkernels.ops import _triton_histogram as H
     from vqkernels.ops.cluster_stats import triton as S
     from vqkernels.ops.ema_update import triton as E
 

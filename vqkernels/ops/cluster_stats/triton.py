@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .. import _triton_utils as tu
-from ..histogram import triton as _hist
+from .. import _triton_histogram as _hist
 
 # Deterministic path constants: part of the result's bit pattern, keep them fixed.
 # (The interpreter uses short pieces so that small test batches exercise the combine step.)
