@@ -66,33 +66,29 @@ def _run(cmd, timeout=20) -> str:
 
 
 def environment() -> dict:
-    """Machine, versions and the GPU, as one dict (no field raises: a reason instead)."""
-    env = {
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "executable": sys.executable,
-        "cpus": os.cpu_count(),
-    }
+    """The benchmark runner's machine description (``vqkernels.bench.runner.machine_info``),
+    plus what the GPU check needs on top: the interpreter, test tools, nvcc, nvidia-smi.
+    No field raises: a reason instead, since this is the first thing a run records."""
+    env = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "executable": sys.executable}
+    try:
+        from vqkernels.bench.runner import machine_info
+
+        env.update(machine_info())
+    except Exception as exc:
+        env.update(python=sys.version.split()[0], platform=platform.platform(), cpu_count=os.cpu_count(),
+                   machine_error=f"{type(exc).__name__}: {exc}")
     for name in ("torch", "triton", "numpy", "pytest", "xdist", "hypothesis", "ninja"):
         try:
             mod = importlib.import_module(name)
             env[name] = getattr(mod, "__version__", "present")
-        except Exception as exc:  # report, never raise: this is the first thing a run records
+        except Exception as exc:
             env[name] = f"unavailable: {type(exc).__name__}: {exc}"
     try:
         import torch
 
-        env["torch_cuda"] = torch.version.cuda
         env["cuda_available"] = torch.cuda.is_available()
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            env["gpu"] = {"name": p.name, "capability": f"sm_{p.major}{p.minor}", "sms": p.multi_processor_count,
-                          "memory_gib": round(p.total_memory / 2**30, 1), "count": torch.cuda.device_count()}
     except Exception as exc:
-        env["cuda_available"] = False
-        env["torch_error"] = str(exc)
+        env.update(cuda_available=False, torch_error=str(exc))
     env["nvcc"] = _run(["nvcc", "--version"]).splitlines()[-1:] if shutil.which("nvcc") else "not on PATH"
     env["ninja_bin"] = shutil.which("ninja") or "not on PATH"
     env["nvidia_smi"] = _run(["nvidia-smi"]) if shutil.which("nvidia-smi") else "not on PATH"
@@ -106,8 +102,8 @@ def cmd_env(args) -> int:
         for k, v in env.items():
             f.write(f"{k}: {v}\n" if k != "nvidia_smi" else f"{k}:\n{v}\n")
     gpu = env.get("gpu")
-    print(f"python {env['python']} torch {env['torch']} (cuda {env.get('torch_cuda')}) triton {env['triton']}; "
-          + (f"{gpu['name']} {gpu['capability']} {gpu['sms']} SMs" if gpu else "no CUDA device"))
+    print(f"python {env['python']} torch {env['torch']} (cuda {env.get('cuda')}) triton {env['triton']}; "
+          + (f"{gpu} sm {env.get('capability')} {env.get('sm_count')} SMs" if gpu else "no CUDA device"))
     return 0
 
 
@@ -408,8 +404,7 @@ def summarize(out: str) -> tuple[dict, str]:
         results[name] = _read_json(os.path.join(out, f"{name}.json"))
     lines = []
     env = results["env"] or {}
-    gpu = env.get("gpu") or {}
-    lines.append(f"machine: {gpu.get('name', 'no CUDA device')} {gpu.get('capability', '')}; python {env.get('python')}"
+    lines.append(f"machine: {env.get('gpu') or 'no CUDA device'} {env.get('capability') or ''}; python {env.get('python')}"
                  f" torch {env.get('torch')} triton {env.get('triton')}")
     for p in results["phases"]:
         lines.append(f"{p['phase']:<12} {p['status']:<8} {p['seconds']:>6.0f}s  {p['detail']}")
