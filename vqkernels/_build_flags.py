@@ -30,3 +30,13 @@ INCLUDE_SUBDIRS = [".", "kernels"]
 def cuda_archs():
     """``CUDA_ARCH_LIST`` as nvcc's compute capabilities, e.g. ``["80", "90"]``."""
     return [a.replace(".", "") for a in CUDA_ARCH_LIST.split(";")]
+
+#: The CPU extension (csrc/cpu/, ``vqkernels._C_cpu``). setup.py builds a wheel that must
+#: run on any CPU of the architecture: portable flags, OpenMP for torch's parallel_for.
+CPU_CXX_FLAGS = ["-O3", "-fopenmp"]
+#: The JIT build compiles on the machine that runs it, so it may target that CPU.
+CPU_JIT_CXX_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+#: Linker flags of both CPU builds.
+CPU_LDFLAGS = ["-fopenmp"]
+#: Folder of the CPU sources, relative to csrc/.
+CPU_SUBDIR = "cpu"

@@ -10,7 +10,7 @@ knows which backends exist, what each supports, *why* one refuses, and picks one
   if it cannot run these tensors the call raises :class:`BackendUnavailableError` with
   the reason. Nothing falls back silently.
 * ``backend=None`` takes the first backend in the device's priority order that can run
-  the tensors (CUDA: triton -> chunked, cuda opt-in for now; CPU: chunked). The choice is
+  the tensors (CUDA: triton -> chunked, cuda opt-in for now; CPU: cpu -> chunked). The choice is
   logged once per (op, device, dtype) on the ``vqkernels`` logger, and a backend skipped
   because it *failed* (rather than was simply not installed) is warned about once.
 
@@ -72,6 +72,14 @@ def _cuda_unavailable(device_type: str) -> Optional[str]:
     return _extension.unavailable_reason()
 
 
+def _cpu_unavailable(device_type: str) -> Optional[str]:
+    if device_type != "cpu":
+        return "the C++ CPU extension runs on CPU tensors only"
+    from vqkernels import _cpu_extension
+
+    return _cpu_extension.unavailable_reason()
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -96,12 +104,15 @@ BACKENDS = {
     "chunked": Backend("chunked", _LOW + (torch.float64,), _always),
     "triton": Backend("triton", _LOW, _triton_unavailable),
     "cuda": Backend("cuda", _LOW, _cuda_unavailable, failure_is_error=True),
+    "cpu": Backend("cpu", _LOW, _cpu_unavailable, failure_is_error=True),
 }
 # Automatic choice, fastest first. ``reference`` is never chosen automatically. The
 # ``cuda`` extension backend is opt-in (backend="cuda" / VQKERNELS_BACKEND=cuda) until its
 # kernels have passed benchmarks/gpu_check.sh on a GPU: an automatic choice must not hand
 # unverified kernels to a training run, nor stall it with a first-use JIT compile.
-PRIORITY = {"cuda": ("triton", "chunked"), "cpu": ("chunked",)}
+# On CPU the C++ ``cpu`` backend runs assign; ops it does not implement (histogram,
+# cluster_stats, ema_update: chunked's torch calls were as fast) go to chunked.
+PRIORITY = {"cuda": ("triton", "chunked"), "cpu": ("cpu", "chunked")}
 _DEFAULT_PRIORITY = ("chunked",)
 
 

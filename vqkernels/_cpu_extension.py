@@ -1,0 +1,152 @@
+"""Loads the CPU extension defensively: the built ``vqkernels._C_cpu``, else a JIT build.
+
+Never imported at ``import vqkernels``; the first use of the ``cpu`` backend (or
+``vqkernels info``) asks :func:`unavailable_reason`, which tries once and keeps the reason.
+
+1. ``vqkernels._C_cpu``, built by ``pip install --no-build-isolation .`` where a C++
+   compiler and torch were present (portable flags, ``_build_flags.CPU_CXX_FLAGS``).
+2. Otherwise JIT-compile ``csrc/cpu/*.cpp`` (``vqkernels/csrc/cpu`` in an installed
+   package) with ``torch.utils.cpp_extension.load`` and ``-march=native`` into
+   ``$VQKERNELS_CACHE/cpu`` (default ``~/.cache/vqkernels/<torch>-cpu``); later processes
+   reuse it. ``VQKERNELS_JIT=0`` turns this off.
+3. Otherwise the backend is unavailable and the reason says why (a compiler error is
+   kept, shortened, so ``vqkernels info`` and a forced ``backend="cpu"`` show it).
+
+The op is registered as ``torch.ops.vqkernels.assign_cpu`` (csrc/cpu/assign_cpu.cpp).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+from . import _build_flags
+
+_JIT_NAME = "vqkernels_C_cpu"
+_state = {"tried": False, "module": None, "reason": None, "how": None}
+_lock = threading.Lock()
+
+
+def _sources_dir() -> Optional[Path]:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc" / _build_flags.CPU_SUBDIR, here.parent / "csrc" / _build_flags.CPU_SUBDIR):
+        if any(candidate.glob("*.cpp")):
+            return candidate
+    return None
+
+
+def _cache_dir(torch) -> Path:
+    env = os.environ.get("VQKERNELS_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser() / "cpu"
+    return Path.home() / ".cache" / "vqkernels" / f"{torch.__version__}-cpu".replace("+", "_")
+
+
+def compiler_available() -> bool:
+    """True when a C++ compiler for the JIT build is on PATH (tests: a present compiler must build)."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def _jit_unavailable() -> Optional[str]:
+    if os.environ.get("VQKERNELS_JIT", "1").strip() == "0":
+        return "VQKERNELS_JIT=0 disables the JIT build"
+    if _sources_dir() is None:
+        return "the CPU sources (vqkernels/csrc/cpu or csrc/cpu) are not found, so the JIT build is impossible"
+    if not compiler_available():
+        return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) was found for the JIT build"
+    from torch.utils import cpp_extension  # imports setuptools: only on this path
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja was not found for the JIT build (pip install ninja)"
+    return None
+
+
+def _jit_build(torch) -> tuple:
+    from torch.utils import cpp_extension
+
+    src = _sources_dir()
+    build_dir = _cache_dir(torch)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob(f"{_JIT_NAME}*.so")):
+            print("vqkernels: compiling the CPU extension (first use, ~1 min)...", file=sys.stderr, flush=True)
+        cpp_extension.load(
+            name=_JIT_NAME,
+            sources=sorted(str(p) for p in src.glob("*.cpp")),
+            extra_cflags=list(_build_flags.CPU_JIT_CXX_FLAGS),
+            extra_ldflags=list(_build_flags.CPU_LDFLAGS),
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # a compiler error, an unwritable cache, ...
+        detail = " ".join(str(exc).split())[-400:]
+        return False, f"the JIT build in {build_dir} failed ({type(exc).__name__}: {detail})"
+    return True, str(build_dir)
+
+
+def _load_locked():
+    import torch
+
+    built_failure = None
+    try:
+        _state["module"] = importlib.import_module("vqkernels._C_cpu")
+        _state["how"] = "built"
+        return
+    except ModuleNotFoundError as exc:
+        if exc.name != "vqkernels._C_cpu":
+            built_failure = f"loading vqkernels._C_cpu failed: ModuleNotFoundError: {exc}"
+    except Exception as exc:  # an ABI mismatch (undefined symbol) and the like
+        built_failure = f"loading vqkernels._C_cpu failed: {type(exc).__name__}: {exc}"
+    prefix = built_failure if built_failure else "the CPU extension vqkernels._C_cpu is not built"
+    reason = _jit_unavailable()
+    if reason is not None:
+        _state["reason"] = f"{prefix}, and {reason}"
+        return
+    ok, detail = _jit_build(torch)
+    if not ok:
+        _state["reason"] = f"{prefix}, and {detail}"
+        return
+    _state["module"] = torch.ops.vqkernels
+    _state["how"] = f"JIT ({detail})" + (f"; {built_failure}" if built_failure else "")
+
+
+def load():
+    """The loaded extension (module or torch.ops namespace), or None (see :func:`unavailable_reason`)."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                try:
+                    _load_locked()
+                except Exception as exc:  # never let a loader bug escape to the caller
+                    _state["module"] = None
+                    _state["reason"] = f"loading the CPU extension failed: {type(exc).__name__}: {exc}"
+                _state["tried"] = True
+    return _state["module"]
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the extension is loaded, else why not (tries to load once)."""
+    return None if load() is not None else _state["reason"]
+
+
+def status() -> str:
+    """One line for ``vqkernels info``: ``built``, ``JIT (cache dir)`` or ``unavailable: reason``."""
+    if load() is not None:
+        return _state["how"]
+    return f"unavailable: {_state['reason']}"
+
+
+def ops():
+    """``torch.ops.vqkernels`` with ``assign_cpu`` loaded, or raise BackendUnavailableError."""
+    if load() is None:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"the vqkernels 'cpu' backend cannot run: {_state['reason']}")
+    import torch
+
+    return torch.ops.vqkernels
