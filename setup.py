@@ -1,4 +1,9 @@
-"""Build script: pure Python everywhere, plus the CUDA extension ``vqkernels._C`` where possible.
+"""Build script: pure Python everywhere, plus the C++ extensions where possible.
+
+``vqkernels._C_cpu`` (csrc/cpu/, the ``cpu`` backend) is built whenever torch is importable
+at build time and a C++ compiler is present; no CUDA needed. A failed CPU build is a
+notice, not an install failure (the backend then JIT-compiles on first use, or reports
+why it cannot). ``VQKERNELS_BUILD_CPU=0`` skips it, ``=1`` insists.
 
 The extension is built when a CUDA build of torch and nvcc are both present at build
 time; ``VQKERNELS_BUILD_CUDA=1`` insists (and fails loudly if it cannot), ``=0`` skips.
@@ -85,6 +90,59 @@ class BuildPyWithCudaSources(build_py):
             shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
 
 
+def _cpu_extension():
+    """``[CppExtension]`` for vqkernels._C_cpu, or ``[]`` with a notice."""
+    flag = os.environ.get("VQKERNELS_BUILD_CPU", "").strip()
+    if flag == "0":
+        _notice("VQKERNELS_BUILD_CPU=0: not building the CPU extension (it will JIT-compile on first use).")
+        return []
+    sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / FLAGS["CPU_SUBDIR"]).glob("*.cpp"))
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        reason = "torch is not importable in the build environment; use `pip install --no-build-isolation .`"
+    else:
+        reason = None if sources else "no CPU sources under csrc/cpu/"
+    if reason is not None:
+        if flag == "1":
+            raise SystemExit(f"vqkernels setup: VQKERNELS_BUILD_CPU=1 but the CPU extension cannot be built: {reason}")
+        _notice(f"not building the CPU extension ({reason}).")
+        return []
+    return [
+        CppExtension(
+            name="vqkernels._C_cpu",
+            sources=sources,
+            extra_compile_args={"cxx": list(FLAGS["CPU_CXX_FLAGS"])},
+            extra_link_args=list(FLAGS["CPU_LDFLAGS"]),
+        )
+    ]
+
+
+class OptionalBuildExt:
+    """build_ext that turns a failed CPU extension into a notice (the CUDA one still fails loudly)."""
+
+    @staticmethod
+    def wrap(base):
+        class _BuildExt(base):
+            def build_extension(self, ext):
+                if ext.name != "vqkernels._C_cpu" or os.environ.get("VQKERNELS_BUILD_CPU", "").strip() == "1":
+                    return super().build_extension(ext)
+                try:
+                    super().build_extension(ext)
+                except Exception as exc:  # a compiler error: install pure Python, JIT later
+                    _notice(f"building vqkernels._C_cpu failed ({type(exc).__name__}: {exc}); the cpu backend will try a JIT build on first use.")
+
+        return _BuildExt
+
+
 ext_modules, cmdclass = _cuda_extension()
+_cpu = _cpu_extension()
+if _cpu:
+    ext_modules = ext_modules + _cpu
+    if "build_ext" not in cmdclass:
+        from torch.utils.cpp_extension import BuildExtension
+
+        cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=False)
+    cmdclass["build_ext"] = OptionalBuildExt.wrap(cmdclass["build_ext"])
 cmdclass["build_py"] = BuildPyWithCudaSources
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

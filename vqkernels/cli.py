@@ -20,7 +20,7 @@ def info_lines() -> list[str]:
     import torch
 
     import vqkernels
-    from vqkernels import _extension
+    from vqkernels import _cpu_extension, _extension
     from vqkernels.ops import _dispatch
 
     lines = [
@@ -38,6 +38,7 @@ def info_lines() -> list[str]:
     else:
         lines.append("cuda      no CUDA device")
     lines.append(f"extension vqkernels._C: {_extension.status()}")
+    lines.append(f"extension vqkernels._C_cpu: {_cpu_extension.status()}")
     lines.append("backends  (device: available / reason)")
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device_type in device_types:

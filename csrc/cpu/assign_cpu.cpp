@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -32,22 +33,32 @@ namespace {
 using at::Tensor;
 enum Metric { L2 = 0, DOT = 1, COSINE = 2 };
 
-constexpr int kLanes = 8;   // codes per vector
-constexpr int kVecs = 2;    // vectors per step: 16 codes
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;  // codes per vector: one zmm register
+#else
+constexpr int kLanes = 8;   // one ymm register (two xmm under portable SSE flags)
+#endif
+#ifndef VQK_VECS
+#define VQK_VECS 2
+#endif
+#ifndef VQK_ROWS
+#define VQK_ROWS 4
+#endif
+constexpr int kVecs = VQK_VECS;  // vectors per step
 constexpr int kStep = kLanes * kVecs;
-constexpr int kRows = 4;    // rows sharing each code load
+constexpr int kRows = VQK_ROWS;  // rows sharing each code load
 
 #if defined(__GNUC__) || defined(__clang__)
-// GCC/Clang vector extensions: AVX2/AVX-512 under -march=native, two SSE registers with
-// portable flags; no intrinsics, so the same code builds on any target.
+// GCC/Clang vector extensions: AVX-512/AVX2 under -march=native, SSE with portable flags;
+// no intrinsics, so the same code builds for any target.
 typedef float vf __attribute__((vector_size(4 * kLanes)));
 typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 static inline vf vsplat(float a) { return vf{} + a; }
 static inline vi isplat(int32_t a) { return vi{} + a; }
-static inline vf vselect(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline vi iselect(vi m, vi a, vi b) { return (a & m) | (b & ~m); }
 static inline vi vless(vf a, vf b) { return (vi)(a < b); }
+static inline vf vselect(vi m, vf a, vf b) { return m ? a : b; }
+static inline vi iselect(vi m, vi a, vi b) { return m ? a : b; }
 #else
 // Portable fallback: plain arrays, the compiler vectorises what it can.
 struct vf { float v[kLanes]; };
@@ -184,23 +195,67 @@ static inline float exact_distance(int metric, const float* x, const float* c, i
   return metric == DOT ? -acc : 1.f - acc;
 }
 
+// Minimum of one row's scores over a BLAS tile (vectorised; NaN scores never win).
+static inline float tile_min(int metric, const float* s, const float* cn, int64_t kn) {
+  const vf two = vsplat(2.f);
+  vf bv = vsplat(std::numeric_limits<float>::infinity());
+  int64_t k = 0;
+  for (; k + kLanes <= kn; k += kLanes) {
+    const vf sv = vload(s + k);
+    const vf v = metric == L2 ? vload(cn + k) - two * sv : (metric == DOT ? -sv : 1.f - sv);
+    bv = vselect(vless(v, bv), v, bv);
+  }
+  float b = std::numeric_limits<float>::infinity();
+  for (int i = 0; i < kLanes; ++i) b = std::min(b, VQK_LANE(bv, i));
+  for (; k < kn; ++k) {
+    const float v = metric == L2 ? cn[k] - 2.f * s[k] : (metric == DOT ? -s[k] : 1.f - s[k]);
+    if (v < b) b = v;
+  }
+  return b;
+}
+
+// Codes whose expanded-form score is within the score's rounding margin of the row's best
+// are candidates; the winner is the lowest-index exact minimum among them, so exact ties
+// between distinct codes go to the lowest index as in the reference.
+constexpr int kCandidates = 16;
+struct RowCandidates {
+  float best = std::numeric_limits<float>::infinity();
+  int n = 0;
+  bool overflow = false;  // more near-ties than kept: the row is rescanned exactly
+  float score[kCandidates];
+  int64_t index[kCandidates];
+  void add(float v, int64_t k, float margin) {
+    if (n == kCandidates) {  // drop candidates the best has left behind
+      int m = 0;
+      for (int i = 0; i < n; ++i)
+        if (score[i] <= best + margin) { score[m] = score[i]; index[m] = index[i]; ++m; }
+      n = m;
+      if (n == kCandidates) { overflow = true; return; }
+    }
+    score[n] = v;
+    index[n] = k;
+    ++n;
+  }
+};
+
 static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor& xs, const Tensor& cs,
-                    const float* cnorm, float* outd, int64_t* outi) {
+                    const float* cnorm, const float* margins, float* outd, int64_t* outi) {
   const int64_t C = xf.size(0), N = xf.size(1), K = cf.size(1), D = xf.size(2);
-  constexpr int64_t kBlock = 64;
-  // Code tile so that the [64, KT] score buffer (plus the codes) stays in a 1 MiB L2.
+  constexpr int64_t kBlock = 256;
+  // Code tile so that the [256, KT] score buffer (plus the codes) stays in a 1 MiB L2 share.
   const int64_t KT = std::min<int64_t>(K, std::max<int64_t>(64, (int64_t{1} << 18) / (kBlock + D) / 16 * 16));
   const int64_t nblocks = (N + kBlock - 1) / kBlock;
   const float* xsp = xs.data_ptr<float>();
   const float* csp = cs.data_ptr<float>();
+  const float* xfp = xf.data_ptr<float>();
+  const float* cfp = cf.data_ptr<float>();
   at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(kBlock * KT);
+    std::vector<RowCandidates> rows(kBlock);
     Tensor scores = at::from_blob(buf.data(), {kBlock, KT}, at::kFloat);
-    float best[kBlock];
-    int64_t besti[kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / nblocks, r0 = (task % nblocks) * kBlock, rn = std::min(kBlock, N - r0);
-      for (int64_t i = 0; i < kBlock; ++i) { best[i] = std::numeric_limits<float>::infinity(); besti[i] = 0; }
+      for (int64_t i = 0; i < rn; ++i) rows[i] = RowCandidates();
       Tensor xb = at::from_blob(const_cast<float*>(xsp) + (c * N + r0) * D, {rn, D}, at::kFloat);
       for (int64_t k0 = 0; k0 < K; k0 += KT) {
         const int64_t kn = std::min(KT, K - k0);
@@ -209,27 +264,54 @@ static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor
         at::mm_out(out, xb, cb.t());
         const int64_t ld = out.stride(0);
         const float* cn = cnorm ? cnorm + c * K + k0 : nullptr;
-        for (int64_t i = 0; i < rn; ++i) {
+        for (int64_t i = 0; i < rn; ++i) {  // fused right after the tile, while it is in cache
+          RowCandidates& row = rows[i];
           const float* s = buf.data() + i * ld;
-          float b = best[i];
-          int64_t bi = besti[i];
+          const float margin = margins[c * N + r0 + i];
+          const float m = tile_min(metric, s, cn, kn);
+          if (!(m <= row.best + margin) || row.overflow) continue;
+          row.best = std::min(row.best, m);
           for (int64_t k = 0; k < kn; ++k) {
             const float v = metric == L2 ? cn[k] - 2.f * s[k] : (metric == DOT ? -s[k] : 1.f - s[k]);
-            if (v < b) { b = v; bi = k0 + k; }
+            if (v <= row.best + margin) row.add(v, k0 + k, margin);
           }
-          best[i] = b;
-          besti[i] = bi;
         }
       }
-      // The score ranked the codes; the returned distance is the winner's exact one.
-      const float* xo = xf.data_ptr<float>() + (c * N + r0) * D;
-      const float* co = cf.data_ptr<float>() + c * K * D;
+      // The score shortlisted the codes; the winner is the exact minimum among them.
+      const float* co = cfp + c * K * D;
       for (int64_t i = 0; i < rn; ++i) {
-        outi[c * N + r0 + i] = besti[i];
-        outd[c * N + r0 + i] = exact_distance(metric, xo + i * D, co + besti[i] * D, D);
+        const RowCandidates& row = rows[i];
+        const float* xo = xfp + (c * N + r0 + i) * D;
+        float b = std::numeric_limits<float>::infinity();
+        int64_t bi = 0;
+        bool found = false;
+        if (row.overflow) {
+          for (int64_t k = 0; k < K; ++k) {
+            const float e = exact_distance(metric, xo, co + k * D, D);
+            if (e < b) { b = e; bi = k; found = true; }
+          }
+        } else {
+          for (int j = 0; j < row.n; ++j) {
+            if (!(row.score[j] <= row.best + margins[c * N + r0 + i])) continue;
+            const float e = exact_distance(metric, xo, co + row.index[j] * D, D);
+            if (!found || e < b) { b = e; bi = row.index[j]; found = true; }
+          }
+        }
+        outi[c * N + r0 + i] = bi;
+        outd[c * N + r0 + i] = found ? b : exact_distance(metric, xo, co + bi * D, D);
       }
     }
   });
+}
+
+// Largest D of the fused direct-difference kernel (above: BLAS tiles). 32 by default;
+// VQKERNELS_CPU_FUSED_MAX_D overrides it (tests reach both paths at one D, benchmarks tune).
+static int64_t fused_max_d() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("VQKERNELS_CPU_FUSED_MAX_D");
+    return env && *env ? std::atoll(env) : int64_t{32};
+  }();
+  return value;
 }
 
 static Tensor normalized(const Tensor& v) {  // F.normalize(v, dim=-1): v / max(|v|, 1e-12)
@@ -261,7 +343,7 @@ std::tuple<Tensor, Tensor> assign_cpu(const Tensor& x, const Tensor& codebook, c
   if (metric == COSINE) { xf = normalized(xf); cf = normalized(cf); }
   float* outd = distances.data_ptr<float>();
   int64_t* outi = indices.data_ptr<int64_t>();
-  if (D <= 32) {
+  if (D <= fused_max_d()) {
     // Tiles of KT codes, transposed to [D][KT] (~32 KiB: L1-resident), NaN-padded.
     const int64_t KT = std::min<int64_t>((K + kStep - 1) / kStep * kStep, std::max<int64_t>(kStep, 8192 / D / kStep * kStep));
     const int64_t ntiles = (K + KT - 1) / KT;
@@ -283,7 +365,11 @@ std::tuple<Tensor, Tensor> assign_cpu(const Tensor& x, const Tensor& codebook, c
       cs = (cf - centre).contiguous();
       cnorm = cs.pow(2).sum(-1).contiguous();
     }
-    large_d(metric, xf, cf, xs, cs, metric == L2 ? cnorm.data_ptr<float>() : nullptr, outd, outi);
+    // Rounding margin of the fp32 expanded-form score, per row: (D + 8) ulps of
+    // |x|^2 + max |c|^2 (the size of every term of the score), doubled for safety.
+    const float ulp = std::ldexp(1.0f, -23);
+    Tensor margins = ((xs.pow(2).sum(-1) + cs.pow(2).sum(-1).amax(1, true)) * (2.f * (D + 8) * ulp)).contiguous();
+    large_d(metric, xf, cf, xs, cs, metric == L2 ? cnorm.data_ptr<float>() : nullptr, margins.data_ptr<float>(), outd, outi);
   }
   return {indices, distances};
 }

@@ -1,0 +1,201 @@
+"""What is specific to the C++ ``cpu`` backend (csrc/cpu/, vqkernels/_cpu_extension.py).
+
+The backend-parametrised suites (test_ops, test_assign_ties, test_codebook_axis, ...)
+run it against the reference like every backend; here: that it builds where a compiler
+is present, how a broken build is reported, and the shapes that reach its tile and path
+boundaries (both kernels: fused for D <= 32, BLAS tiles above).
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vqkernels
+from vqkernels import _cpu_extension
+from vqkernels.errors import BackendUnavailableError
+from vqkernels.ops import _dispatch
+from vqkernels.ops.assign import reference
+
+from helpers import check_assign, check_assign_centred, randn
+
+DIMS = (1, 3, 4, 8, 17, 32, 33, 64, 130)
+
+
+def test_extension_builds_where_a_compiler_is_present():
+    # A skip here would hide a broken build in CI (pip install -e . leaves the JIT to run).
+    if not _cpu_extension.compiler_available():
+        pytest.skip("no C++ compiler on PATH")
+    assert _cpu_extension.unavailable_reason() is None, _cpu_extension.status()
+    assert _dispatch.automatic_order("cpu")[0] == "cpu"
+    assert _dispatch.select("assign", torch.device("cpu"), torch.float32) == "cpu"
+
+
+def _cpu_ready():
+    reason = _cpu_extension.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def broken(monkeypatch):
+    """A loader whose build failed, as a compiler error would leave it."""
+    monkeypatch.setitem(_cpu_extension._state, "tried", True)
+    monkeypatch.setitem(_cpu_extension._state, "module", None)
+    monkeypatch.setitem(_cpu_extension._state, "reason", "the JIT build in /x failed (RuntimeError: error: boom)")
+
+
+def test_broken_build_forced_backend_raises_with_reason(broken):
+    with pytest.raises(BackendUnavailableError, match="'cpu'.*boom"):
+        vqkernels.assign(torch.randn(4, 3), torch.randn(5, 3), backend="cpu")
+
+
+def test_broken_build_automatic_choice_warns_and_uses_chunked(broken):
+    _dispatch._logged.clear()
+    with pytest.warns(RuntimeWarning, match="skipping the 'cpu' backend.*boom"):
+        name = _dispatch.select("assign", torch.device("cpu"), torch.float32)
+    assert name == "chunked"
+
+
+def test_broken_build_reported_by_info(broken):
+    from vqkernels.cli import info_lines
+
+    lines = [l for l in info_lines() if "_C_cpu" in l]
+    assert lines and "unavailable" in lines[0] and "boom" in lines[0]
+
+
+def test_import_never_builds_or_loads():
+    code = "import vqkernels, sys; from vqkernels import _cpu_extension as e; print(e._state['tried'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_loader_failure_is_a_reason_not_an_exception(monkeypatch):
+    monkeypatch.setitem(_cpu_extension._state, "tried", False)
+    monkeypatch.setitem(_cpu_extension._state, "module", None)
+
+    def boom():
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(_cpu_extension, "_load_locked", boom)
+    assert "disk on fire" in _cpu_extension.unavailable_reason()
+    assert _cpu_extension.status().startswith("unavailable")
+
+
+@pytest.mark.parametrize("fused_max_d", [None, "0"])
+def test_both_paths_at_one_shape(fused_max_d, tmp_path):
+    """D = 16 through the fused kernel and, with VQKERNELS_CPU_FUSED_MAX_D=0, the BLAS tiles."""
+    if not _cpu_extension.compiler_available():
+        pytest.skip("no C++ compiler on PATH")
+    code = (
+        "import torch, vqkernels\n"
+        "from vqkernels.ops.assign import reference\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "x, c = torch.randn(2, 300, 16, generator=g), torch.randn(2, 700, 16, generator=g)\n"
+        "c[:, 650] = c[:, 5]\n"  # a tie across tiles
+        "x[:, 7] = c[:, 5]\n"
+        "for m in ('l2', 'dot', 'cosine'):\n"
+        "    i, d = vqkernels.assign(x, c, m, backend='cpu')\n"
+        "    ri, rd = reference.assign(x, c, m)\n"
+        "    assert torch.equal(i, ri), m\n"
+        "    assert torch.allclose(d, rd, atol=1e-5), m\n"
+        "    assert (i[:, 7] == 5).all()\n"
+        "print('ok')\n"
+    )
+    env = dict(__import__("os").environ)
+    if fused_max_d is not None:
+        env["VQKERNELS_CPU_FUSED_MAX_D"] = fused_max_d
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_dims_against_reference(D, metric):
+    _cpu_ready()
+    C, N, K = 2, 37, 203  # N not a multiple of the row block / row group, K not of the tile
+    x, c = randn(C, N, D, seed=D), randn(C, K, D, seed=100 + D)
+    i, d = vqkernels.assign(x, c, metric, backend="cpu")
+    for h in range(C):
+        check_assign(x[h], c[h], metric, i[h], d[h])
+
+
+@pytest.mark.parametrize("D", [4, 32, 64])
+def test_ties_between_distinct_codes_across_tiles(D):
+    """Codes that tie exactly with x (mirror images around it) in different tiles: the lowest wins."""
+    _cpu_ready()
+    K = 5000  # several tiles of both kernels
+    x = torch.zeros(3, D)
+    c = torch.full((K, D), 50.0)
+    e = torch.zeros(D)
+    e[0] = 1.0
+    c[4000], c[1200], c[4999] = e, -e, e  # |x - c|^2 = 1 for all three, distinct codes
+    x[1, 1] = 0.25  # still equidistant from e and -e
+    x[2, 0] = 0.5  # nearer e: copies 4000 and 4999 tie, in different tiles
+    i, _ = vqkernels.assign(x, c, "l2", backend="cpu")
+    ri, _ = reference.assign(x, c, "l2")
+    assert i.tolist() == [1200, 1200, 4000]
+    assert torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("D", [4, 32, 64])
+def test_large_offset_inputs(D):
+    _cpu_ready()
+    off = 1.0e4
+    x, c = randn(500, D, seed=1) + off, randn(300, D, seed=2) + off
+    i, d = vqkernels.assign(x, c, "l2", backend="cpu")
+    check_assign_centred(x, c, i)
+    if D <= 32:  # the fused kernel's direct differences are exact: same pick as the reference
+        ri, rd = reference.assign(x, c, "l2")
+        assert torch.equal(i, ri)
+        assert torch.allclose(d, rd, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [8, 64])
+def test_half_inputs_match_reference_in_fp32(dtype, D):
+    _cpu_ready()
+    x, c = randn(2, 129, D, seed=5).to(dtype), randn(2, 77, D, seed=6).to(dtype)
+    for metric in ("l2", "cosine", "dot"):
+        i, d = vqkernels.assign(x, c, metric, backend="cpu")
+        ri, rd = reference.assign(x, c, metric)
+        assert d.dtype == torch.float32
+        assert torch.equal(i, ri), metric
+        assert torch.allclose(d, rd, atol=1e-4, rtol=1e-5), metric
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8), (1, 5, 1), (3, 1, 33), (4, 1000, 4)])
+def test_k1_n1_and_codebook_axis(shape):
+    _cpu_ready()
+    C, N, D = shape
+    K = 1 if N != 1 else 9
+    x, c = randn(C, N, D, seed=7), randn(C, K, D, seed=8)
+    i, d = vqkernels.assign(x, c, backend="cpu")
+    ri, rd = reference.assign(x, c, "l2")
+    assert i.shape == (C, N) and torch.equal(i, ri)
+    assert torch.allclose(d, rd, atol=1e-5)
+
+
+def test_nan_rows_do_not_crash_the_kernel():
+    _cpu_ready()
+    x, c = randn(64, 8, seed=9), randn(40, 8, seed=10)
+    x[3, 2] = float("nan")
+    x[9] = float("inf")
+    raw_i, raw_d = torch.ops.vqkernels.assign_cpu(x.unsqueeze(0), c.unsqueeze(0), "l2")
+    assert ((raw_i >= 0) & (raw_i < 40)).all()  # some in-range index, never garbage
+    i, d = vqkernels.assign(x, c, backend="cpu")
+    assert i[3] == -1 and i[9] == -1 and torch.isnan(d[3])
+    ok = torch.ones(64, dtype=torch.bool)
+    ok[[3, 9]] = False
+    assert torch.equal(i[ok], reference.assign(x[ok], c, "l2")[0])
+
+
+def test_bad_inputs_to_the_raw_op_raise():
+    _cpu_ready()
+    op = torch.ops.vqkernels.assign_cpu
+    with pytest.raises(RuntimeError, match="metric"):
+        op(torch.randn(1, 2, 3), torch.randn(1, 4, 3), "l1")
+    with pytest.raises(RuntimeError, match="disagree"):
+        op(torch.randn(1, 2, 3), torch.randn(1, 4, 5), "l2")
+    with pytest.raises(RuntimeError, match="not supported"):
+        op(torch.randn(1, 2, 3, dtype=torch.float64), torch.randn(1, 4, 3, dtype=torch.float64), "l2")
