@@ -6,9 +6,11 @@ import vqkernels
 from vqkernels.ops import _dispatch
 
 
-def test_cpu_auto_choice_is_chunked(monkeypatch):
+def test_cpu_auto_choice_is_cpu_then_chunked(monkeypatch):
     monkeypatch.delenv("VQKERNELS_BACKEND", raising=False)
-    assert _dispatch.select("assign", torch.device("cpu"), torch.float32) == "chunked"
+    expected = "cpu" if _dispatch.BACKENDS["cpu"].unavailable("cpu") is None else "chunked"
+    assert _dispatch.select("assign", torch.device("cpu"), torch.float32) == expected
+    assert _dispatch.select("assign", torch.device("cpu"), torch.float64) == "chunked"
 
 
 def test_environment_forces_backend(monkeypatch):
@@ -40,7 +42,7 @@ def test_reference_is_never_chosen_automatically():
 
 def test_availability_lists_every_backend_with_reasons():
     table = _dispatch.availability("cpu")
-    assert set(table) == {"reference", "chunked", "triton", "cuda"}
+    assert set(table) == {"reference", "chunked", "triton", "cuda", "cpu"}
     assert table["reference"] is None and table["chunked"] is None
     assert isinstance(table["cuda"], str) and table["cuda"]
 

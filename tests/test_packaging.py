@@ -56,3 +56,17 @@ def test_compile_flags_are_written_once():
         assert "_build_flags" in text, f"{user.name} does not read vqkernels/_build_flags.py"
         for flag in {*flags["CXX_FLAGS"], *flags["NVCC_FLAGS"], "--use_fast_math"}:
             assert f'"{flag}"' not in text, f"{user.name} spells out the compile flag {flag!r} again"
+
+
+def test_cpu_extension_flags_are_written_once():
+    """The CPU extension's flags live in _build_flags too: setup.py builds portable code (a
+    wheel runs on any CPU of the architecture), the JIT build may target its own CPU."""
+    flags = runpy.run_path(str(ROOT / "vqkernels" / "_build_flags.py"))
+    assert not any(f.startswith("-march") for f in flags["CPU_CXX_FLAGS"]), flags["CPU_CXX_FLAGS"]
+    assert "-march=native" in flags["CPU_JIT_CXX_FLAGS"]
+    assert "-ffast-math" not in flags["CPU_CXX_FLAGS"] + flags["CPU_JIT_CXX_FLAGS"]  # exact distances, IEEE ties
+    for user in (ROOT / "setup.py", ROOT / "vqkernels" / "_cpu_extension.py"):
+        text = user.read_text()
+        assert "CPU_" in text and ("_build_flags" in text or "FLAGS[" in text), f"{user.name} does not read the CPU flags"
+        for flag in {*flags["CPU_CXX_FLAGS"], *flags["CPU_JIT_CXX_FLAGS"], *flags["CPU_LDFLAGS"]}:
+            assert f'"{flag}"' not in text, f"{user.name} spells out the compile flag {flag!r} again"

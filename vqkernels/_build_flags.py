@@ -33,9 +33,10 @@ def cuda_archs():
 
 #: The CPU extension (csrc/cpu/, ``vqkernels._C_cpu``). setup.py builds a wheel that must
 #: run on any CPU of the architecture: portable flags, OpenMP for torch's parallel_for.
-CPU_CXX_FLAGS = ["-O3", "-fopenmp"]
-#: The JIT build compiles on the machine that runs it, so it may target that CPU.
-CPU_JIT_CXX_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+CPU_CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
+#: The JIT build compiles on the machine that runs it, so it may target that CPU (AVX-512
+#: or AVX2 vectors). -Wno-psabi: GCC notes the vector-extension ABI, irrelevant inside one .so.
+CPU_JIT_CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
 #: Linker flags of both CPU builds.
 CPU_LDFLAGS = ["-fopenmp"]
 #: Folder of the CPU sources, relative to csrc/.
