@@ -126,7 +126,7 @@ def test_ties_between_distinct_codes_across_tiles(D):
     _cpu_ready()
     K = 5000  # several tiles of both kernels
     x = torch.zeros(3, D)
-    c = torch.full((K, D), 50.0)
+    c = 50.0 + randn(K, D, seed=D)  # far, distinct filler codes
     e = torch.zeros(D)
     e[0] = 1.0
     c[4000], c[1200], c[4999] = e, -e, e  # |x - c|^2 = 1 for all three, distinct codes
@@ -136,6 +136,21 @@ def test_ties_between_distinct_codes_across_tiles(D):
     ri, _ = reference.assign(x, c, "l2")
     assert i.tolist() == [1200, 1200, 4000]
     assert torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("D", [4, 33, 64, 130])
+def test_integer_data_exact_ties_between_distinct_codes(D):
+    """Small-integer data: every distance is an exact integer, so many distinct codes tie
+    exactly; the expanded-form score (BLAS path) rounds them apart, the exact shortlist
+    must still return the reference's lowest index."""
+    _cpu_ready()
+    g = torch.Generator().manual_seed(D)
+    x = torch.randint(-2, 3, (400, D), generator=g).float() + 0.5
+    c = torch.randint(-2, 3, (3000, D), generator=g).float() + 0.5
+    i, d = vqkernels.assign(x, c, "l2", backend="cpu")
+    ri, rd = reference.assign(x, c, "l2")
+    assert torch.equal(i, ri)
+    assert torch.equal(d, rd)
 
 
 @pytest.mark.parametrize("D", [4, 32, 64])

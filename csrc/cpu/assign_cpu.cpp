@@ -221,7 +221,8 @@ constexpr int kCandidates = 16;
 struct RowCandidates {
   float best = std::numeric_limits<float>::infinity();
   int n = 0;
-  bool overflow = false;  // more near-ties than kept: the row is rescanned exactly
+  bool overflow = false;  // more near-ties than kept: the row is rescanned exactly ...
+  float dropped = std::numeric_limits<float>::infinity();  // ... unless the best leaves them all behind
   float score[kCandidates];
   int64_t index[kCandidates];
   void add(float v, int64_t k, float margin) {
@@ -230,7 +231,7 @@ struct RowCandidates {
       for (int i = 0; i < n; ++i)
         if (score[i] <= best + margin) { score[m] = score[i]; index[m] = index[i]; ++m; }
       n = m;
-      if (n == kCandidates) { overflow = true; return; }
+      if (n == kCandidates) { overflow = true; dropped = std::min(dropped, v); return; }
     }
     score[n] = v;
     index[n] = k;
@@ -269,8 +270,9 @@ static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor
           const float* s = buf.data() + i * ld;
           const float margin = margins[c * N + r0 + i];
           const float m = tile_min(metric, s, cn, kn);
-          if (!(m <= row.best + margin) || row.overflow) continue;
+          if (!(m <= row.best + margin)) continue;
           row.best = std::min(row.best, m);
+          if (row.overflow && row.best + margin < row.dropped) row.overflow = false;
           for (int64_t k = 0; k < kn; ++k) {
             const float v = metric == L2 ? cn[k] - 2.f * s[k] : (metric == DOT ? -s[k] : 1.f - s[k]);
             if (v <= row.best + margin) row.add(v, k0 + k, margin);
