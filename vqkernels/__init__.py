@@ -23,6 +23,7 @@ from . import checkpoints, diagnostics, distributed
 from .checkpoints import UnknownLayoutError
 from .diagnostics import CodebookMonitor, report
 from .quantizer import LossBreakdown, Quantizer, QuantizerOutput, QuantizerOutputWithBreakdown
+from .residual import GroupedResidualQuantizer, ResidualOutput, ResidualQuantizer
 
 __all__ = [
     "__version__",
@@ -39,6 +40,9 @@ __all__ = [
     "QuantizerOutput",
     "QuantizerOutputWithBreakdown",
     "LossBreakdown",
+    "ResidualQuantizer",
+    "GroupedResidualQuantizer",
+    "ResidualOutput",
     "CodebookMonitor",
     "report",
     "diagnostics",

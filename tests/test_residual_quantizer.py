@@ -1,0 +1,202 @@
+"""ResidualQuantizer / GroupedResidualQuantizer against stage-by-stage references."""
+import pytest
+import torch
+
+from helpers import closed_form_ema, exact_distances, loop_argmin, loop_cluster_stats, randn
+from vqkernels import GroupedResidualQuantizer, ResidualQuantizer
+from vqkernels.ops import _dispatch, kmeans
+
+
+def _reference_stages(x, codes):
+    """Stage-by-stage residual assignment in fp64 (ties to the lowest index): indices [N, Q], sum of codes."""
+    res = x.double()
+    idx = []
+    for c in codes:
+        i = loop_argmin(exact_distances(res, c, "l2"))
+        idx.append(i)
+        res = res - c.double()[i]
+    return torch.stack(idx, -1), x.double() - res
+
+
+@pytest.mark.parametrize("N,D,Q,K", [(1, 5, 1, 1), (33, 12, 3, 7), (17, 3, 4, 2)])
+def test_eval_matches_stagewise_reference(N, D, Q, K):
+    rq = ResidualQuantizer(D, Q, K).eval()
+    x = randn(N, D, seed=N + D)
+    out, indices, losses = rq(x)
+    ref_idx, ref_out = _reference_stages(x, rq.codebook_state.embed)
+    assert torch.equal(indices, ref_idx)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    assert losses.shape == (Q,) and not losses.any()
+    torch.testing.assert_close(rq.decode(indices), out, atol=1e-6, rtol=1e-6)
+
+
+def test_ties_lowest_index_every_stage():
+    rq = ResidualQuantizer(4, 3, 4).eval()
+    with torch.no_grad():
+        codes = randn(3, 4, 4, seed=1)
+        codes[:, 2] = codes[:, 1]  # codes 1 and 2 identical at every stage
+        codes[:, 3] = codes[:, 1]
+        rq.codebook_state.load_codes_(codes, torch.ones(3, 4))
+    x = torch.zeros(5, 4)
+    x[:] = codes[0, 1] + codes[1, 1] + codes[2, 1]
+    _, indices, _ = rq(x)
+    assert (indices != 2).all() and (indices != 3).all()
+    ref_idx, _ = _reference_stages(x, codes)
+    assert torch.equal(indices, ref_idx)
+
+
+def test_training_step_is_per_stage_ema_in_one_launch(monkeypatch):
+    Q, K, D, N, decay, eps = 3, 5, 6, 40, 0.7, 1e-5
+    rq = ResidualQuantizer(D, Q, K, decay=decay, eps=eps)
+    size0, avg0 = rq.codebook_state.cluster_size.clone(), rq.codebook_state.embed_avg.clone()
+    codes0 = rq.codebook_state.embed.clone()
+    x = randn(N, D, seed=3)
+    calls = []
+    real = _dispatch.call
+    monkeypatch.setattr(_dispatch, "call", lambda op, *a: (calls.append(op), real(op, *a))[1])
+    _, indices, losses = rq(x)
+    assert calls.count("cluster_stats") == 1 and calls.count("ema_update") == 1, calls
+    assert calls.count("assign") == Q
+    ref_idx, _ = _reference_stages(x, codes0)
+    assert torch.equal(indices, ref_idx)
+    res = x.double()
+    for q in range(Q):
+        counts, sums = loop_cluster_stats(res, ref_idx[:, q], K)
+        size, avg, code = closed_form_ema(size0[q], avg0[q], counts, sums, decay, eps)
+        torch.testing.assert_close(rq.codebook_state.cluster_size[q].double(), size, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rq.codebook_state.embed[q].double(), code, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(losses[q].double(), (res - codes0[q].double()[ref_idx[:, q]]).pow(2).mean(), atol=1e-5, rtol=1e-5)
+        res = res - codes0[q].double()[ref_idx[:, q]]
+
+
+def test_quantize_dropout_and_decode_ignores_dropped():
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(6, 4, 8, quantize_dropout=True, quantize_dropout_cutoff_index=1)
+    x = randn(10, 6, seed=4)
+    seen_dropped = False
+    for _ in range(10):
+        codes = rq.codebook_state.embed.clone()
+        out, indices, losses = rq(x)
+        dropped = (indices[0] == -1)
+        assert not dropped[0]
+        # dropped stages are a suffix, with zero loss, and decode(indices) is the output
+        last = int((~dropped).sum()) - 1
+        assert (indices[:, last + 1:] == -1).all() and (indices[:, : last + 1] >= 0).all()
+        assert not losses[last + 1:].any()
+        seen_dropped |= bool(dropped.any())
+        ref = sum(codes[q][indices[:, q]] for q in range(last + 1))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert seen_dropped
+    rq.eval()
+    _, indices, _ = rq(x)
+    partial = indices.clone()
+    partial[:, 2:] = -1
+    expect = sum(rq.codebook_state.embed[q][indices[:, q]] for q in range(2))
+    torch.testing.assert_close(rq.decode(partial), expect)
+
+
+def test_mask_rows_unchanged_and_minus_one():
+    rq = ResidualQuantizer(5, 2, 4)
+    x = randn(2, 6, 5, seed=5)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 2:] = False
+    x[1, 3] = float("nan")  # a masked row may hold NaN
+    size0 = rq.codebook_state.cluster_size.clone()
+    out, indices, losses = rq(x, mask)
+    assert (indices[~mask] == -1).all() and (indices[mask] >= 0).all()
+    assert torch.equal(out[~mask].nan_to_num(), x[~mask].nan_to_num())
+    assert torch.isfinite(rq.codebook_state.embed).all() and torch.isfinite(losses).all()
+    assert not torch.equal(size0, rq.codebook_state.cluster_size)
+
+
+def test_shared_codebook_single_codebook():
+    rq = ResidualQuantizer(6, 3, 8, shared_codebook=True).eval()
+    assert rq.codebook_state.embed.shape == (1, 8, 6)
+    x = randn(20, 6, seed=6)
+    _, indices, _ = rq(x)
+    ref_idx, _ = _reference_stages(x, rq.codebook_state.embed.expand(3, 8, 6))
+    assert torch.equal(indices, ref_idx)
+    rq.train()
+    rq(x)  # all stages' rows update the one codebook
+
+
+def test_grouped_equals_independent_stacks():
+    G, Q, K, D = 3, 2, 5, 12
+    gq = GroupedResidualQuantizer(D, G, Q, K).eval()
+    x = randn(4, 7, D, seed=7)
+    out, indices, losses = gq(x)
+    assert indices.shape == (G, 4, 7, Q) and losses.shape == (G, Q)
+    codes = gq.codebook_state.embed.view(G, Q, K, D // G)
+    for g in range(G):
+        xs = x[..., g * 4:(g + 1) * 4].reshape(-1, 4)
+        ref_idx, ref_out = _reference_stages(xs, codes[g])
+        assert torch.equal(indices[g].reshape(-1, Q), ref_idx)
+        torch.testing.assert_close(out[..., g * 4:(g + 1) * 4].reshape(-1, 4).double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gq.decode(indices), out, atol=1e-6, rtol=1e-6)
+
+
+def test_kmeans_init_and_deferred_switch_are_stagewise():
+    Q, K, D = 2, 4, 3
+    x = randn(64, D, seed=8)
+    for kw in (dict(init="kmeans"), dict(deferred_steps=1, reservoir_size=64)):
+        rq = ResidualQuantizer(D, Q, K, **kw)
+        torch.manual_seed(1)
+        if kw.get("deferred_steps"):
+            _, idx, _ = rq(x)
+            assert (idx == -1).all() and not rq.is_quantizing
+            torch.manual_seed(1)
+        rq(x)
+        torch.manual_seed(1)
+        res = x.clone()
+        if kw.get("deferred_steps"):
+            res = rq.deferral.reservoir.new_zeros(0)  # released; the reservoir held all 64 rows of x
+            res = x.clone()
+        # stage q's initial codes = k-means on the residuals after stages < q (same random stream)
+        stage_codes = []
+        for q in range(Q):
+            c = kmeans(res, K, 10).centroids
+            stage_codes.append(c)
+            i = loop_argmin(exact_distances(res, c, "l2"))
+            res = res - c[i]
+        # one EMA step after init moves codes; compare the initial ones via a fresh eval copy
+        rq2 = ResidualQuantizer(D, Q, K, **kw)
+        torch.manual_seed(1)
+        if kw.get("deferred_steps"):
+            rq2(x)
+            torch.manual_seed(1)
+            rq2.start_quantization()
+        else:
+            rq2._stagewise_init_(x.unsqueeze(0), None, None, rq2._sync(), use_kmeans=True)
+        for q in range(Q):
+            torch.testing.assert_close(rq2.codebook_state.embed[q], stage_codes[q], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs():
+    rq = ResidualQuantizer(6, 3, 8).eval()
+    with pytest.raises(ValueError, match="dim=6"):
+        rq(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="range|8"):
+        rq.decode(torch.full((2, 3), 8))
+    with pytest.raises(ValueError, match="num_quantizers=3"):
+        rq.decode(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="per-stage"):
+        ResidualQuantizer(6, 3, (5, 8, 8))
+    with pytest.raises(ValueError, match="divisible"):
+        GroupedResidualQuantizer(7, 2, 3, 8)
+    with pytest.raises(ValueError, match="at least codebook_size"):
+        ResidualQuantizer(6, 2, 8, init="kmeans")(torch.randn(3, 6))
+
+
+def test_parity_with_residual_vq_in_eval():
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    Q, K, D = 3, 16, 8
+    ref = vqp.ResidualVQ(dim=D, num_quantizers=Q, codebook_size=K).eval()
+    rq = ResidualQuantizer(D, Q, K).eval()
+    codes = torch.stack([layer._codebook.embed[0] for layer in ref.layers])
+    rq.codebook_state.load_codes_(codes, torch.ones(Q, K))
+    x = torch.randn(2, 30, D)
+    q_ref, i_ref, _ = ref(x)
+    q, i, _ = rq(x)
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)

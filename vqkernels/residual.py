@@ -1,0 +1,331 @@
+"""Residual and grouped residual quantizers (ResidualVQ / GroupedResidualVQ semantics).
+
+One :class:`~vqkernels.codebook.Codebook` holds every stage of every group on its codebook
+axis (``C = G * Q``, codebook ``g * Q + q``; ``C = G`` with ``shared_codebook``). The stages
+are assigned in sequence, each on the running residual (one assign call per stage for all
+groups); the statistics and EMA update of all stages then run as ONE ``cluster_stats`` and
+ONE ``ema_update_`` call (and, under DDP, one collective). Initialisation (``init="kmeans"``
+or ``"random"``, and the switch of Deferred Quantization) is stage-wise: stage 1 on the
+inputs, its quantization subtracted, stage 2 on those residuals, and so on.
+"""
+from __future__ import annotations
+
+import random
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from . import distributed as _dist
+from .codebook import Codebook
+from .estimators import ESTIMATORS, gather_codes, quantize
+from .ops import histogram, kmeans
+from .ops._metrics import normalized
+from .ops._validation import check_codebook_size, check_finite, check_indices_in_range, check_same_device, check_tensor
+from .quantizer import _masked_mse
+
+_CODEBOOK_KWARGS = (
+    "metric", "learning", "decay", "eps", "kmeans_iters", "dead_code_threshold", "reset_cluster_size",
+    "deterministic", "backend",
+)
+
+
+class ResidualOutput(NamedTuple):
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    losses: torch.Tensor
+
+
+class _ResidualStacks(nn.Module):
+    """``G`` residual stacks of ``Q`` stages over one Codebook (the shared engine of both modules)."""
+
+    def __init__(self, dim, groups, num_quantizers, codebook_size, *, codebook_dim=None, shared_codebook=False,
+                 quantize_dropout=False, quantize_dropout_cutoff_index=0, commitment_weight=1.0, codebook_weight=1.0,
+                 gradient="ste", init="uniform", deferred_steps=0, reservoir_size=None, check_finite=True,
+                 sync_codebook=None, **codebook_kwargs):
+        super().__init__()
+        for name, value in (("dim", dim), ("groups", groups), ("num_quantizers", num_quantizers)):
+            check_codebook_size(name, value)
+        if not isinstance(codebook_size, int) or isinstance(codebook_size, bool):
+            raise NotImplementedError(
+                f"codebook_size must be one int for every stage; per-stage sizes ({codebook_size!r}) are not supported yet"
+            )
+        if dim % groups:
+            raise ValueError(f"dim={dim} is not divisible by groups={groups}")
+        unknown = set(codebook_kwargs) - set(_CODEBOOK_KWARGS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; per-stage options are {sorted(_CODEBOOK_KWARGS)}")
+        if gradient not in ESTIMATORS:
+            raise ValueError(f"gradient must be one of {tuple(ESTIMATORS)}, got {gradient!r}")
+        if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
+            raise ValueError(f"quantize_dropout_cutoff_index must be in [0, num_quantizers={num_quantizers}), got {quantize_dropout_cutoff_index}")
+        G, Q = groups, num_quantizers
+        group_dim = dim // G
+        codebook_dim = group_dim if codebook_dim is None else codebook_dim
+        check_codebook_size("codebook_dim", codebook_dim)
+        self.dim, self.groups, self.num_quantizers, self.codebook_size = dim, G, Q, codebook_size
+        self.group_dim, self.codebook_dim = group_dim, codebook_dim
+        self.shared_codebook = shared_codebook
+        self.quantize_dropout, self.quantize_dropout_cutoff_index = quantize_dropout, quantize_dropout_cutoff_index
+        self.commitment_weight, self.codebook_weight = float(commitment_weight), float(codebook_weight)
+        self.gradient, self.check_finite, self.sync_codebook = gradient, check_finite, sync_codebook
+        self.metric = codebook_kwargs.get("metric", "l2")
+        self.learning = codebook_kwargs.get("learning", "ema")
+        self.backend = codebook_kwargs.get("backend")
+        self.init = init
+        needs_projection = codebook_dim != group_dim
+        # one projection per group (as each ResidualVQ of a GroupedResidualVQ)
+        self.project_in = nn.ModuleList(nn.Linear(group_dim, codebook_dim) if needs_projection else nn.Identity() for _ in range(G))
+        self.project_out = nn.ModuleList(nn.Linear(codebook_dim, group_dim) if needs_projection else nn.Identity() for _ in range(G))
+        C = G if shared_codebook else G * Q
+        # The stage-wise initialisation happens here (not in the Codebook): it is told "not initialised".
+        self.codebook_state = Codebook(
+            codebook_size, codebook_dim, num_codebooks=C, init="uniform" if init == "uniform" and not deferred_steps else "random",
+            **codebook_kwargs,
+        )
+        if init not in ("uniform", "random", "kmeans"):
+            raise ValueError(f"init must be one of ('uniform', 'random', 'kmeans'), got {init!r}")
+        self.deferred_steps = deferred_steps
+        if deferred_steps:
+            # ONE reservoir of the stack's inputs (per group), kept by a C = G Codebook's sampler
+            self.deferral = Codebook(
+                codebook_size, codebook_dim, num_codebooks=G, init="random", deferred_steps=deferred_steps, reservoir_size=reservoir_size,
+                metric=self.metric,
+            )
+
+    # ------------------------------------------------------------------ layout helpers
+    def _stage_codes(self) -> torch.Tensor:
+        """``[G, Q, K, D]`` codes (a view; shared codebooks broadcast over Q)."""
+        codes = self.codebook_state.codes()
+        G, Q, K, D = self.groups, self.num_quantizers, self.codebook_size, self.codebook_dim
+        if self.shared_codebook:
+            return codes.view(G, 1, K, D).expand(G, Q, K, D)
+        return codes.view(G, Q, K, D)
+
+    def _sync(self):
+        return _dist.sync_for(self.sync_codebook is not False)
+
+    @property
+    def is_quantizing(self) -> bool:
+        return not self.deferred_steps or self.deferral.is_quantizing
+
+    # ------------------------------------------------------------------ decode
+    def _codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices [G, ..., Q]`` -> codes ``[G, Q, ..., codebook_dim]``; -1 gives zeros."""
+        check_tensor("indices", indices, integer=True, min_dim=2)
+        check_same_device(indices=indices, codebook=self.codebook_state.embed)
+        G, Q, K = self.groups, self.num_quantizers, self.codebook_size
+        if indices.shape[0] != G or indices.shape[-1] != Q:
+            raise ValueError(f"indices has shape {tuple(indices.shape)}; expected [groups={G}, ..., num_quantizers={Q}]")
+        check_indices_in_range("indices", indices, K)
+        lead = indices.shape[1:-1]
+        flat = indices.reshape(G, -1, Q).permute(0, 2, 1).reshape(G * Q, -1)  # [G*Q, N]
+        codes = self._stage_codes().reshape(G * Q, K, self.codebook_dim)
+        out = gather_codes(codes, flat.clamp_min(0).long()) * (flat >= 0).unsqueeze(-1).to(codes.dtype)
+        return out.view(G, Q, *lead, self.codebook_dim)
+
+    def _decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """``[G, ..., Q]`` -> ``[..., dim]``: the stages summed, projected out, groups concatenated."""
+        codes = self._codes_from_indices(indices).sum(1)  # [G, ..., D]
+        return torch.cat([self.project_out[g](codes[g]) for g in range(self.groups)], dim=-1)
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def _stagewise_init_(self, z: torch.Tensor, keep, batch_rows, sync, use_kmeans: bool) -> None:
+        """Stage 1 of each group initialised on ``z [G, N, D]``, its quantization subtracted,
+        stage 2 on those residuals, ... (k-means over all ranks' rows, or K random rows)."""
+        rows = z if keep is None else z[:, keep]
+        G, Q, K = self.groups, self.num_quantizers, self.codebook_size
+        n = sync.total(rows.shape[1], rows.device)
+        where = " (all ranks together)" if sync.active else ""
+        if use_kmeans and n < K:
+            raise ValueError(
+                f"k-means initialisation of a residual stack needs at least codebook_size={K} rows{where}, got {n}; "
+                "use a bigger first batch, init='random', or deferred_steps"
+            )
+        if n == 0:
+            raise ValueError(f"initialisation needs at least one unmasked row{where}")
+        stages = 1 if self.shared_codebook else Q
+        residual = normalized(rows, self.metric) if self.metric == "cosine" else rows.clone()
+        codes = torch.empty(G, stages, K, self.codebook_dim, dtype=self.codebook_state.embed.dtype, device=z.device)
+        counts = torch.empty(G, stages, K, dtype=self.codebook_state.cluster_size.dtype, device=z.device)
+        for q in range(stages):
+            stage_in = normalized(residual, self.metric)
+            for g in range(G):
+                if use_kmeans:
+                    result = kmeans(stage_in[g], K, self.codebook_state.kmeans_iters, metric=self.metric, backend=self.backend,
+                                    distributed=sync.active, group=sync.group)
+                    codes[g, q] = result.centroids.to(codes.dtype)
+                else:
+                    picked = sync.sample_rows(stage_in[g], K, replacement=True)
+                    codes[g, q] = normalized(picked.to(codes.dtype), self.metric)
+            q_out, idx = quantize(stage_in, codes[:, q], None, gradient="ste", metric=self.metric, backend=self.backend)
+            counts[:, q] = histogram(idx, K, codebook_axis=True).to(counts.dtype)
+            residual = residual - q_out
+        sync.all_reduce_sum_(counts)
+        scale = (n if batch_rows is None else batch_rows) / n
+        self.codebook_state.load_codes_(codes.reshape(-1, K, self.codebook_dim), counts.reshape(-1, K) * scale)
+
+    @torch.no_grad()
+    def start_quantization(self) -> None:
+        """End the continuous phase now: stage-wise k-means on the reservoir (every rank calls it under DDP)."""
+        if self.is_quantizing:
+            return
+        sync = self._sync()
+        book = self.deferral
+        seen = int(book.reservoir_seen)
+        rows = book.reservoir[:, : min(seen, book.reservoir_size)]
+        calls = max(1, book._deferred_calls)
+        totals = torch.tensor([seen], dtype=torch.int64, device=rows.device)
+        sync.all_reduce_sum_(totals)
+        self._stagewise_init_(rows, None, int(totals) / calls, sync, use_kmeans=True)
+        book.quantizing.fill_(True)
+        book._quantizing = True
+        book.reservoir = book.reservoir.new_zeros(book.reservoir.shape[:-2] + (0, self.codebook_dim))
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, xg: torch.Tensor, keep: Optional[torch.Tensor]):
+        """``xg [G, N, group_dim]`` -> (out [G, N, group_dim], indices [G, Q, N], losses [G, Q])."""
+        G, Q, K, D = self.groups, self.num_quantizers, self.codebook_size, self.codebook_dim
+        N = xg.shape[1]
+        book = self.codebook_state
+        sync = self._sync() if self.training else _dist.LOCAL
+        book.broadcast_(sync)
+        zero_losses = xg.new_zeros((G, Q), dtype=torch.float32)
+        if not self.is_quantizing:
+            if self.training and self.deferral.switch_due:
+                self.start_quantization()
+            else:
+                if self.training:
+                    with torch.no_grad():
+                        z = torch.stack([self.project_in[g](xg[g].detach()) for g in range(G)])
+                        self.deferral.observe_(normalized(z.to(book.embed.dtype), self.metric), keep)
+                return xg, torch.full((G, Q, N), -1, dtype=torch.int64, device=xg.device), zero_losses
+
+        z = torch.stack([self.project_in[g](xg[g]) for g in range(G)]).to(book.embed.dtype)  # [G, N, D]
+        if self.training and not book.is_initialised:
+            self._stagewise_init_(z.detach(), keep, None, sync, use_kmeans=self.init == "kmeans")
+        codes = self._stage_codes()
+        last = Q - 1
+        if self.training and self.quantize_dropout:
+            last = random.randrange(self.quantize_dropout_cutoff_index, Q)  # stages after it are dropped
+        residual = z
+        out = torch.zeros_like(z)
+        stage_inputs, stage_indices, losses = [], [], []
+        for q in range(Q):
+            if q > last:
+                stage_inputs.append(torch.zeros_like(z))
+                stage_indices.append(torch.full((G, N), -1, dtype=torch.int64, device=z.device))
+                losses.append(z.new_zeros(G))
+                continue
+            stage_in = normalized(residual, self.metric)
+            qz, idx = quantize(stage_in, codes[:, q].detach(), keep, gradient=self.gradient, metric=self.metric,
+                               backend=self.backend, check_codebook=self.training)
+            if self.training:
+                loss = torch.stack([_masked_mse(stage_in[g:g + 1], qz[g:g + 1].detach(), keep) for g in range(G)]) * self.commitment_weight
+                if self.learning == "gradient":
+                    picked = gather_codes(codes[:, q], idx.clamp_min(0))
+                    loss = loss + torch.stack([_masked_mse(picked[g:g + 1], stage_in[g:g + 1].detach(), keep) for g in range(G)]) * self.codebook_weight
+                losses.append(loss)
+            else:
+                losses.append(z.new_zeros(G))
+            stage_inputs.append(stage_in.detach())
+            stage_indices.append(idx)
+            out = out + qz
+            residual = residual - qz.detach()
+        indices = torch.stack(stage_indices, 1)  # [G, Q, N]
+        if self.training:
+            zs = torch.stack(stage_inputs, 1)  # [G, Q, N, D]
+            if self.shared_codebook:
+                # one codebook per group: all its stages' rows together
+                book.update_(zs.reshape(G, Q * N, D), indices.reshape(G, Q * N), None if keep is None else keep.repeat(Q), sync)
+            else:
+                book.update_(zs.reshape(G * Q, N, D), indices.reshape(G * Q, N), keep, sync)
+        outg = torch.stack([self.project_out[g](out[g]) for g in range(G)]).to(xg.dtype)
+        if keep is not None:
+            outg = torch.where(keep.unsqueeze(-1), outg, xg)
+        return outg, indices, torch.stack(losses, 1).float()
+
+    def _prepare(self, x: torch.Tensor, mask):
+        check_tensor("x", x, floating=True, min_dim=1)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}); expected [..., dim={self.dim}]")
+        check_same_device(x=x, codebook=self.codebook_state.embed)
+        lead = x.shape[:-1]
+        keep = None
+        if mask is not None:
+            check_tensor("mask", mask)
+            if mask.dtype != torch.bool or tuple(mask.shape) != tuple(lead):
+                raise ValueError(f"mask must be bool of the leading shape {tuple(lead)}; got {mask.dtype} {tuple(mask.shape)}")
+            keep = mask.reshape(-1)
+        flat = x.reshape(-1, self.dim)
+        if self.training and self.check_finite:
+            check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
+        xg = flat.view(-1, self.groups, self.group_dim).transpose(0, 1)  # [G, N, group_dim]
+        return lead, keep, xg
+
+
+class ResidualQuantizer(_ResidualStacks):
+    """Residual VQ: ``Q`` stages, each quantizing what the previous stages left.
+
+    Args: ``dim``, ``num_quantizers`` (Q), ``codebook_size`` (K, one int), ``codebook_dim``
+    (projections in/out when it differs from ``dim``, as ResidualVQ), ``shared_codebook``,
+    ``quantize_dropout`` / ``quantize_dropout_cutoff_index`` (training: a random last stage in
+    ``[cutoff, Q)``, later stages index -1 and loss 0), and every :class:`~vqkernels.Quantizer`
+    option, applied per stage (``metric``, ``learning``, ``decay``, ``eps``,
+    ``commitment_weight``, ``codebook_weight``, ``gradient``, ``init``, ``kmeans_iters``,
+    ``dead_code_threshold``, ``reset_cluster_size``, ``deferred_steps``, ``reservoir_size``,
+    ``deterministic``, ``check_finite``, ``sync_codebook``, ``backend``).
+
+    Returns (forward): ``ResidualOutput(quantized [..., dim], indices [..., Q], losses [Q])``.
+    """
+
+    def __init__(self, dim: int, num_quantizers: int, codebook_size: int, **kwargs):
+        super().__init__(dim, 1, num_quantizers, codebook_size, **kwargs)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> ResidualOutput:
+        lead, keep, xg = self._prepare(x, mask)
+        out, indices, losses = self._forward(xg, keep)
+        Q = self.num_quantizers
+        return ResidualOutput(out[0].reshape(*lead, self.dim), indices[0].transpose(0, 1).reshape(*lead, Q), losses[0])
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices [..., Q]`` -> codes ``[Q, ..., codebook_dim]`` (as ResidualVQ); -1 gives zeros."""
+        return self._codes_from_indices(indices.unsqueeze(0))[0]
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices [..., Q]`` -> the quantized output ``[..., dim]``; -1 (dropped) contributes zero."""
+        return self._decode(indices.unsqueeze(0))
+
+    get_output_from_indices = decode
+
+
+class GroupedResidualQuantizer(_ResidualStacks):
+    """``groups`` residual stacks over equal slices of the features (as GroupedResidualVQ);
+    all groups' stages share each launch through the codebook axis (``C = G * Q``).
+
+    Returns (forward): ``ResidualOutput(quantized [..., dim], indices [G, ..., Q], losses [G, Q])``.
+    """
+
+    def __init__(self, dim: int, groups: int, num_quantizers: int, codebook_size: int, **kwargs):
+        super().__init__(dim, groups, num_quantizers, codebook_size, **kwargs)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> ResidualOutput:
+        lead, keep, xg = self._prepare(x, mask)
+        out, indices, losses = self._forward(xg, keep)
+        G, Q = self.groups, self.num_quantizers
+        quantized = out.transpose(0, 1).reshape(*lead, self.dim)
+        return ResidualOutput(quantized, indices.transpose(1, 2).reshape(G, *lead, Q), losses)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices [G, ..., Q]`` -> ``[..., dim]``; -1 contributes zero."""
+        return self._decode(indices)
+
+    get_output_from_indices = decode
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices [G, ..., Q]`` -> codes ``[G, Q, ..., codebook_dim]``; -1 gives zeros."""
+        return self._codes_from_indices(indices)
+
+
+__all__ = ["ResidualQuantizer", "GroupedResidualQuantizer", "ResidualOutput"]
