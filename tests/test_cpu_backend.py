@@ -214,3 +214,22 @@ def test_bad_inputs_to_the_raw_op_raise():
         op(torch.randn(1, 2, 3), torch.randn(1, 4, 5), "l2")
     with pytest.raises(RuntimeError, match="not supported"):
         op(torch.randn(1, 2, 3, dtype=torch.float64), torch.randn(1, 4, 3, dtype=torch.float64), "l2")
+
+
+def test_more_near_ties_than_the_shortlist_keeps():
+    """BLAS path: 20 codes within the score's rounding margin of the best before the true
+    nearest (code 20), so the shortlist overflows; a later near code must not make the
+    kernel forget the dropped ones."""
+    _cpu_ready()
+    D, K = 64, 900  # two code tiles at D = 64
+    u = torch.nn.functional.normalize(randn(K, D, seed=11), dim=-1)
+    radius = torch.full((K,), 2.0)
+    radius[:20] = 1.0 + 1e-6 * (21 - torch.arange(20, dtype=torch.float32))  # near, not nearest
+    radius[20] = 1.0  # the nearest
+    radius[850] = 1.0 + 25e-6  # near again, in the second tile
+    c = u * radius.view(-1, 1)
+    x = torch.zeros(1, D)
+    i, d = vqkernels.assign(x, c, "l2", backend="cpu")
+    ri, rd = reference.assign(x, c, "l2")
+    assert ri.item() == 20
+    assert i.item() == 20 and torch.allclose(d, rd, rtol=1e-6)

@@ -7,8 +7,8 @@ Never imported at ``import vqkernels``; the first use of the ``cpu`` backend (or
    compiler and torch were present (portable flags, ``_build_flags.CPU_CXX_FLAGS``).
 2. Otherwise JIT-compile ``csrc/cpu/*.cpp`` (``vqkernels/csrc/cpu`` in an installed
    package) with ``torch.utils.cpp_extension.load`` and ``-march=native`` into
-   ``$VQKERNELS_CACHE/cpu`` (default ``~/.cache/vqkernels/<torch>-cpu``); later processes
-   reuse it. ``VQKERNELS_JIT=0`` turns this off.
+   ``$VQKERNELS_CACHE/cpu/<torch>-cpu-<hash>`` (default ``~/.cache/vqkernels/...``, the
+   hash of the sources and flags); later processes with the same sources reuse it. ``VQKERNELS_JIT=0`` turns this off.
 3. Otherwise the backend is unavailable and the reason says why (a compiler error is
    kept, shortened, so ``vqkernels info`` and a forced ``backend="cpu"`` show it).
 
@@ -16,6 +16,7 @@ The op is registered as ``torch.ops.vqkernels.assign_cpu`` (csrc/cpu/assign_cpu.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import shutil
@@ -39,11 +40,19 @@ def _sources_dir() -> Optional[Path]:
     return None
 
 
-def _cache_dir(torch) -> Path:
+def _sources_hash(src: Path) -> str:
+    """Hash of the sources and flags: a changed source gets its own build folder, because a
+    new process given a folder with a built library reuses it without comparing sources."""
+    h = hashlib.sha1(repr(_build_flags.CPU_JIT_CXX_FLAGS + _build_flags.CPU_LDFLAGS).encode())
+    for p in sorted(src.glob("*.cpp")) + sorted(src.glob("*.h")):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _cache_dir(torch, src: Path) -> Path:
     env = os.environ.get("VQKERNELS_CACHE", "").strip()
-    if env:
-        return Path(env).expanduser() / "cpu"
-    return Path.home() / ".cache" / "vqkernels" / f"{torch.__version__}-cpu".replace("+", "_")
+    root = Path(env).expanduser() / "cpu" if env else Path.home() / ".cache" / "vqkernels"
+    return root / f"{torch.__version__}-cpu-{_sources_hash(src)}".replace("+", "_")
 
 
 def compiler_available() -> bool:
@@ -69,8 +78,9 @@ def _jit_build(torch) -> tuple:
     from torch.utils import cpp_extension
 
     src = _sources_dir()
-    build_dir = _cache_dir(torch)
+    build_dir = "the cache folder"
     try:
+        build_dir = _cache_dir(torch, src)
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob(f"{_JIT_NAME}*.so")):
             print("vqkernels: compiling the CPU extension (first use, ~1 min)...", file=sys.stderr, flush=True)
