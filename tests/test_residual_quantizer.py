@@ -199,3 +199,59 @@ def test_parity_with_residual_vq_in_eval():
     q, i, _ = rq(x)
     assert torch.equal(i, i_ref)
     torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("codebook_dim", [None, 4])
+def test_from_pretrained_state_matches_residual_vq(codebook_dim):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    ref = vqp.ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, codebook_dim=codebook_dim)
+    ref.train()
+    for _ in range(2):
+        ref(torch.randn(64, 8))  # trained statistics and codes, not the initial ones
+    ref.eval()
+    rq = ResidualQuantizer.from_pretrained_state(ref.state_dict())
+    x = torch.randn(3, 20, 8)
+    q_ref, i_ref, _ = ref(x)
+    q, i, _ = rq(x)
+    assert torch.equal(i, i_ref)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="4 stages.*found keys"):
+        ResidualQuantizer.from_pretrained_state(ref.state_dict(), num_quantizers=4)
+    with pytest.raises(ValueError, match="layers.<q>._codebook.embed"):
+        ResidualQuantizer.from_pretrained_state({"foo": torch.zeros(1)})
+
+
+def test_from_pretrained_state_matches_grouped_residual_vq():
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    ref = vqp.GroupedResidualVQ(dim=12, groups=2, num_quantizers=2, codebook_size=8, codebook_dim=4)
+    ref.train()
+    ref(torch.randn(64, 12))
+    ref.eval()
+    gq = GroupedResidualQuantizer.from_pretrained_state(ref.state_dict())
+    x = torch.randn(2, 9, 12)
+    q_ref, i_ref, _ = ref(x)
+    q, i, _ = gq(x)
+    assert i.shape == i_ref.shape and torch.equal(i, i_ref)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="3 groups"):
+        GroupedResidualQuantizer.from_pretrained_state(ref.state_dict(), groups=3)
+
+
+def test_resume_mid_continuous_phase_is_bitwise():
+    from helpers import assert_states_bitwise_equal
+    torch.manual_seed(0)
+    a = ResidualQuantizer(6, 2, 4, deferred_steps=3, reservoir_size=16)
+    xs = [randn(8, 6, seed=20 + i) for i in range(6)]
+    a(xs[0]); a(xs[1])
+    b = ResidualQuantizer(6, 2, 4, deferred_steps=3, reservoir_size=16)
+    b.load_state_dict(a.state_dict())
+    rng = torch.get_rng_state()
+    outs_a = [a(x) for x in xs[2:]]
+    torch.set_rng_state(rng)
+    outs_b = [b(x) for x in xs[2:]]
+    assert a.is_quantizing and b.is_quantizing
+    for oa, ob in zip(outs_a, outs_b):
+        assert torch.equal(oa.indices, ob.indices) and torch.equal(oa.quantized, ob.quantized)
+    assert_states_bitwise_equal(a.state_dict(), b.state_dict(), "resumed residual quantizer")

@@ -328,4 +328,90 @@ class GroupedResidualQuantizer(_ResidualStacks):
         return self._codes_from_indices(indices)
 
 
+# --------------------------------------------------------------------------- checkpoints
+def _layout_error(state, prefix, expected: str) -> ValueError:
+    found = sorted(k for k in state if k.startswith(prefix))
+    shown = ", ".join(found[:12]) + (f", ... ({len(found)} keys)" if len(found) > 12 else "")
+    return ValueError(f"cannot read a residual quantizer from this state dict: expected {expected}; found keys [{shown}]")
+
+
+def _read_rvq(state, prefix: str, num_quantizers: Optional[int]):
+    """One vector-quantize-pytorch ResidualVQ under ``prefix``: (codes [Q, K, D], sizes [Q, K],
+    embed_avg [Q, K, D] or None, projections {name: tensor})."""
+    stages = []
+    while f"{prefix}layers.{len(stages)}._codebook.embed" in state:
+        stages.append(f"{prefix}layers.{len(stages)}._codebook.")
+    expected = f"'{prefix}layers.<q>._codebook.embed' [1, K, D] for q = 0 .. num_quantizers-1"
+    if not stages:
+        raise _layout_error(state, prefix, expected)
+    if num_quantizers is not None and len(stages) != num_quantizers:
+        raise _layout_error(state, prefix, f"{num_quantizers} stages ({expected}), the state dict has {len(stages)}")
+    embeds = [state[s + "embed"] for s in stages]
+    if any(e.dim() != 3 or e.shape[0] != 1 or e.shape != embeds[0].shape for e in embeds):
+        raise _layout_error(state, prefix, f"{expected}, one head, equal shapes; got {[tuple(e.shape) for e in embeds]}")
+    codes = torch.stack([e[0] for e in embeds])
+    sizes = torch.stack([state[s + "cluster_size"][0] if s + "cluster_size" in state else torch.ones(codes.shape[1]) for s in stages])
+    avgs = None
+    if all(s + "embed_avg" in state for s in stages):
+        avgs = torch.stack([state[s + "embed_avg"][0] for s in stages])
+    proj = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix + "project_")}
+    return codes, sizes, avgs, proj
+
+
+def _build_from_rvqs(module, parts) -> None:
+    with torch.no_grad():
+        codes = torch.stack([p[0] for p in parts])  # [G, Q, K, D]
+        sizes = torch.stack([p[1] for p in parts])
+        G, Q, K, D = codes.shape
+        book = module.codebook_state
+        C = book.num_codebooks
+        if module.shared_codebook:
+            codes, sizes = codes[:, :1], sizes[:, :1]
+        book.load_codes_(codes.reshape(C, K, D).to(book.embed.dtype), sizes.reshape(C, K).to(book.cluster_size.dtype))
+        if book.learning == "ema" and all(p[2] is not None for p in parts):
+            avgs = torch.stack([p[2] for p in parts])[:, : codes.shape[1]]
+            book.embed_avg.copy_(avgs.reshape(C, K, D))
+        for g, p in enumerate(parts):
+            for name, value in p[3].items():
+                kind, param = name.split(".")
+                getattr(getattr(module, kind)[g], param).copy_(value)
+
+
+def _rvq_shapes(state, prefix):
+    codes, _, _, proj = _read_rvq(state, prefix, None)
+    Q, K, D = codes.shape
+    dim = proj["project_in.weight"].shape[1] if "project_in.weight" in proj else D
+    return Q, K, D, dim
+
+
+def _residual_from_pretrained_state(cls, state, prefix: str = "", **kwargs):
+    """A ResidualQuantizer from a vector-quantize-pytorch ``ResidualVQ`` state dict (one head per
+    stage); ``num_quantizers`` in kwargs is checked against the stages found; kwargs override."""
+    Q, K, D, dim = _rvq_shapes(state, prefix)
+    part = _read_rvq(state, prefix, kwargs.pop("num_quantizers", None))
+    module = cls(dim, Q, K, codebook_dim=D, **kwargs)
+    _build_from_rvqs(module, [part])
+    return module.eval()
+
+
+def _grouped_from_pretrained_state(cls, state, prefix: str = "", **kwargs):
+    """A GroupedResidualQuantizer from a ``GroupedResidualVQ`` state dict (``rvqs.<g>.``)."""
+    G = 0
+    while any(k.startswith(f"{prefix}rvqs.{G}.") for k in state):
+        G += 1
+    want = kwargs.pop("groups", None)
+    if G == 0 or (want is not None and want != G):
+        raise _layout_error(state, prefix, f"{want if want is not None else 'G >= 1'} groups under '{prefix}rvqs.<g>.', found {G}")
+    Q, K, D, group_dim = _rvq_shapes(state, f"{prefix}rvqs.0.")
+    nq = kwargs.pop("num_quantizers", Q)
+    parts = [_read_rvq(state, f"{prefix}rvqs.{g}.", nq) for g in range(G)]
+    module = cls(group_dim * G, G, nq, K, codebook_dim=D, **kwargs)
+    _build_from_rvqs(module, parts)
+    return module.eval()
+
+
+ResidualQuantizer.from_pretrained_state = classmethod(_residual_from_pretrained_state)
+GroupedResidualQuantizer.from_pretrained_state = classmethod(_grouped_from_pretrained_state)
+
+
 __all__ = ["ResidualQuantizer", "GroupedResidualQuantizer", "ResidualOutput"]
