@@ -255,3 +255,54 @@ def test_resume_mid_continuous_phase_is_bitwise():
     for oa, ob in zip(outs_a, outs_b):
         assert torch.equal(oa.indices, ob.indices) and torch.equal(oa.quantized, ob.quantized)
     assert_states_bitwise_equal(a.state_dict(), b.state_dict(), "resumed residual quantizer")
+
+
+# --------------------------------------------------------------------------- DDP (two Gloo ranks)
+def _ddp_worker(rank, world, init_file, out_dir):
+    import os
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # ranks build different random codes: the first call broadcasts rank 0's
+        results = {}
+        for name, kw in (("deferred", dict(deferred_steps=2, reservoir_size=32)), ("kmeans", dict(init="kmeans")),
+                         ("grouped", dict(init="random"))):
+            if name == "grouped":
+                m = GroupedResidualQuantizer(6, 2, 2, 4, dead_code_threshold=0.5, **kw)
+            else:
+                m = ResidualQuantizer(6, 2, 4, dead_code_threshold=0.5, **kw)
+            g = torch.Generator().manual_seed(7 + rank)
+            for _ in range(5):
+                m(torch.randn(12 + 3 * rank, 6, generator=g) + 5 * rank)
+            results[name] = {k: v.clone() for k, v in m.state_dict().items() if "reservoir" not in k}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_ranks_bitwise_identical_codebooks(tmp_path):
+    import time
+    import torch.multiprocessing as mp
+
+    mp.set_forkserver_preload(["torch", "vqkernels", "test_residual_quantizer"])
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="forkserver")
+    deadline = time.monotonic() + 180
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail("2 ranks did not finish within 180 s (a rank is stuck in a collective)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for name in r0:
+        for k, v in r0[name].items():
+            if "project" in k:
+                continue  # the projections are the model's parameters (DDP's job), not the codebook's
+            assert torch.equal(v, r1[name][k]), f"{name}: {k} differs between ranks"
+        assert bool(r0[name]["codebook_state.initted"])
