@@ -42,7 +42,7 @@ still the shape's first provider); ``agrees`` is new; ``triton_config`` is gone
 (gpu_check.sh's ``TRITON_PRINT_AUTOTUNING=1`` prints the chosen configs).
 """
 from .report import Table, add_arguments, main, options_from_args, parse_ops, plot, run, targets
-from .runner import Options, machine_info, measure_peak, memory_in_subprocess, run_case, time_call
+from .runner import Options, load_now, machine_info, measure_peak, memory_in_subprocess, run_case, time_call
 from .specs import (DECAY, EPS, OPS, SPECS, Case, Check, Contender, OpSpec, Prepared, Skip, assignment_agreement,
                     grid, make_inputs, pick_distances, register)
 

@@ -38,7 +38,7 @@ class Table:
 
     def __init__(self, device: str, stream=None):
         self.device, self.stream, self.op, self.skipped = device, stream or sys.stdout, None, {}
-        self.columns = [("shape", 28, "<"), ("contender", 30, "<"), ("median", 10, ">"), ("throughput", 16, ">"),
+        self.columns = [("shape", 28, "<"), ("contender", 32, "<"), ("median", 10, ">"), ("throughput", 16, ">"),
                         ("peak mem", 10, ">"), ("/best peer", 10, ">")] + (
                         [("of floor", 8, ">")] if device == "cuda" else []) + [("check", 0, "<")]
 
@@ -111,7 +111,7 @@ def plot(rows: List[dict], path: Path, title: str = "") -> Optional[str]:
     panels: Dict[str, List[dict]] = {}
     fields = ("op", "N", "K", "D", "dtype", "metric", "iters")
     for row in rows:
-        case = Case(**{k: row[k] for k in fields}, variant=row.get("variant", ""))
+        case = Case(**{k: row[k] for k in fields}, **{k: row[k] for k in ("variant", "Q", "cdim") if k in row})
         panels.setdefault(f"{row['op']}: {case.series()}", []).append(row)
     # vqkernels backends keep one colour in every panel (solid lines); peers take the rest (dashed)
     backend_colour = {"chunked": "C0", "triton": "C2", "cuda": "C3", "reference": "C7"}

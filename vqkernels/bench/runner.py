@@ -66,9 +66,17 @@ def machine_info() -> dict:
                     memory_gib=round(p.total_memory / 2**30, 1), l2_bytes=getattr(p, "L2_cache_size", None))
     info.update({name: _version(name) for name in PEERS})
     info["extension"] = _extension.status()
-    # 1, 5 and 15 minute load averages (None where the OS has none): a busy machine skews every figure
-    info["load_average"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    return info
+    return {**info, **load_now()}
+
+
+def load_now() -> dict:
+    """1, 5 and 15 minute load averages and ``uptime``'s line (None where the OS has none), recorded
+    before and after every run: a busy machine skews every figure."""
+    try:
+        up = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        up = None
+    return {"load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None, "uptime": up}
 
 
 # --------------------------------------------------------------------------- time
@@ -119,7 +127,10 @@ def time_call(fn: Union[Callable[[], object], List[Callable[[], object]]], *, re
         if max_seconds is not None and i >= 2 and time.perf_counter() - started > max_seconds:
             break
     _sync(device)
-    times = [s.elapsed_time(e) / 1e3 for s, e in events] or times
+    return _summary([s.elapsed_time(e) / 1e3 for s, e in events] or times)
+
+
+def _summary(times: Sequence[float]) -> dict:
     return {"median": statistics.median(times), "p20": _percentile(times, 0.2), "p80": _percentile(times, 0.8),
             "min": min(times), "repeats": len(times)}
 
@@ -194,6 +205,7 @@ class Options:
     target_s: Optional[float] = None  # repeats to fill this many seconds (up to max_repeats)
     max_repeats: Optional[int] = None
     deadline: Optional[float] = None  # time.monotonic() after which contenders are skipped ("time budget")
+    alternate: bool = False  # time the contenders in turn, one call each per round (a drifting load hits all alike)
 
 
 def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda s: None,
@@ -201,11 +213,12 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
     """Run, check and time every contender (or those named in ``only``) on one row; the row as a dict.
 
     Each contender's first call is the checked one; all outputs are checked against each
-    other before the row's times are reported; then peak memory and the ratios.
+    other before the row's times are reported; then peak memory and the ratios. With
+    ``opts.alternate`` the timed calls run in rounds, every contender once per round.
     """
     device, spec = opts.device, case.spec
     sets = [make_inputs(case, device, opts.seed + i, opts.on_device) for i in range(max(1, opts.rotate))]
-    inputs, entries, outputs = sets[0], {}, {}
+    inputs, entries, outputs, rounds = sets[0], {}, {}, {}
     mode = opts.memory if opts.memory != "auto" else "subprocess" if (
         opts.device == "cpu" and spec.memory_subprocess and opts.subprocess_memory) else "inprocess"
     for contender in [c for c in spec.contenders if only is None or c.name in only]:
@@ -234,6 +247,11 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
             max_s = opts.max_seconds
             if opts.deadline is not None:  # leave time for the rest of the run
                 max_s = min(max_s or float("inf"), max(0.0, opts.deadline - time.monotonic()) / 2)
+            if opts.alternate:
+                for i in range(max(0, opts.warmup - 1)):
+                    prepared[i % len(prepared)].fn()
+                rounds[contender.name] = [p.fn for p in prepared]
+                continue
             t = time_call([p.fn for p in prepared], repeats=opts.repeats, warmup=max(0, opts.warmup - 1),
                           device=device, max_seconds=max_s, target_s=opts.target_s, max_repeats=opts.max_repeats)
         except Exception as exc:
@@ -243,9 +261,14 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
         finally:
             del prepared
             gc.collect()
-        entry.update(status="ok", median_s=t["median"], p20_s=t["p20"], p80_s=t["p80"], min_s=t["min"],
-                     repeats=t["repeats"], throughput=case.throughput(t["median"]), throughput_unit=spec.unit)
-        progress(f"  {contender.name}: {t['median'] * 1e3:.2f} ms ({time.perf_counter() - started:.1f} s)")
+        _timed(entry, t, case, progress, time.perf_counter() - started)
+    times = {name: [] for name in rounds}
+    for i in range(opts.repeats if rounds else 0):
+        for name, fns in rounds.items():
+            times[name].append(time_call(fns[i % len(fns)], repeats=1, warmup=0, device=device)["median"])
+    for name, ts in times.items():
+        _timed(entries[name], _summary(ts), case, progress, sum(ts))
+    rounds.clear()
     for name, chk in spec.check(case, inputs, outputs).items():
         entries[name].update(agree=chk.agree, agrees=chk.ok, check_detail=chk.detail)
     del inputs, sets, outputs
@@ -256,13 +279,18 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
                 progress(f"  {name}: peak memory in a fresh subprocess")
                 entry.update(memory_in_subprocess(case, name, opts))
     _compare(case, entries, device)
-    row = asdict(case)
-    if not case.variant:
-        del row["variant"]  # the rows of the original grid keep their fields
+    # the rows of the original grid keep their fields
+    row = {k: v for k, v in asdict(case).items() if k not in ("variant", "Q", "cdim") or v}
     row.update(label=case.label(), results=list(entries.values()), memory_mode=mode, check=spec.check_text)
     if device == "cuda":
         row.update(work=case.work())
     return row
+
+
+def _timed(entry: dict, t: dict, case: Case, progress, spent: float):
+    entry.update(status="ok", median_s=t["median"], p20_s=t["p20"], p80_s=t["p80"], min_s=t["min"],
+                 repeats=t["repeats"], throughput=case.throughput(t["median"]), throughput_unit=case.spec.unit)
+    progress(f"  {entry['contender']}: {t['median'] * 1e3:.2f} ms ({spent:.1f} s)")
 
 
 def _compare(case: Case, entries: Dict[str, dict], device: str):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -35,6 +35,8 @@ class Case:
     metric: str = "l2"
     iters: int = 0  # kmeans only
     variant: str = ""
+    Q: int = 0  # residual rows: stages
+    cdim: int = 0  # residual rows: codebook_dim when it differs from D (projections in and out)
 
     @property
     def spec(self) -> "OpSpec":
@@ -45,8 +47,8 @@ class Case:
         return DTYPES[self.dtype]
 
     def label(self) -> str:
-        names = {"N": "N=", "K": "K=", "D": "D=", "iters": "it="}
-        parts = [f"{names.get(f, '')}{getattr(self, f)}" for f in self.spec.label]
+        names = {"N": "N=", "K": "K=", "D": "D=", "iters": "it=", "Q": "Q=", "cdim": "cdim="}
+        parts = [f"{names.get(f, '')}{getattr(self, f)}" for f in self.spec.label if getattr(self, f) != 0]
         return " ".join(parts + ([self.variant] if self.variant else []))
 
     def series(self) -> str:
@@ -264,6 +266,8 @@ def _assign() -> OpSpec:
                 raise Skip("this faiss build has no GPU index (faiss-cpu)")
             importlib.import_module("faiss.contrib.torch_utils")  # lets the GPU index take torch tensors
             res = faiss.StandardGpuResources()
+        else:
+            faiss.omp_set_num_threads(torch.get_num_threads())  # threads equal: FAISS runs as many as torch
 
         def fn():
             xs, cs = normalized(x.float(), case.metric).contiguous(), normalized(c.float(), case.metric).contiguous()
@@ -550,6 +554,7 @@ def _kmeans() -> OpSpec:
         faiss = import_peer("faiss")
         if device != "cpu":
             raise Skip("faiss.Kmeans is timed on CPU (its GPU path needs faiss-gpu and host arrays)")
+        faiss.omp_set_num_threads(torch.get_num_threads())
         x, init = inp["x"].float().contiguous().numpy(), inp["init"].contiguous().numpy()
 
         def fn():
@@ -622,6 +627,155 @@ def _kmeans() -> OpSpec:
             Contender("flash_kmeans", "peer", flash_kmeans)],
         check, work, lambda case: case.N * case.K * case.D * max(1, case.iters),
         unit="row-iters/s", count=lambda case: case.N * case.iters)
+
+# --------------------------------------------------------------------------- residual quantizers
+def _rvq_state(case, inp) -> dict:
+    """The row's codes and projections as a vector-quantize-pytorch ``ResidualVQ`` state dict: both
+    contenders load the same one (ours through ``from_pretrained_state``, which needs no vqp)."""
+    state = {k: v for k, v in inp.items() if k.startswith("project_")}
+    for q, codes in enumerate(inp["codes"]):
+        state.update({f"layers.{q}._codebook.{k}": v for k, v in (
+            ("embed", codes[None]), ("embed_avg", codes[None].clone()), ("cluster_size", codes.new_ones(1, case.K)),
+            ("initted", codes.new_ones(())))})
+    return state
+
+
+def _rvq_peer(case, inp, device, training):
+    vqp = import_peer("vector_quantize_pytorch")
+    rvq = vqp.ResidualVQ(dim=case.D, num_quantizers=case.Q, codebook_size=case.K, codebook_dim=case.cdim or None,
+                         decay=DECAY, eps=EPS, kmeans_init=False, use_cosine_sim=case.metric == "cosine",
+                         rotation_trick=False, commitment_weight=1.0)
+    rvq.load_state_dict(_rvq_state(case, inp))
+    return rvq.to(device).train(training)
+
+
+def _project(inp, x):
+    return F.linear(x, inp["project_in.weight"].to(x), inp["project_in.bias"].to(x)) if "project_in.weight" in inp else x
+
+
+def _residual_inputs(case, g):
+    """Stage q's codes at scale 2^-q (what each stage leaves shrinks); unit codes for cosine."""
+    d = case.cdim or case.D
+    codes = torch.randn(case.Q, case.K, d, generator=g) * 0.5 ** torch.arange(case.Q).view(-1, 1, 1)
+    inp = {"x": torch.randn(case.N, case.D, generator=g), "codes": normalized(codes, case.metric)}
+    if case.cdim:
+        bound = 1 / math.sqrt(case.D)  # nn.Linear's default init range
+        inp.update({"project_in.weight": (torch.rand(d, case.D, generator=g) * 2 - 1) * bound,
+                    "project_in.bias": (torch.rand(d, generator=g) * 2 - 1) * bound,
+                    "project_out.weight": (torch.rand(case.D, d, generator=g) * 2 - 1) / math.sqrt(d),
+                    "project_out.bias": torch.zeros(case.D)})
+    return inp
+
+
+def _residual_check(case, inp, outputs) -> Dict[str, Check]:
+    """Greedy residual encoding, judged on each contender's own path: at every stage its pick is
+    within the dtype tolerance of the nearest code to the residual its earlier picks leave."""
+    from vqkernels.ops.assign import tolerance
+
+    z, codes, checks = _project(inp, inp["x"].double()), inp["codes"].double(), {}
+    for name, out in outputs.items():
+        idx, residual, ok = out.to(z.device).reshape(-1, case.Q), z, torch.ones(z.shape[0], dtype=torch.bool)
+        for q in range(case.Q):
+            stage, cq = normalized(residual, case.metric), codes[q]
+            best = vqkernels.assign(stage, cq, case.metric, backend="chunked").indices
+            tol = tolerance(stage.float(), cq.float(), case.metric).to(z)
+            ok &= (pick_distances(stage, cq, idx[:, q], case.metric)
+                   <= pick_distances(stage, cq, best, case.metric) + tol).cpu()
+            residual = residual - cq[idx[:, q].clamp(0, case.K - 1)]
+        frac = float(ok.double().mean())
+        bad = (~ok).nonzero().flatten()[:3].tolist()
+        checks[name] = Check(frac, frac == 1.0, f"first disagreeing rows {bad}" if bad else "")
+    return checks
+
+
+def _residual_spec(name, title, grids, contenders, **kw) -> OpSpec:
+    return OpSpec(name, title, "every stage's pick within the dtype tolerance of the nearest code to the residual "
+                  "the contender's earlier picks leave (fp64)", ("N", "K", "D", "Q", "cdim", "metric"), grids,
+                  _residual_inputs, contenders, _residual_check,
+                  lambda case, e: (2 * case.N * case.K * (case.cdim or case.D) * case.Q,
+                                   e * (case.N * case.D + case.Q * case.K * (case.cdim or case.D)) + 8 * case.N * case.Q),
+                  lambda case: case.N * case.K * (case.cdim or case.D) * case.Q, **kw)
+
+
+# EnCodec-like (Q = 8, K = 1024, D = 128) and DAC-like (Q = 9, K = 1024, 8-D l2-normalised codes) stacks
+_ENCODEC, _DAC = dict(K=1024, D=128, Q=8), dict(K=1024, D=1024, Q=9, cdim=8, metric="cosine")
+_RESIDUAL_GRIDS = {
+    "smoke": [Case("", 128, 64, 16, Q=3), Case("", 128, 64, 32, Q=2, cdim=8, metric="cosine")],
+    "cpu-quick": [Case("", 2048, **_ENCODEC), Case("", 2048, **_DAC)],
+    "cpu-full": [Case("", 8192, **_ENCODEC), Case("", 8192, **_DAC)],
+    "cuda-quick": [Case("", 8192, **_ENCODEC), Case("", 8192, **_DAC)],
+    "cuda-full": [Case("", 65536, **_ENCODEC), Case("", 65536, **_DAC)]}
+
+
+def _grids_for(op, extra=None):
+    extra = extra or {}
+    return {k: [replace(c, op=op) for c in v] + extra.get(k, []) for k, v in _RESIDUAL_GRIDS.items()}
+
+
+@register
+def _residual_step() -> OpSpec:
+    def step(case, inp, device, module):
+        x = inp["x"].clone().requires_grad_()
+
+        def fn():
+            quantized, indices, losses = module(x.unsqueeze(0))[:3]
+            (quantized.square().mean() + losses.sum()).backward()
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            return indices.detach().reshape(-1, case.Q)
+        return Prepared(fn)
+
+    def ours_(case, inp, b, opts):
+        rq = vqkernels.ResidualQuantizer.from_pretrained_state(_rvq_state(case, inp), decay=DECAY, eps=EPS,
+                                                               metric=case.metric, backend=b)
+        return step(case, inp, inp["x"].device, rq.to(inp["x"].device).train())
+
+    def vqp_train(case, inp, device, opts):
+        dense_guard(case, opts, "ResidualVQ (cdist + one-hot per stage)", count=2)
+        return step(case, inp, device, _rvq_peer(case, inp, device, training=True))
+
+    return _residual_spec(
+        "residual_step", "ResidualQuantizer training step (forward + backward + EMA update of every stage)",
+        _grids_for("residual_step"), ours("vqkernels.RQ(train)[{}]", ours_, dtype=lambda c: torch.float32)
+        + [Contender("vqp.ResidualVQ(train)", "peer", vqp_train)], memory_subprocess=True, aliases=("rvq_step",))
+
+
+@register
+def _residual_encode() -> OpSpec:
+    def module(case, inp, b, opts):
+        rq = vqkernels.ResidualQuantizer.from_pretrained_state(_rvq_state(case, inp), metric=case.metric, backend=b)
+        rq = rq.to(inp["x"].device).eval()
+        return Prepared(torch.no_grad()(lambda: rq(inp["x"]).indices))
+
+    def fused(case, inp, b, opts):
+        op = getattr(vqkernels, "residual_assign", None)
+        if op is None:
+            raise Skip("this vqkernels has no residual_assign")
+        return Prepared(lambda: op(_project(inp, inp["x"]), inp["codes"], metric=case.metric, backend=b)[0])
+
+    def separate(case, inp, b, opts):
+        """One assign call per stage, the residual updated in between (the unfused path)."""
+        def fn():
+            residual, picks = _project(inp, inp["x"]), []
+            for codes in inp["codes"]:
+                picks.append(vqkernels.assign(normalized(residual, case.metric), codes, case.metric, backend=b).indices)
+                residual = residual - codes[picks[-1]]
+            return torch.stack(picks, 1)
+        return Prepared(fn)
+
+    def vqp_eval(case, inp, device, opts):
+        dense_guard(case, opts, "ResidualVQ (cdist per stage)")
+        rvq = _rvq_peer(case, inp, device, training=False)
+        return Prepared(torch.no_grad()(lambda: rvq(inp["x"].unsqueeze(0))[1].reshape(-1, case.Q)))
+
+    big = [Case("residual_encode", 4096, 262144, 8, Q=4)]
+    return _residual_spec(
+        "residual_encode", "residual encode (eval: Q stages of nearest codes)",
+        _grids_for("residual_encode", {"cpu-full": big, "cuda-full": [replace(c, N=65536) for c in big]
+                                       + [Case("residual_encode", 65536, 262144, 256, Q=4)]}),
+        ours("vqkernels.RQ(eval)[{}]", module) + ours("vqkernels.residual_assign[{}]", fused)
+        + ours("vqkernels.assign xQ[{}]", separate) + [Contender("vqp.ResidualVQ(eval)", "peer", vqp_eval)],
+        aliases=("rvq_encode", "residual_assign"))
 
 
 OPS = tuple(SPECS)
