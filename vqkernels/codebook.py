@@ -156,6 +156,7 @@ class Codebook(nn.Module):
         self._quantizing = deferred_steps == 0
         self._deferred_calls = 0
         self._state_broadcast = False  # rank 0's codebook sent to the other ranks (first synced call)
+        self._pending = None  # (counts, sums) accumulated by update_(accumulate=True), not yet applied
 
     # ------------------------------------------------------------------ layout
     def _c(self, t: torch.Tensor) -> torch.Tensor:
@@ -252,15 +253,66 @@ class Codebook(nn.Module):
         self.load_codes_(torch.stack(centroids).to(self.embed.dtype), counts * scale)
 
     @torch.no_grad()
-    def update_(self, z: torch.Tensor, indices: torch.Tensor, keep: Optional[torch.Tensor], sync: _dist.LocalSync) -> None:
+    def update_(
+        self, z: torch.Tensor, indices: torch.Tensor, keep: Optional[torch.Tensor], sync: _dist.LocalSync, *,
+        accumulate: bool = False, weight=None,
+    ) -> None:
         """One training step: statistics of ``z [C, N, D]`` under ``indices [C, N]`` for all
         codebooks in one op call, summed over ranks by the hook (one collective), then the EMA
         update of all codebooks in one call (or, with gradient learning, the EMA of the usage),
-        then dead-code restarts."""
+        then dead-code restarts.
+
+        ``accumulate``: only add this step's statistics to a pending sum (gradient
+        accumulation, vector-quantize-pytorch's ``accum_ema_update``); the next step that does
+        not accumulate (or :meth:`apply_pending_`) applies them with its own, in one EMA step and
+        one collective. ``weight``: per-code EMA weight (see :meth:`apply_stats_`)."""
         K = self.codebook_size
         if self.learning == "ema":
             counts, sums = cluster_stats(z, indices, K, deterministic=self.deterministic, codebook_axis=True, backend=self.backend)
+        else:
+            counts, sums = histogram(indices, K, codebook_axis=True, backend=self.backend).to(self.cluster_size.dtype), None
+        if accumulate:
+            if self._pending is not None:
+                counts = counts + self._pending[0]
+                sums = None if sums is None else sums + self._pending[1]
+            self._pending = (counts, sums)
+        else:
+            self.apply_stats_(counts, sums, sync, weight)
+            if self.dead_code_threshold > 0:
+                self.restart_dead_codes_(z, keep, sync)
+        self.steps.add_(1)
+
+    @torch.no_grad()
+    def apply_pending_(self, sync: _dist.LocalSync) -> bool:
+        """Apply the statistics accumulated by ``update_(..., accumulate=True)`` now, as one EMA
+        step (no dead-code restarts: there is no batch to re-seed from). With a group hook every
+        rank must call it. Returns False when nothing was pending."""
+        if self._pending is None:
+            return False
+        counts, sums = self._pending
+        self._pending = None
+        self.apply_stats_(counts, sums, sync)
+        return True
+
+    @torch.no_grad()
+    def apply_stats_(self, counts: torch.Tensor, sums: Optional[torch.Tensor], sync: _dist.LocalSync, weight=None) -> None:
+        """The EMA step from this step's ``counts [C, K]`` and ``sums [C, K, D]`` (``None`` with
+        gradient learning), plus any pending accumulated statistics, summed over ranks.
+
+        ``weight``: vector-quantize-pytorch's ``ema_update_weight``, a per-code weight (a float,
+        ``[K]`` or ``[C, K]``, or a callable ``(sums, counts) -> weight``) that scales the EMA
+        step of each code: ``stat <- stat + (1 - decay) * weight * (new - stat)``."""
+        if self._pending is not None:
+            counts = counts + self._pending[0]
+            sums = None if sums is None else sums + self._pending[1]
+            self._pending = None
+        if sums is None:
+            sync.all_reduce_sum_(counts)  # usage of all ranks, so every rank sees the same dead codes
+        else:
             sync.all_reduce_sum_(counts, sums)  # the statistics of all ranks' rows, packed
+        if weight is not None:
+            counts, sums = self._weighted(counts, sums, weight)
+        if self.learning == "ema":
             counts, sums = counts.view(self.cluster_size.shape), sums.view(self.embed.shape)
             if torch.compiler.is_compiling():
                 # Inductor (torch 2.13) may compute this step's output (the gather of the codes,
@@ -282,12 +334,24 @@ class Codebook(nn.Module):
             if self.metric == "cosine":
                 self.embed.copy_(normalized(self.embed, self.metric))
         else:
-            counts = histogram(indices, K, codebook_axis=True, backend=self.backend).to(self.cluster_size.dtype)
-            sync.all_reduce_sum_(counts)  # usage of all ranks, so every rank sees the same dead codes
             self.cluster_size.mul_(self.decay).add_(counts.view(self.cluster_size.shape), alpha=1.0 - self.decay)
-        if self.dead_code_threshold > 0:
-            self.restart_dead_codes_(z, keep, sync)
-        self.steps.add_(1)
+
+    def _weighted(self, counts, sums, weight):
+        """Statistics that give the weighted EMA step through the plain one:
+        ``old + (1 - decay) * (old + w * (new - old) - old) = old + (1 - decay) * w * (new - old)``."""
+        C, K = self.num_codebooks, self.codebook_size
+        if callable(weight):
+            weight = weight(sums, counts)
+        weight = torch.as_tensor(weight, dtype=counts.dtype, device=counts.device)
+        if weight.shape not in ((), (K,), (C, K)):
+            raise ValueError(f"ema_update_weight has shape {tuple(weight.shape)}; expected a scalar, [K={K}] or [C={C}, K={K}]")
+        weight = weight.expand(C, K)
+        size = self._c(self.cluster_size)
+        counts = size + weight * (counts - size)
+        if sums is not None:
+            avg = self._c(self.embed_avg)
+            sums = avg + weight.unsqueeze(-1) * (sums - avg)
+        return counts, sums
 
     @torch.no_grad()
     def restart_dead_codes_(self, z: torch.Tensor, keep: Optional[torch.Tensor], sync: _dist.LocalSync) -> None:
