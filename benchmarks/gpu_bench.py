@@ -1,23 +1,20 @@
 #!/usr/bin/env python3
 """GPU benchmark of the vqkernels ops: every available backend side by side, one JSON.
 
-Times ``assign`` for each backend (triton, cuda when the extension loads, chunked) next
-to ``torch.cdist(x, c).argmin(1)`` and flash-kmeans' Triton assignment (when importable),
-over N = 2^20 rows, K in {1024, 16384, 65536}, D in {8, 32, 256}, bf16 and fp32; then
+``assign`` for each backend (triton, cuda when the extension loads, chunked) next to
+``torch.cdist(x, c).argmin(1)`` and flash-kmeans' Triton assignment (when importable), over
+N = 2^20 rows, K in {1024, 16384, 65536}, D in {8, 32, 256}, bf16 and fp32; then
 ``histogram``, ``cluster_stats`` (atomic and deterministic) and ``ema_update_`` at the same N.
 
-A thin caller of :mod:`vqkernels.bench` (contenders, checks, timer, peak memory, machine;
-JSON fields documented there) that adds the plan, the matmul / copy ceilings and the
-per-provider JSON. Method: the backends' own calls (``--via-op``: the public ops), CUDA
-events, warm-up first (autotuning and compilation stay out of the numbers), rotating input
-sets (together larger than L2), medians with 20th/80th percentiles; each shape's outputs
-are checked against each other first. Per row: median ms, TFLOP/s (2NKD / t for assign),
-the floor ``max(2NKD / peak, bytes / 4.3e12)`` (peak 790e12 bf16, or the tf32 rate), t /
-floor, and the fraction of the matmul rate measured on this card at the start (a large
-``torch.mm``). Rows that would not fit in memory or in the time budget are skipped.
-
-``--device cpu`` runs the same code on tiny sizes with wall-clock timing (the CPU test of
-the argument parsing and JSON writing); ``--dry-run`` writes the planned rows only.
+A thin view of :mod:`vqkernels.bench` (contenders, checks, timer, peak memory, machine; JSON
+fields documented there) that adds the plan, the matmul / copy ceilings and one JSON row per
+provider. The backends' own calls (``--via-op``: the public ops), CUDA events, warm-up first,
+rotating input sets (together larger than L2), medians with 20th/80th percentiles, outputs
+checked against each other first. Per row: median ms, TFLOP/s (2NKD / t for assign), the floor
+``max(2NKD / peak, bytes / 4.3e12)`` (peak 790e12 bf16, or the tf32 rate), t / floor, and the
+fraction of the matmul rate measured on this card. Rows that would not fit in memory or in the
+time budget are skipped. ``--device cpu`` runs the same code on tiny sizes (the CPU test of the
+plumbing); ``--dry-run`` writes the planned rows only.
 
     python benchmarks/gpu_bench.py --out benchmarks/results --time-budget 240
     python benchmarks/gpu_bench.py --device cpu --n 512 --ks 16,32 --ds 4 --dtypes fp32 --backends chunked
@@ -52,41 +49,39 @@ def _list(allowed=None):
     """argparse type: comma-separated positive integers, or names from ``allowed``."""
     def parse(text):
         values = [v.strip() for v in text.split(",") if v.strip()]
-        if allowed is not None:
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(allowed)}")
-            return values
-        if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-        return [int(v) for v in values]
+        bad = [v for v in values if v not in allowed] if allowed else [v for v in values if not (v.isdigit() and int(v))]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(allowed)}" if allowed else
+                                             f"expected comma-separated positive integers, got {text!r}")
+        return values if allowed else [int(v) for v in values]
     return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results", help="output folder for gpu_bench.json / gpu_bench.log")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--n", type=int, default=1 << 20, help="rows N (default 2^20)")
-    p.add_argument("--ks", type=_list(), default=[1024, 16384, 65536], help="codebook sizes K")
-    p.add_argument("--ds", type=_list(), default=[8, 32, 256], help="dimensions D")
-    p.add_argument("--dtypes", type=_list(DTYPES), default=["bf16", "fp32"])
-    p.add_argument("--metric", default="l2", choices=["l2", "cosine", "dot"])
-    p.add_argument("--ops", type=_list(OPS), default=list(OPS))
-    p.add_argument("--backends", type=_list(ASSIGN_BACKENDS), default=["triton", "cuda", "chunked"])
-    p.add_argument("--baselines", type=_list(BASELINES), default=list(BASELINES))
-    p.add_argument("--fp32-precision", default="medium", choices=["highest", "high", "medium"],
-                   help="torch.set_float32_matmul_precision for the run (medium: tf32, the rate the fp32 floor uses)")
-    p.add_argument("--time-budget", type=float, default=420.0, help="seconds; rows that would overrun are skipped")
-    p.add_argument("--ops-share", type=float, default=0.3,
-                   help="fraction of the budget the histogram / cluster_stats / ema rows may use (they run first)")
-    p.add_argument("--target-s", type=float, default=0.3, help="timed seconds per row (sets the repetitions)")
-    p.add_argument("--min-reps", type=int, default=3)
-    p.add_argument("--max-reps", type=int, default=30)
-    p.add_argument("--rotate", type=int, default=0, help="input sets to rotate through (0: enough to exceed 4x L2)")
-    p.add_argument("--via-op", action="store_true", help="time the public ops (validation + dispatch) instead of the backend functions")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dry-run", action="store_true", help="write the planned rows and the environment, time nothing")
+    add = p.add_argument
+    add("--out", default="benchmarks/results", help="output folder for gpu_bench.json / gpu_bench.log")
+    add("--device", default="cuda", choices=["cuda", "cpu"])
+    add("--n", type=int, default=1 << 20, help="rows N (default 2^20)")
+    add("--ks", type=_list(), default=[1024, 16384, 65536], help="codebook sizes K")
+    add("--ds", type=_list(), default=[8, 32, 256], help="dimensions D")
+    add("--dtypes", type=_list(DTYPES), default=["bf16", "fp32"])
+    add("--metric", default="l2", choices=["l2", "cosine", "dot"])
+    add("--ops", type=_list(OPS), default=list(OPS))
+    add("--backends", type=_list(ASSIGN_BACKENDS), default=["triton", "cuda", "chunked"])
+    add("--baselines", type=_list(BASELINES), default=list(BASELINES))
+    add("--fp32-precision", default="medium", choices=["highest", "high", "medium"],
+        help="torch.set_float32_matmul_precision for the run (medium: tf32, the rate the fp32 floor uses)")
+    add("--time-budget", type=float, default=420.0, help="seconds; rows that would overrun are skipped")
+    add("--ops-share", type=float, default=0.3,
+        help="fraction of the budget the histogram / cluster_stats / ema rows may use (they run first)")
+    add("--target-s", type=float, default=0.3, help="timed seconds per row (sets the repetitions)")
+    add("--min-reps", type=int, default=3)
+    add("--max-reps", type=int, default=30)
+    add("--rotate", type=int, default=0, help="input sets to rotate through (0: enough to exceed 4x L2)")
+    add("--via-op", action="store_true", help="time the public ops (validation + dispatch) instead of the backend functions")
+    add("--seed", type=int, default=0)
+    add("--dry-run", action="store_true", help="write the planned rows and the environment, time nothing")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
@@ -95,48 +90,39 @@ def parse_args(argv=None):
 
 def plan_rows(args):
     """Every row the run will try, in priority order (cheap ops first, then assign by dtype)."""
-    rows, N, first_dtype = [], args.n, args.dtypes[0]
-    stat_backends = [b for b in args.backends if b != "reference"]
-
-    def add(op, providers, K, D, dtype, variant=None):
-        rows.extend(dict(op=op, provider=b, N=N, K=K, D=D, dtype=dtype, variant=variant) for b in providers)
-
-    if "histogram" in args.ops:
-        for K in args.ks:
-            add("histogram", stat_backends, K, None, "int64")
-    if "cluster_stats" in args.ops:
-        for variant, K, D in itertools.product(("atomic", "deterministic"), args.ks, args.ds):
-            add("cluster_stats", stat_backends, K, D, first_dtype, variant)
-    if "ema_update" in args.ops:
-        for K, D in itertools.product(args.ks, args.ds):
-            add("ema_update", stat_backends, K, D, first_dtype)
-    if "assign" in args.ops:
-        for dtype, D, K in itertools.product(args.dtypes, args.ds, sorted(args.ks)):  # small K first: cheap autotuning
-            add("assign", list(args.backends) + list(args.baselines), K, D, dtype, args.metric)
-    for r in rows:
-        r.update(status="planned", note="")
+    rows, stats = [], [b for b in args.backends if b != "reference"]
+    plan = {"histogram": [(stats, K, None, "int64", None) for K in args.ks],
+            "cluster_stats": [(stats, K, D, args.dtypes[0], v) for v, K, D in
+                              itertools.product(("atomic", "deterministic"), args.ks, args.ds)],
+            "ema_update": [(stats, K, D, args.dtypes[0], None) for K, D in itertools.product(args.ks, args.ds)],
+            # small K first within a (dtype, D): cheap autotuning
+            "assign": [(list(args.backends) + list(args.baselines), K, D, dt, args.metric)
+                       for dt, D, K in itertools.product(args.dtypes, args.ds, sorted(args.ks))]}
+    for op in (op for op in plan if op in args.ops):
+        for providers, K, D, dtype, variant in plan[op]:
+            rows += [dict(op=op, provider=b, N=args.n, K=K, D=D, dtype=dtype, variant=variant, status="planned",
+                          note="") for b in providers]
     return rows
 
 
 def measure_ceilings(device: str, fp32_precision: str) -> dict:
     """Matmul rates (bf16, and fp32 under the run's precision setting) and copy bandwidth."""
     out = {"fp32_precision": fp32_precision, "hbm_bytes_per_s_floor": GPU_BANDWIDTH, "bf16_peak_floor": GPU_PEAK_FLOPS["bf16"]}
-    if device != "cuda":
-        return out
-    n = 8192
-    for name, dtype in (("bf16_mm_flops", torch.bfloat16), ("fp32_mm_flops", torch.float32), ("copy_bytes_per_s", None)):
+    for name, dtype in ((("bf16_mm_flops", torch.bfloat16), ("fp32_mm_flops", torch.float32), ("copy_bytes_per_s", None))
+                        if device == "cuda" else ()):
         try:
             if dtype is None:  # a 1 GiB copy: bytes read + written
                 a = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
                 b, work, call = torch.empty_like(a), 2 << 30, lambda: b.copy_(a)
             else:
-                a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-                work, call = 2 * n**3, lambda: torch.mm(a, b)
+                a, b = (torch.randn(8192, 8192, device=device, dtype=dtype) for _ in range(2))
+                work, call = 2 * 8192**3, lambda: torch.mm(a, b)
             out[name] = work / bench.time_call(call, repeats=10, warmup=3, device=device)["median"]
             del a, b
         except Exception as exc:
             out[name.replace("_bytes_per_s", "") + "_error"] = f"{type(exc).__name__}: {exc}"
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -145,8 +131,7 @@ def run_shape(group, args, ceilings, l2_bytes, deadline, table):
     op, N, K, D, dtype, variant = (group[0][k] for k in ("op", "N", "K", "D", "dtype", "variant"))
     case = bench.Case(SPEC_OF[op], N, K, D or 1, dtype if dtype in DTYPES else "fp32",
                       metric=variant if op == "assign" else "l2", variant=variant if op == "cluster_stats" else "")
-    work = case.work()
-    cuda = args.device == "cuda"
+    work, cuda = case.work(), args.device == "cuda"
     free = torch.cuda.mem_get_info()[0] if cuda else float("inf")
     sets = args.rotate or int(min(8, max(2, math.ceil(4 * (l2_bytes or 50 << 20) / max(1, work["bytes"])))))
     opts = bench.Options(device=args.device, repeats=args.min_reps, warmup=1, memory="inprocess" if cuda else "off",
@@ -158,11 +143,10 @@ def run_shape(group, args, ceilings, l2_bytes, deadline, table):
     table.row(result)
     ok = [e for e in result["results"] if e["status"] == "ok"]
     for e in result["results"]:
-        row = names[e["contender"]]
+        row, t = names[e["contender"]], e.get("median_s")
         if e["status"] != "ok":
             row.update(status=e["status"], note=e["reason"])
             continue
-        t = e["median_s"]
         row.update(status="ok", median_ms=t * 1e3, p20_ms=e["p20_s"] * 1e3, p80_ms=e["p80_s"] * 1e3,
                    min_ms=e["min_s"] * 1e3, reps=e["repeats"], bytes_min=work["bytes"],
                    gbytes_per_s=work["bytes"] / t / 1e9, agrees=e.get("agrees"))
@@ -185,6 +169,7 @@ def run_shape(group, args, ceilings, l2_bytes, deadline, table):
 
 
 def write_json(path, payload):
+    payload["load_after"] = bench.load_now()
     with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
@@ -193,9 +178,8 @@ def write_json(path, payload):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    json_path, log_path = os.path.join(args.out, "gpu_bench.json"), os.path.join(args.out, "gpu_bench.log")
-    started = time.monotonic()
-    log_file = open(log_path, "w")
+    json_path, started = os.path.join(args.out, "gpu_bench.json"), time.monotonic()
+    log_file = open(os.path.join(args.out, "gpu_bench.log"), "w")
 
     def log(msg):
         line = f"[gpu_bench {time.monotonic() - started:6.1f}s] {msg}"
@@ -211,14 +195,11 @@ def main(argv=None) -> int:
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             payload["error"] = "--device cuda but torch sees no CUDA device"
-            log(payload["error"])
+        if args.dry_run or "error" in payload:
+            payload["dry_run"] = args.dry_run
             write_json(json_path, payload)
-            return 2
-        if args.dry_run:
-            payload["dry_run"] = True
-            write_json(json_path, payload)
-            log(f"dry run: {len(payload['rows'])} rows planned -> {json_path}")
-            return 0
+            log(payload.get("error") or f"dry run: {len(payload['rows'])} rows planned -> {json_path}")
+            return 2 if "error" in payload else 0
         torch.set_float32_matmul_precision(args.fp32_precision)
         deadline = time.monotonic() + args.time_budget
         ops_deadline = time.monotonic() + args.ops_share * args.time_budget
@@ -230,15 +211,17 @@ def main(argv=None) -> int:
         for _, group in itertools.groupby(payload["rows"], key=shape):
             group = list(group)
             end = deadline if group[0]["op"] == "assign" else min(deadline, ops_deadline)
-            if time.monotonic() >= end:
-                for row in group:
-                    row.update(status="skipped", note="time budget")
-                continue
             try:
+                if time.monotonic() >= end:
+                    raise TimeoutError("time budget")
                 run_shape(group, args, ceilings, machine.get("l2_bytes"), end, table)
             except Exception as exc:  # one failing shape must not stop the run
+                timeout = isinstance(exc, TimeoutError)
                 for row in group:
-                    row.update(status="error", note=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                    row.update(status="skipped" if timeout else "error", note="time budget" if timeout else
+                               f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                if timeout:
+                    continue
                 log(traceback.format_exc())
             if args.device == "cuda":
                 torch.cuda.empty_cache()  # give back a baseline's N x K matrix before the next shape

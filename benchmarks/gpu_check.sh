@@ -20,7 +20,8 @@
 #   tests        pytest -m gpu (-n auto with pytest-xdist)  -> pytest_gpu.log, pytest_gpu.xml
 #   bench_core   the shapes of docs/gpu_expectations.md first (N=65536, K=16384, D=256 and 8)
 #                                                            -> bench_core/gpu_bench.json
-#   bench_suite  vqkernels bench --device cuda --quick        -> bench_suite.json
+#   bench_suite  vqkernels bench --device cuda --quick: the residual rows first -> bench_residual.json,
+#                then the other ops                           -> bench_suite.json
 #   bench_full   the full gpu_bench grid with whatever time is left -> bench_full/gpu_bench.json
 #
 # --dry-run (CI, no GPU): runs everything that needs no GPU -- argument parsing, the
@@ -202,12 +203,21 @@ else
     record bench_core skipped 0 "only ${T}s left"
   fi
   t0=$(elapsed)
-  T=$(share bench_suite 60 20)
+  T=$(share bench_suite 90 20)
   if (( T >= 30 )); then
-    timeout -s INT -k 10 "$T" "$PY" -m vqkernels.cli bench --device cuda --quick --json "$OUT/bench_suite.json" \
-      > "$OUT/bench_suite.log" 2>&1
+    # the residual rows first, in their own JSON (the suite's JSON is written only when it ends):
+    # ResidualQuantizer step / encode vs ResidualVQ, residual_assign vs Q assigns, EnCodec- and DAC-like
+    timeout -s INT -k 10 $(( T / 3 )) "$PY" -m vqkernels.cli bench --device cuda --quick \
+      --ops residual_step,residual_encode --json "$OUT/bench_residual.json" > "$OUT/bench_residual.log" 2>&1
     rc=$?
-    record_from_log bench_suite $rc $t0 "$OUT/bench_suite.log"
+    REST=$(( T - $(elapsed) + t0 ))
+    (( REST < 1 )) && REST=1  # timeout 0 would mean no limit
+    timeout -s INT -k 10 "$REST" "$PY" -m vqkernels.cli bench --device cuda --quick \
+      --ops assign,histogram,stats,ema,step,kmeans --json "$OUT/bench_suite.json" > "$OUT/bench_suite.log" 2>&1
+    rc2=$?
+    (( rc == 0 )) && rc=$rc2
+    record bench_suite "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: residual: $(tail -n 1 "$OUT/bench_residual.log" \
+      | cut -c1-120); suite: $(tail -n 1 "$OUT/bench_suite.log" | cut -c1-120)"
   else
     record bench_suite skipped 0 "only ${T}s left"
   fi

@@ -129,3 +129,30 @@ def test_pytest_benchmark_suite_runs_on_the_smoke_grid(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def test_residual_check_follows_each_contenders_own_residual():
+    """Residual rows: a pick is judged against the nearest code to the residual the contender's own
+    earlier picks leave, so a legal tie at stage 1 may change later stages; a wrong pick is caught."""
+    case = bench.Case("residual_encode", 64, 16, 8, Q=3)
+    inputs = bench.make_inputs(case, "cpu")
+    z, codes, picks = inputs["x"].double(), inputs["codes"].double(), []
+    for cq in codes:  # the greedy encoding, in fp64
+        picks.append(torch.cdist(z, cq).argmin(1))
+        z = z - cq[picks[-1]]
+    good = torch.stack(picks, 1)
+    wrong = good.clone()
+    wrong[3, 2] = (good[3, 2] + 1) % case.K
+    checks = bench.check_outputs(case, inputs, {"good": good, "wrong": wrong})
+    assert checks["good"].ok and checks["good"].agree == 1.0
+    assert not checks["wrong"].ok and checks["wrong"].agree == pytest.approx(63 / 64) and "[3]" in checks["wrong"].detail
+
+
+def test_alternating_repeats_time_every_contender_each_round():
+    opts = bench.Options(repeats=3, memory="off", alternate=True)
+    row = bench.run_case(bench.Case("assign", 128, 32, 8), opts, only=["vqkernels[chunked]", "torch.cdist+argmin"])
+    ran = {e["contender"]: e for e in row["results"]}
+    assert set(ran) == {"vqkernels[chunked]", "torch.cdist+argmin"}
+    for e in ran.values():
+        assert e["status"] == "ok" and e["repeats"] == 3 and e["agrees"] and e["p20_s"] <= e["median_s"] <= e["p80_s"]
+    assert bench.machine_info()["uptime"] and "load average" in bench.load_now()["uptime"]

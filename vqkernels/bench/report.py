@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .runner import GPU_BANDWIDTH, GPU_PEAK_FLOPS, Options, machine_info, run_case
+from .runner import GPU_BANDWIDTH, GPU_PEAK_FLOPS, Options, load_now, machine_info, run_case
 from .specs import DECAY, EPS, OPS, SPECS, Case, grid
 
 SCHEMA = "vqkernels.bench/1"
@@ -194,6 +194,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip contenders whose N x K fp32 matrix exceeds this (default 2 on cpu, 24 on cuda)")
     parser.add_argument("--kernel-level", action="store_true",
                         help="time the backends' calls (dispatch, no validation) instead of the public ops")
+    parser.add_argument("--alternate", action="store_true",
+                        help="time a row's contenders in turn, one call each per round (--repeats rounds)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -206,18 +208,19 @@ def options_from_args(args) -> tuple:
                    warmup=args.warmup if args.warmup is not None else (2 if device == "cuda" else 1),
                    max_seconds=args.max_seconds if args.max_seconds is not None else max_seconds, memory=args.memory,
                    max_dense_bytes=dense * 2**30, seed=args.seed, memory_on_checked_call=grid_name != "full",
-                   subprocess_memory=grid_name == "full", kernel_level=getattr(args, "kernel_level", False))
+                   subprocess_memory=grid_name == "full", kernel_level=getattr(args, "kernel_level", False),
+                   alternate=getattr(args, "alternate", False))
     return grid_name, opts
 
 
-def document(rows, machine, opts: Options, grid_name: str, ops, elapsed: float, load_after, tgts) -> dict:
+def document(rows, machine, opts: Options, grid_name: str, ops, elapsed: float, after: dict, tgts) -> dict:
     """The JSON document of a run (schema ``vqkernels.bench/1``; fields in the package docstring)."""
     return {
-        "schema": SCHEMA, "machine": machine, "load_average_after": load_after,
+        "schema": SCHEMA, "machine": machine, "load_average_after": after["load_average"], "uptime_after": after["uptime"],
         "settings": {"grid": grid_name, "ops": list(ops), "device": opts.device, "repeats": opts.repeats,
                      "warmup": opts.warmup, "max_seconds": opts.max_seconds, "memory": opts.memory,
                      "max_dense_bytes": opts.max_dense_bytes, "seed": opts.seed, "decay": DECAY, "eps": EPS,
-                     "kernel_level": opts.kernel_level,
+                     "kernel_level": opts.kernel_level, "alternate": opts.alternate,
                      "float32_matmul_precision": torch.get_float32_matmul_precision()},
         "notes": {
             "time": "median seconds over the timed calls after warm-up (CUDA events on GPU)",
@@ -271,15 +274,15 @@ def run(args) -> int:
     if tgts and grid_name != "full":
         table.emit(f"   (the targets are set for the full grid's shapes; {grid_name} rows are small and only indicative)")
     elapsed = time.perf_counter() - started
-    load_after = machine_info()["load_average"]
-    table.emit("")
-    table.emit(f"ran {len(cases)} rows in {elapsed:.1f} s; load average before {machine['load_average']}, after {load_after}")
+    after = load_now()
+    table.emit(f"\nran {len(cases)} rows in {elapsed:.1f} s; before: {machine['uptime'] or machine['load_average']}; "
+               f"after: {after['uptime'] or after['load_average']}")
     if args.plot:
         why = plot(rows, args.plot, title=f"vqkernels bench ({grid_name}, {opts.device}, {machine['processor']})")
         table.emit(f"plot: {args.plot}" if why is None else f"no plot: {why}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        doc = document(rows, machine, opts, grid_name, args.ops, elapsed, load_after, tgts)
+        doc = document(rows, machine, opts, grid_name, args.ops, elapsed, after, tgts)
         args.json.write_text(json.dumps(doc, indent=1, default=str))
         table.emit(f"json: {args.json}")
     bad = [f"{r['label']}: {e['contender']} " + ("disagrees" if e.get("status") == "ok" else f"failed: {e['reason']}")

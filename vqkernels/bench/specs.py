@@ -647,18 +647,22 @@ def _rvq_state(case, inp) -> dict:
     """The row's codes and projections as a vector-quantize-pytorch ``ResidualVQ`` state dict: both
     contenders load the same one (ours through ``from_pretrained_state``, which needs no vqp)."""
     state = {k: v for k, v in inp.items() if k.startswith("project_")}
-    for q, codes in enumerate(inp["codes"]):
-        state.update({f"layers.{q}._codebook.{k}": v for k, v in (
-            ("embed", codes[None]), ("embed_avg", codes[None].clone()), ("cluster_size", codes.new_ones(1, case.K)),
-            ("initted", codes.new_ones(())))})
+    for q, c in enumerate(inp["codes"]):
+        state.update({f"layers.{q}._codebook.{k}": v for k, v in (("embed", c[None]), ("embed_avg", c[None].clone()),
+                      ("cluster_size", c.new_ones(1, case.K)), ("initted", c.new_ones(())))})
     return state
 
 
-def _rvq_peer(case, inp, device, training):
-    vqp = import_peer("vector_quantize_pytorch")
-    rvq = vqp.ResidualVQ(dim=case.D, num_quantizers=case.Q, codebook_size=case.K, codebook_dim=case.cdim or None,
-                         decay=DECAY, eps=EPS, kmeans_init=False, use_cosine_sim=case.metric == "cosine",
-                         rotation_trick=False, commitment_weight=1.0)
+def _rq(case, inp, b, training):
+    rq = vqkernels.ResidualQuantizer.from_pretrained_state(_rvq_state(case, inp), decay=DECAY, eps=EPS,
+                                                           metric=case.metric, backend=b)
+    return rq.to(inp["x"].device).train(training)
+
+
+def _rvq(case, inp, device, training):
+    rvq = import_peer("vector_quantize_pytorch").ResidualVQ(
+        dim=case.D, num_quantizers=case.Q, codebook_size=case.K, codebook_dim=case.cdim or None, decay=DECAY, eps=EPS,
+        kmeans_init=False, use_cosine_sim=case.metric == "cosine", rotation_trick=False, commitment_weight=1.0)
     rvq.load_state_dict(_rvq_state(case, inp))
     return rvq.to(device).train(training)
 
@@ -669,15 +673,12 @@ def _project(inp, x):
 
 def _residual_inputs(case, g):
     """Stage q's codes at scale 2^-q (what each stage leaves shrinks); unit codes for cosine."""
-    d = case.cdim or case.D
+    d, rand = case.cdim or case.D, lambda *shape: torch.rand(*shape, generator=g) * 2 - 1
     codes = torch.randn(case.Q, case.K, d, generator=g) * 0.5 ** torch.arange(case.Q).view(-1, 1, 1)
     inp = {"x": torch.randn(case.N, case.D, generator=g), "codes": normalized(codes, case.metric)}
-    if case.cdim:
-        bound = 1 / math.sqrt(case.D)  # nn.Linear's default init range
-        inp.update({"project_in.weight": (torch.rand(d, case.D, generator=g) * 2 - 1) * bound,
-                    "project_in.bias": (torch.rand(d, generator=g) * 2 - 1) * bound,
-                    "project_out.weight": (torch.rand(case.D, d, generator=g) * 2 - 1) / math.sqrt(d),
-                    "project_out.bias": torch.zeros(case.D)})
+    if case.cdim:  # nn.Linear's default init range
+        inp.update({"project_in.weight": rand(d, case.D) / math.sqrt(case.D), "project_in.bias": rand(d) / math.sqrt(case.D),
+                    "project_out.weight": rand(case.D, d) / math.sqrt(d), "project_out.bias": torch.zeros(case.D)})
     return inp
 
 
@@ -689,107 +690,98 @@ def _residual_check(case, inp, outputs) -> Dict[str, Check]:
     z, codes, checks = _project(inp, inp["x"].double()), inp["codes"].double(), {}
     for name, out in outputs.items():
         idx, residual, ok = out.to(z.device).reshape(-1, case.Q), z, torch.ones(z.shape[0], dtype=torch.bool)
-        for q in range(case.Q):
-            stage, cq = normalized(residual, case.metric), codes[q]
+        for q, cq in enumerate(codes):
+            stage = normalized(residual, case.metric)
             best = vqkernels.assign(stage, cq, case.metric, backend="chunked").indices
-            tol = tolerance(stage.float(), cq.float(), case.metric).to(z)
-            ok &= (pick_distances(stage, cq, idx[:, q], case.metric)
-                   <= pick_distances(stage, cq, best, case.metric) + tol).cpu()
+            ok &= (pick_distances(stage, cq, idx[:, q], case.metric) <= pick_distances(stage, cq, best, case.metric)
+                   + tolerance(stage.float(), cq.float(), case.metric).to(z)).cpu()
             residual = residual - cq[idx[:, q].clamp(0, case.K - 1)]
-        frac = float(ok.double().mean())
-        bad = (~ok).nonzero().flatten()[:3].tolist()
-        checks[name] = Check(frac, frac == 1.0, f"first disagreeing rows {bad}" if bad else "")
+        checks[name] = _agreement(ok)
     return checks
-
-
-def _residual_spec(name, title, grids, contenders, **kw) -> OpSpec:
-    return OpSpec(name, title, "every stage's pick within the dtype tolerance of the nearest code to the residual "
-                  "the contender's earlier picks leave (fp64)", ("N", "K", "D", "Q", "cdim", "metric"), grids,
-                  _residual_inputs, contenders, _residual_check,
-                  lambda case, e: (2 * case.N * case.K * (case.cdim or case.D) * case.Q,
-                                   e * (case.N * case.D + case.Q * case.K * (case.cdim or case.D)) + 8 * case.N * case.Q),
-                  lambda case: case.N * case.K * (case.cdim or case.D) * case.Q, **kw)
 
 
 # EnCodec-like (Q = 8, K = 1024, D = 128) and DAC-like (Q = 9, K = 1024, 8-D l2-normalised codes) stacks
 _ENCODEC, _DAC = dict(K=1024, D=128, Q=8), dict(K=1024, D=1024, Q=9, cdim=8, metric="cosine")
-_RESIDUAL_GRIDS = {
-    "smoke": [Case("", 128, 64, 16, Q=3), Case("", 128, 64, 32, Q=2, cdim=8, metric="cosine")],
-    "cpu-quick": [Case("", 2048, **_ENCODEC), Case("", 2048, **_DAC)],
-    "cpu-full": [Case("", 8192, **_ENCODEC), Case("", 8192, **_DAC)],
-    "cuda-quick": [Case("", 8192, **_ENCODEC), Case("", 8192, **_DAC)],
-    "cuda-full": [Case("", 65536, **_ENCODEC), Case("", 65536, **_DAC)]}
 
 
-def _grids_for(op, extra=None):
-    extra = extra or {}
-    return {k: [replace(c, op=op) for c in v] + extra.get(k, []) for k, v in _RESIDUAL_GRIDS.items()}
+def _residual_spec(op, title, contenders, extra=None, **kw) -> OpSpec:
+    grids = {"smoke": [Case(op, 128, 64, 16, Q=3), Case(op, 128, 64, 32, Q=2, cdim=8, metric="cosine")],
+             **{g: [Case(op, N, **_ENCODEC), Case(op, N, **_DAC)] for g, N in (
+                 ("cpu-quick", 2048), ("cpu-full", 8192), ("cuda-quick", 8192), ("cuda-full", 65536))}}
+    for g, cases in (extra or {}).items():
+        grids[g] += [replace(c, op=op) for c in cases]
+    return register(OpSpec(
+        op, title, "every stage's pick within the dtype tolerance of the nearest code to the residual the "
+        "contender's earlier picks leave (fp64)", ("N", "K", "D", "Q", "cdim", "metric"), grids, _residual_inputs,
+        contenders, _residual_check, lambda case, e: (
+            2 * case.N * case.K * (case.cdim or case.D) * case.Q,
+            e * (case.N * case.D + case.Q * case.K * (case.cdim or case.D)) + 8 * case.N * case.Q),
+        lambda case: case.N * case.K * (case.cdim or case.D) * case.Q, **kw))
 
 
-@register
-def _residual_step() -> OpSpec:
-    def step(case, inp, device, module):
-        x = inp["x"].clone().requires_grad_()
+def _residual_step(case, inp, device, module):
+    x = inp["x"].clone().requires_grad_()  # the stack's forward and backward, no encoder around it
 
-        def fn():
-            quantized, indices, losses = module(x.unsqueeze(0))[:3]
-            (quantized.square().mean() + losses.sum()).backward()
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            return indices.detach().reshape(-1, case.Q)
-        return Prepared(fn)
-
-    def ours_(case, inp, b, opts):
-        rq = vqkernels.ResidualQuantizer.from_pretrained_state(_rvq_state(case, inp), decay=DECAY, eps=EPS,
-                                                               metric=case.metric, backend=b)
-        return step(case, inp, inp["x"].device, rq.to(inp["x"].device).train())
-
-    def vqp_train(case, inp, device, opts):
-        dense_guard(case, opts, "ResidualVQ (cdist + one-hot per stage)", count=2)
-        return step(case, inp, device, _rvq_peer(case, inp, device, training=True))
-
-    return _residual_spec(
-        "residual_step", "ResidualQuantizer training step (forward + backward + EMA update of every stage)",
-        _grids_for("residual_step"), ours("vqkernels.RQ(train)[{}]", ours_, dtype=lambda c: torch.float32)
-        + [Contender("vqp.ResidualVQ(train)", "peer", vqp_train)], memory_subprocess=True, aliases=("rvq_step",))
+    def fn():
+        quantized, indices, losses = module(x.unsqueeze(0))[:3]
+        (quantized.square().mean() + losses.sum()).backward()
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        return indices.detach().reshape(-1, case.Q)
+    return Prepared(fn)
 
 
-@register
-def _residual_encode() -> OpSpec:
-    def module(case, inp, b, opts):
-        rq = vqkernels.ResidualQuantizer.from_pretrained_state(_rvq_state(case, inp), metric=case.metric, backend=b)
-        rq = rq.to(inp["x"].device).eval()
-        return Prepared(torch.no_grad()(lambda: rq(inp["x"]).indices))
+def _rvq_step(case, inp, device, opts):
+    dense_guard(case, opts, "ResidualVQ (cdist + one-hot per stage)", count=2)
+    return _residual_step(case, inp, device, _rvq(case, inp, device, training=True))
 
-    def fused(case, inp, b, opts):
-        op = getattr(vqkernels, "residual_assign", None)
-        if op is None:
-            raise Skip("this vqkernels has no residual_assign")
-        return Prepared(lambda: op(_project(inp, inp["x"]), inp["codes"], metric=case.metric, backend=b)[0])
 
-    def separate(case, inp, b, opts):
-        """One assign call per stage, the residual updated in between (the unfused path)."""
-        def fn():
-            residual, picks = _project(inp, inp["x"]), []
-            for codes in inp["codes"]:
-                picks.append(vqkernels.assign(normalized(residual, case.metric), codes, case.metric, backend=b).indices)
-                residual = residual - codes[picks[-1]]
-            return torch.stack(picks, 1)
-        return Prepared(fn)
+# issue #13: at least the 6x that eight chained Quantizers already reach over ResidualVQ on CPU
+_residual_spec("residual_step", "ResidualQuantizer training step (forward + backward + EMA update of every stage)",
+               ours("vqkernels.RQ(train)[{}]", lambda case, inp, b, opts: _residual_step(
+                   case, inp, inp["x"].device, _rq(case, inp, b, True)), dtype=lambda c: torch.float32)
+               + [Contender("vqp.ResidualVQ(train)", "peer", _rvq_step)], memory_subprocess=True,
+               aliases=("rvq_step",), targets=_speedup_targets("vqkernels.RQ", "vqp.", lambda row: 6.0))
 
-    def vqp_eval(case, inp, device, opts):
-        dense_guard(case, opts, "ResidualVQ (cdist per stage)")
-        rvq = _rvq_peer(case, inp, device, training=False)
-        return Prepared(torch.no_grad()(lambda: rvq(inp["x"].unsqueeze(0))[1].reshape(-1, case.Q)))
 
-    big = [Case("residual_encode", 4096, 262144, 8, Q=4)]
-    return _residual_spec(
-        "residual_encode", "residual encode (eval: Q stages of nearest codes)",
-        _grids_for("residual_encode", {"cpu-full": big, "cuda-full": [replace(c, N=65536) for c in big]
-                                       + [Case("residual_encode", 65536, 262144, 256, Q=4)]}),
-        ours("vqkernels.RQ(eval)[{}]", module) + ours("vqkernels.residual_assign[{}]", fused)
-        + ours("vqkernels.assign xQ[{}]", separate) + [Contender("vqp.ResidualVQ(eval)", "peer", vqp_eval)],
-        aliases=("rvq_encode", "residual_assign"))
+def _rq_eval(case, inp, b, opts):
+    rq = _rq(case, inp, b, False)
+    return Prepared(torch.no_grad()(lambda: rq(inp["x"]).indices))
+
+
+def _fused(case, inp, b, opts):
+    op = getattr(vqkernels, "residual_assign", None)
+    if op is None:
+        raise Skip("this vqkernels has no residual_assign")
+    return Prepared(lambda: op(_project(inp, inp["x"]), inp["codes"], metric=case.metric, backend=b)[0])
+
+
+def _separate(case, inp, b, opts):
+    """One assign call per stage, the residual updated in between (the unfused path)."""
+    def fn():
+        residual, picks = _project(inp, inp["x"]), []
+        for codes in inp["codes"]:
+            picks.append(vqkernels.assign(normalized(residual, case.metric), codes, case.metric, backend=b).indices)
+            residual = residual - codes[picks[-1]]
+        return torch.stack(picks, 1)
+    return Prepared(fn)
+
+
+def _rvq_eval(case, inp, device, opts):
+    dense_guard(case, opts, "ResidualVQ (cdist per stage)")
+    rvq = _rvq(case, inp, device, training=False)
+    return Prepared(torch.no_grad()(lambda: rvq(inp["x"].unsqueeze(0))[1].reshape(-1, case.Q)))
+
+
+_RBIG = [Case("", 4096, 262144, 8, Q=4)]  # IBQ-size codebooks (issue #13)
+_residual_spec(
+    "residual_encode", "residual encode (eval: Q stages of nearest codes)",
+    ours("vqkernels.RQ(eval)[{}]", _rq_eval) + ours("vqkernels.residual_assign[{}]", _fused)
+    + ours("vqkernels.assign xQ[{}]", _separate) + [Contender("vqp.ResidualVQ(eval)", "peer", _rvq_eval)],
+    {"cpu-full": _RBIG, "cuda-full": [replace(c, N=65536) for c in _RBIG] + [Case("", 65536, 262144, 256, Q=4)]},
+    aliases=("rvq_encode", "residual_assign"), targets=lambda row: _ratio_targets(row, [
+        ("vqkernels.residual_assign", "vqkernels.assign xQ", "residual_assign / Q separate assigns", lambda r: 1.0),
+        ("vqkernels.RQ(eval)", "vqp.", "residual encode ours / ResidualVQ", lambda r: None)]))
 
 
 OPS = tuple(SPECS)
