@@ -236,25 +236,26 @@ def document(rows, machine, opts: Options, grid_name: str, ops, elapsed: float, 
     }
 
 
-def run(args) -> int:
-    """``vqkernels bench``: run the grid, print the table, write JSON and plot.
+def run(args, cases=None, only=None, extra: Optional[dict] = None, name: str = "vqkernels bench") -> int:
+    """``vqkernels bench``: run the grid (or ``cases``, with the contenders in ``only``), print the
+    table and targets, write JSON (with ``extra``'s fields) and plot.
 
     Returns 0; 1 when a vqkernels contender disagreed with the best pick or raised (peers'
     failures are only reported); 2 when the device is missing.
     """
     grid_name, opts = options_from_args(args)
     if opts.device == "cuda" and not torch.cuda.is_available():
-        print("vqkernels bench: --device cuda but no CUDA device is available", file=sys.stderr)
+        print(f"{name}: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    cases = grid(grid_name, opts.device, args.ops)
+    cases = grid(grid_name, opts.device, args.ops) if cases is None else cases
     machine = machine_info()  # imports every installed peer, so their objects exist before the freeze
     started, table = time.perf_counter(), Table(opts.device)
     gpu = f", {machine.get('gpu')}" if opts.device == "cuda" else ""
-    table.emit(f"vqkernels bench: {grid_name} grid on {opts.device}{gpu} | {machine['processor']}, "
-               f"{machine['cpu_count']} cpus, torch {machine['torch']} ({machine['torch_threads']} threads) | "
-               f"load average {machine['load_average']}")
-    table.emit(f"median of up to {opts.repeats} timed calls after {opts.warmup} warm-up (the first is the checked call)"
-               + (", CUDA events" if opts.device == "cuda" else "")
+    table.emit(f"{name}: {grid_name} grid on {opts.device}{gpu} | {machine['processor']}, {machine['cpu_count']} cpus, "
+               f"torch {machine['torch']} ({machine['torch_threads']} threads) | load average {machine['load_average']}")
+    table.emit(f"median of {'' if opts.alternate else 'up to '}{opts.repeats} timed calls"
+               + (" in alternating rounds" if opts.alternate else "") + f" after {opts.warmup} warm-up (the first is "
+               "the checked call)" + (", CUDA events" if opts.device == "cuda" else "")
                + "; /best peer = time / fastest agreeing non-vqkernels contender")
     rows = []
     # Objects alive now (torch, the peers' modules) are never garbage: freezing them keeps the
@@ -263,7 +264,7 @@ def run(args) -> int:
     try:
         for i, case in enumerate(cases, 1):
             print(f"[{i}/{len(cases)}] {case.op} {case.label()}", file=sys.stderr, flush=True)
-            rows.append(run_case(case, opts, lambda msg: print(msg, file=sys.stderr, flush=True)))
+            rows.append(run_case(case, opts, lambda msg: print(msg, file=sys.stderr, flush=True), only))
             table.row(rows[-1])
     finally:
         gc.unfreeze()
@@ -282,7 +283,7 @@ def run(args) -> int:
         table.emit(f"plot: {args.plot}" if why is None else f"no plot: {why}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        doc = document(rows, machine, opts, grid_name, args.ops, elapsed, after, tgts)
+        doc = {**document(rows, machine, opts, grid_name, args.ops, elapsed, after, tgts), **(extra or {})}
         args.json.write_text(json.dumps(doc, indent=1, default=str))
         table.emit(f"json: {args.json}")
     bad = [f"{r['label']}: {e['contender']} " + ("disagrees" if e.get("status") == "ok" else f"failed: {e['reason']}")

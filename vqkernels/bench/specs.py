@@ -312,14 +312,19 @@ def _vqp_eval(case, inp, device, opts):
     return Prepared(torch.no_grad()(lambda: vq(x.unsqueeze(0))[1].reshape(-1)))
 
 
+# Issue #14's CPU shapes (N, K, D) (benchmarks/cpu_assign.py); the cpu backend at most 1.0x FAISS at the first four.
+CPU_TARGET_SHAPES = [(65536, 32768, 4), (65536, 1024, 8), (65536, 8192, 32), (16384, 16384, 64), (16384, 1024, 64)]
+
+
 def _assign_targets(row):
-    """Issue #14: chunked <= 1.5x FAISS at D >= 32; the cpu backend's ratios (its <= 1.0x targets are
-    the issue's shapes, benchmarks/cpu_assign.py) and never slower than chunked."""
+    """chunked <= 1.5x FAISS at D >= 32 (issue #9); the cpu backend <= 1.0x FAISS at issue #14's
+    shapes, and never slower than chunked."""
     if row["metric"] != "l2" or row["dtype"] != "fp32":
         return []
     return _ratio_targets(row, [
         ("vqkernels[chunked]", "faiss.", "assign chunked / faiss.IndexFlatL2", lambda r: 1.5 if r["D"] >= 32 else None),
-        ("vqkernels[cpu]", "faiss.", "assign cpu / faiss.IndexFlatL2", lambda r: None),
+        ("vqkernels[cpu]", "faiss.", "assign cpu / faiss.IndexFlatL2",
+         lambda r: 1.0 if (r["N"], r["K"], r["D"]) in CPU_TARGET_SHAPES[:4] else None),
         ("vqkernels[cpu]", "vqkernels[chunked]", "assign cpu / chunked", lambda r: 1.0)])
 
 
