@@ -22,17 +22,7 @@ distance against the best pick of all contenders within :func:`vqkernels.ops.ass
 (ties allowed; residual rows stage by stage on each contender's own residuals); statistics
 against fp64; k-means by inertia. A contender that disagrees is marked, never the "best peer".
 
-JSON of ``--json`` (schema ``vqkernels.bench/1``): ``machine`` (python, platform, hostname,
-processor, cpu_count, torch, torch_threads, cuda, time, vqkernels, the peers' versions,
-extension, load_average and ``uptime`` before the run; on GPU gpu, capability, sm_count,
-memory_gib, l2_bytes), ``load_average_after``, ``uptime_after``, ``settings``, ``notes``,
-``elapsed_s``, ``targets``, ``rows``: op, N, K, D, dtype, metric, iters (``variant``, ``Q``,
-``cdim`` where set), label, memory_mode, check, ``work`` on GPU, and ``results``: contender,
-family, status (ok / skipped / error), reason, median_s, p20_s, p80_s, min_s, repeats,
-throughput, throughput_unit, peak_mem_bytes, mem_method, agree, agrees, check_detail,
-vs_best_peer, on GPU floor_s and floor_fraction. ``benchmarks/gpu_bench.py`` keeps its schema 1
-(``versions`` and ``machine`` are both this machine description, plus ``load_after``;
-``agree_frac``: the fraction of rows as near as the best pick of every provider).
+JSON fields (``vqkernels.bench/1``; gpu_bench's schema 1) and the re-measuring commands: docs/bench.md.
 """
 from .report import Table, add_arguments, main, options_from_args, parse_ops, plot, run, targets
 from .runner import Options, load_now, machine_info, measure_peak, memory_in_subprocess, run_case, time_call

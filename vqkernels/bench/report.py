@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .runner import GPU_BANDWIDTH, GPU_PEAK_FLOPS, Options, load_now, machine_info, run_case
-from .specs import DECAY, EPS, OPS, SPECS, Case, grid
+from .specs import DECAY, EPS, OPS, SPECS, grid
 
 SCHEMA = "vqkernels.bench/1"
 DEFAULT_MAX_DENSE_GIB = {"cpu": 2.0, "cuda": 24.0}
@@ -109,12 +109,11 @@ def plot(rows: List[dict], path: Path, title: str = "") -> Optional[str]:
     except Exception as exc:
         return f"matplotlib is not installed ({type(exc).__name__}); pip install matplotlib"
     panels: Dict[str, List[dict]] = {}
-    fields = ("op", "N", "K", "D", "dtype", "metric", "iters")
-    for row in rows:
-        case = Case(**{k: row[k] for k in fields}, **{k: row[k] for k in ("variant", "Q", "cdim") if k in row})
-        panels.setdefault(f"{row['op']}: {case.series()}", []).append(row)
+    for row in rows:  # a panel per op and shape: everything in the label but K
+        panels.setdefault(f"{row['op']}: " + " ".join(p for p in row["label"].split() if not p.startswith("K=")),
+                          []).append(row)
     # vqkernels backends keep one colour in every panel (solid lines); peers take the rest (dashed)
-    backend_colour = {"chunked": "C0", "triton": "C2", "cuda": "C3", "reference": "C7"}
+    backend_colour = {"chunked": "C0", "triton": "C2", "cuda": "C3", "reference": "C7", "cpu": "C5"}
     cols = min(3, max(1, len(panels)))
     nrows = math.ceil(max(1, len(panels)) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
@@ -126,7 +125,7 @@ def plot(rows: List[dict], path: Path, title: str = "") -> Optional[str]:
                 if e.get("status") == "ok":
                     series.setdefault(e["contender"], []).append((row["K"], e["throughput"], e.get("agrees", True)))
                     unit = e["throughput_unit"]
-        peers = iter(["C1", "C4", "C5", "C6", "C8", "C9"] * 2)
+        peers = iter(["C1", "C4", "C6", "C8", "C9"] * 3)
         for contender, pts in series.items():
             ks, ys, _ = zip(*pts)
             ours = contender.startswith("vqkernels")

@@ -53,10 +53,6 @@ class Case:
         parts = [f"{names.get(f, '')}{getattr(self, f)}" for f in self.spec.label if getattr(self, f) != 0]
         return " ".join(parts + ([self.variant] if self.variant else []))
 
-    def series(self) -> str:
-        """The plot panel this row belongs to (everything but K)."""
-        return " ".join(p for p in self.label().split() if not p.startswith("K="))
-
     def work(self) -> dict:
         """``{"flops", "bytes"}`` of the op at its minimum, for the GPU floor."""
         flops, nbytes = self.spec.work(self, self.torch_dtype.itemsize)
@@ -390,43 +386,44 @@ def _stats_work(case, e):
     return case.N * case.D, e * case.N * case.D + 8 * case.N + 4 * case.K * (case.D + 1)
 
 
-def _one_hot(case, inp, device, opts):
-    """vector-quantize-pytorch's way: a dense one-hot [N, K] and a matmul."""
-    dense_guard(case, opts, "one_hot + matmul", count=2)
-    x, idx = inp["x"], inp["indices"]
-    return Prepared(lambda: (lambda onehot: (onehot.sum(0), onehot.t() @ x.float()))(F.one_hot(idx, case.K).float()))
+@register
+def _stats() -> OpSpec:
+    def one_hot(case, inp, device, opts):
+        """vector-quantize-pytorch's way: a dense one-hot [N, K] and a matmul."""
+        dense_guard(case, opts, "one_hot + matmul", count=2)
+        x, idx = inp["x"], inp["indices"]
+        return Prepared(lambda: (lambda oh: (oh.sum(0), oh.t() @ x.float()))(F.one_hot(idx, case.K).float()))
 
+    def check(case, inp, outputs):
+        x, idx = inp["x"].double(), inp["indices"]
+        counts = torch.bincount(idx, minlength=case.K).double()
+        sums = torch.zeros(case.K, case.D, dtype=torch.float64, device=x.device).index_add_(0, idx, x)
+        scale = torch.zeros(case.K, dtype=torch.float64, device=x.device).index_add_(0, idx, x.abs().sum(1))
+        tol = 1e-5 * scale.unsqueeze(1) + 1e-6  # fp32 summation of the rows of one code
+        return _per_code(outputs, lambda cs: (cs[0].double().to(x.device) == counts)
+                         & ((cs[1].double().to(x.device) - sums).abs() <= tol).all(1))
 
-def _stats_check(case, inp, outputs):
-    x, idx = inp["x"].double(), inp["indices"]
-    counts = torch.bincount(idx, minlength=case.K).double()
-    sums = torch.zeros(case.K, case.D, dtype=torch.float64, device=x.device).index_add_(0, idx, x)
-    scale = torch.zeros(case.K, dtype=torch.float64, device=x.device).index_add_(0, idx, x.abs().sum(1))
-    tol = 1e-5 * scale.unsqueeze(1) + 1e-6  # fp32 summation of the rows of one code
-    return _per_code(outputs, lambda cs: (cs[0].double().to(x.device) == counts)
-                     & ((cs[1].double().to(x.device) - sums).abs() <= tol).all(1))
-
-
-register(OpSpec(
-    "stats", "cluster_stats (per-code counts and sums)", "counts exact, sums within 1e-5 * sum|x| of fp64",
-    ("N", "K", "D", "dtype"),
-    {"smoke": [Case("stats", 512, 64, 8)], "cpu-quick": [Case("stats", 16384, 1024, 64)],
-     "cpu-full": [Case("stats", 65536, K, 64) for K in (1024, 16384, 65536)],
-     "cuda-quick": [Case("stats", 1 << 20, 16384, 64)],
-     "cuda-full": [Case("stats", 1 << 22, K, 64) for K in (1024, 65536)]},
-    lambda case, g: {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
-                     "indices": torch.randint(0, case.K, (case.N,), generator=g)},
-    ours("vqkernels[{}]", op_or_kernel(
-        lambda case, inp, b: tuple(vqkernels.cluster_stats(inp["x"], inp["indices"], case.K,
-                                                           deterministic=case.variant == "deterministic", backend=b)),
-        lambda case, inp, b: tuple(t[0] for t in _kernel("cluster_stats", b, inp["x"], inp["x"].dtype, inp["x"][None],
-                                                         inp["indices"][None], case.K, case.variant == "deterministic"))))
-    + [Contender("torch.index_add_", "peer", lambda case, inp, device, opts: Prepared(lambda: (
-        torch.bincount(inp["indices"], minlength=case.K).float(),
-        torch.zeros(case.K, case.D, device=inp["x"].device).index_add_(0, inp["indices"], inp["x"].float())))),
-       Contender("one_hot+matmul (vqp's way)", "peer", _one_hot)],
-    _stats_check, _stats_work, lambda case: case.N * case.K, aliases=("cluster_stats",),
-    targets=_plain_torch("torch.index_add_")))
+    det = lambda case: case.variant == "deterministic"  # noqa: E731
+    return OpSpec(
+        "stats", "cluster_stats (per-code counts and sums)", "counts exact, sums within 1e-5 * sum|x| of fp64",
+        ("N", "K", "D", "dtype"),
+        {"smoke": [Case("stats", 512, 64, 8)], "cpu-quick": [Case("stats", 16384, 1024, 64)],
+         "cpu-full": [Case("stats", 65536, K, 64) for K in (1024, 16384, 65536)],
+         "cuda-quick": [Case("stats", 1 << 20, 16384, 64)],
+         "cuda-full": [Case("stats", 1 << 22, K, 64) for K in (1024, 65536)]},
+        lambda case, g: {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
+                         "indices": torch.randint(0, case.K, (case.N,), generator=g)},
+        ours("vqkernels[{}]", op_or_kernel(
+            lambda case, inp, b: tuple(vqkernels.cluster_stats(inp["x"], inp["indices"], case.K, deterministic=det(case),
+                                                               backend=b)),
+            lambda case, inp, b: tuple(t[0] for t in _kernel("cluster_stats", b, inp["x"], inp["x"].dtype, inp["x"][None],
+                                                             inp["indices"][None], case.K, det(case)))))
+        + [Contender("torch.index_add_", "peer", lambda case, inp, device, opts: Prepared(lambda: (
+            torch.bincount(inp["indices"], minlength=case.K).float(),
+            torch.zeros(case.K, case.D, device=inp["x"].device).index_add_(0, inp["indices"], inp["x"].float())))),
+           Contender("one_hot+matmul (vqp's way)", "peer", one_hot)],
+        check, _stats_work, lambda case: case.N * case.K, aliases=("cluster_stats",),
+        targets=_plain_torch("torch.index_add_"))
 
 
 # --------------------------------------------------------------------------- ema_update_
@@ -434,60 +431,56 @@ def _ema_work(case, e):
     return 4 * case.K * case.D, 4 * 5 * case.K * (case.D + 1) + e * case.K * case.D
 
 
-def _ema_state(inp):
-    return {k: inp[k].clone() for k in ("cluster_size", "embed_avg", "codebook")}
+@register
+def _ema() -> OpSpec:
+    def state(inp):
+        return {k: inp[k].clone() for k in ("cluster_size", "embed_avg", "codebook")}
 
+    def ours_(case, inp, b, opts):
+        s, counts, sums = state(inp), inp["counts"], inp["sums"]
+        if opts.kernel_level:
+            args = [t.unsqueeze(0) for t in (s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums)]
+            return Prepared(lambda: _kernel("ema_update", b, counts, case.torch_dtype, *args, DECAY, EPS)
+                            or s["codebook"], output=lambda cb: cb.clone())
+        return Prepared(lambda: vqkernels.ema_update_(s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums,
+                                                      DECAY, EPS, backend=b), output=lambda cb: cb.clone())
 
-def _ours_ema(case, inp, b, opts):
-    s, counts, sums = _ema_state(inp), inp["counts"], inp["sums"]
-    if opts.kernel_level:
-        args = [t.unsqueeze(0) for t in (s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums)]
-        fn = lambda: _kernel("ema_update", b, counts, case.torch_dtype, *args, DECAY, EPS) or s["codebook"]  # noqa: E731
-    else:
-        fn = lambda: vqkernels.ema_update_(s["cluster_size"], s["embed_avg"], s["codebook"], counts, sums,  # noqa: E731
-                                           DECAY, EPS, backend=b)
-    return Prepared(fn, output=lambda cb: cb.clone())
+    def eager(case, inp, device, opts):
+        """The same update written as vector-quantize-pytorch writes it (eager torch)."""
+        s, counts, sums, K = state(inp), inp["counts"], inp["sums"], case.K
 
+        def fn():
+            s["cluster_size"].lerp_(counts, 1 - DECAY)
+            s["embed_avg"].lerp_(sums, 1 - DECAY)
+            n = s["cluster_size"].sum()
+            return s["codebook"].copy_(s["embed_avg"] / ((s["cluster_size"] + EPS) / (n + K * EPS) * n).unsqueeze(1))
+        return Prepared(fn, output=lambda cb: cb.clone())
 
-def _eager_ema(case, inp, device, opts):
-    """The same update written as vector-quantize-pytorch writes it (eager torch)."""
-    s, counts, sums, K = _ema_state(inp), inp["counts"], inp["sums"], case.K
+    def inputs(case, g):
+        K, D = case.K, case.D
+        counts = torch.bincount(torch.randint(0, K, (max(4 * K, 1024),), generator=g), minlength=K).float()
+        return {"counts": counts, "sums": torch.randn(K, D, generator=g) * counts.unsqueeze(1).sqrt(),
+                "cluster_size": torch.rand(K, generator=g) * 4, "embed_avg": torch.randn(K, D, generator=g),
+                "codebook": torch.randn(K, D, generator=g).to(case.torch_dtype)}
 
-    def fn():
-        s["cluster_size"].lerp_(counts, 1 - DECAY)
-        s["embed_avg"].lerp_(sums, 1 - DECAY)
-        n = s["cluster_size"].sum()
-        return s["codebook"].copy_(s["embed_avg"] / ((s["cluster_size"] + EPS) / (n + K * EPS) * n).unsqueeze(1))
-    return Prepared(fn, output=lambda cb: cb.clone())
+    def check(case, inp, outputs):
+        cs = inp["cluster_size"].double() * DECAY + inp["counts"].double() * (1 - DECAY)
+        ea = inp["embed_avg"].double() * DECAY + inp["sums"].double() * (1 - DECAY)
+        n = cs.sum()
+        truth = ea / ((cs + EPS) / (n + case.K * EPS) * n).unsqueeze(1)
+        rtol = 1e-4 if case.torch_dtype in (torch.float32, torch.float64) else 1e-2
+        return _per_code(outputs, lambda cb: ((cb.double().to(truth.device).reshape(truth.shape) - truth).abs()
+                                              <= rtol * truth.abs() + rtol).all(1))
 
-
-def _ema_inputs(case, g):
-    K, D = case.K, case.D
-    counts = torch.bincount(torch.randint(0, K, (max(4 * K, 1024),), generator=g), minlength=K).float()
-    return {"counts": counts, "sums": torch.randn(K, D, generator=g) * counts.unsqueeze(1).sqrt(),
-            "cluster_size": torch.rand(K, generator=g) * 4, "embed_avg": torch.randn(K, D, generator=g),
-            "codebook": torch.randn(K, D, generator=g).to(case.torch_dtype)}
-
-
-def _ema_check(case, inp, outputs):
-    cs = inp["cluster_size"].double() * DECAY + inp["counts"].double() * (1 - DECAY)
-    ea = inp["embed_avg"].double() * DECAY + inp["sums"].double() * (1 - DECAY)
-    n = cs.sum()
-    truth = ea / ((cs + EPS) / (n + case.K * EPS) * n).unsqueeze(1)
-    rtol = 1e-4 if case.torch_dtype in (torch.float32, torch.float64) else 1e-2
-    return _per_code(outputs, lambda cb: ((cb.double().to(truth.device).reshape(truth.shape) - truth).abs()
-                                          <= rtol * truth.abs() + rtol).all(1))
-
-
-register(OpSpec(
-    "ema", "ema_update_ (EMA statistics and codebook)", "codebook within 1e-4 (fp32) of the fp64 update",
-    ("K", "D", "dtype"),
-    {"smoke": [Case("ema", 0, 64, 8)], "cpu-quick": [Case("ema", 0, 16384, 64)],
-     "cpu-full": [Case("ema", 0, K, 64) for K in (1024, 16384, 65536)],
-     "cuda-quick": [Case("ema", 0, 65536, 64)], "cuda-full": [Case("ema", 0, K, 256) for K in (16384, 65536)]},
-    _ema_inputs, ours("vqkernels[{}]", _ours_ema) + [Contender("torch eager (vqp's formulas)", "peer", _eager_ema)],
-    _ema_check, _ema_work, lambda case: case.K * case.D, unit="codes/s", count=lambda case: case.K,
-    aliases=("ema_update", "ema_update_"), targets=_plain_torch("torch eager")))
+    return OpSpec(
+        "ema", "ema_update_ (EMA statistics and codebook)", "codebook within 1e-4 (fp32) of the fp64 update",
+        ("K", "D", "dtype"),
+        {"smoke": [Case("ema", 0, 64, 8)], "cpu-quick": [Case("ema", 0, 16384, 64)],
+         "cpu-full": [Case("ema", 0, K, 64) for K in (1024, 16384, 65536)],
+         "cuda-quick": [Case("ema", 0, 65536, 64)], "cuda-full": [Case("ema", 0, K, 256) for K in (16384, 65536)]},
+        inputs, ours("vqkernels[{}]", ours_) + [Contender("torch eager (vqp's formulas)", "peer", eager)],
+        check, _ema_work, lambda case: case.K * case.D, unit="codes/s", count=lambda case: case.K,
+        aliases=("ema_update", "ema_update_"), targets=_plain_torch("torch eager"))
 
 
 # --------------------------------------------------------------------------- Quantizer training step
