@@ -128,12 +128,15 @@ def test_vector_quantize_pytorch_kmeans_init_not_yet_run(vqp):
     assert bool(ours.initted) and float(ours.codebook.abs().sum()) > 0
 
 
-def test_vector_quantize_pytorch_several_heads_are_refused(vqp):
-    theirs = vqp.VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True)
-    with pytest.raises(RuntimeError, match="2 separate codebooks"):
-        Quantizer(8, 16).load_state_dict(theirs.state_dict())
-    with pytest.raises(checkpoints.UnknownLayoutError, match="heads"):
-        Quantizer.from_pretrained_state(theirs.state_dict())
+def test_vector_quantize_pytorch_separate_heads_into_one_codebook_is_refused(vqp):
+    theirs = vqp.VectorQuantize(dim=8, codebook_size=16, heads=2, codebook_dim=4, separate_codebook_per_head=True)
+    with pytest.raises(RuntimeError, match=r"2 separate codebooks \(2, 16, 4\), this Quantizer one codebook .*separate_codebook_per_head"):
+        Quantizer(8, 16, codebook_dim=4).load_state_dict(theirs.state_dict())
+    with pytest.raises(RuntimeError, match="one codebook \\(16, 4\\), this Quantizer 2 separate codebooks"):
+        Quantizer(8, 16, codebook_dim=4, heads=2, separate_codebook_per_head=True).load_state_dict(
+            vqp.VectorQuantize(dim=8, codebook_size=16, heads=2, codebook_dim=4).state_dict()
+        )
+    # (loading them into the right Quantizer: tests/test_heads.py)
 
 
 # ---------------------------------------------------------------- taming-transformers

@@ -8,11 +8,13 @@ from the shapes first. Layouts understood (keys relative to the quantizer):
 
 * ``vqkernels``: ``embed``, ``cluster_size``, ``initted``, ``quantizing``, ``steps`` (+ ``embed_avg``
   with EMA learning, ``reservoir``/``reservoir_seen`` with Deferred Quantization).
-* ``vector-quantize-pytorch`` (``VectorQuantize``, single head): ``_codebook.embed``
+* ``vector-quantize-pytorch`` (``VectorQuantize``): ``_codebook.embed``
   ``[1, K, D]`` (newer) or ``[K, D]`` (older), ``_codebook.embed_avg``, ``_codebook.cluster_size``
   ``[1, K]`` / ``[K]``, ``_codebook.initted`` (bool scalar, or float ``[1]`` in older versions),
-  plus ``project_in`` / ``project_out`` when ``codebook_dim != dim``. Its bare ``Codebook``
-  (the same keys without ``_codebook.``) is understood too.
+  plus ``project_in`` / ``project_out`` when ``heads * codebook_dim != dim``. Heads: ``[H, K, D]`` /
+  ``[H, K]`` with ``separate_codebook_per_head`` (loaded as a ``Quantizer`` with separate
+  codebooks); heads sharing a codebook are read from ``project_in``'s shape. Its bare
+  ``Codebook`` (the same keys without ``_codebook.``) is understood too.
 * ``taming-transformers`` (``VectorQuantizer`` / ``VectorQuantizer2``): ``embedding.weight [K, D]``.
 * ``encodec`` / audiocraft (``EuclideanCodebook``): ``embed [K, D]``, ``embed_avg``,
   ``cluster_size [K]``, ``inited [1]``; under ``_codebook.`` in their ``VectorQuantization``,
@@ -38,7 +40,8 @@ ENCODEC = "encodec"
 LAYOUTS: Dict[str, str] = {
     VQKERNELS: "embed, cluster_size, initted, quantizing, steps [, embed_avg, reservoir, reservoir_seen]",
     VECTOR_QUANTIZE_PYTORCH: "_codebook.embed [1, K, D] or [K, D], _codebook.embed_avg, _codebook.cluster_size, "
-    "_codebook.initted [, project_in.*, project_out.*] (VectorQuantize, single head)",
+    "_codebook.initted [, project_in.*, project_out.*] (VectorQuantize; heads: _codebook.embed [H, K, D] with "
+    "separate codebooks, or project_in.weight [H * D, dim] with a shared one)",
     TAMING: "embedding.weight [K, D] (VectorQuantizer / VectorQuantizer2)",
     ENCODEC: "embed [K, D], embed_avg, cluster_size [K], inited [1] (EuclideanCodebook; "
     "_codebook.* [, project_in.*, project_out.*] in VectorQuantization)",
@@ -110,24 +113,24 @@ def detect_layout(state: Mapping[str, object], prefix: str = "") -> Optional[str
 
 
 def _codes(t: torch.Tensor, key: str, state, prefix) -> torch.Tensor:
+    """``[K, D]`` for one codebook (``[1, K, D]`` loses its axis), ``[H, K, D]`` for separate
+    codebooks per head (kept: a ``Quantizer(heads=H, separate_codebook_per_head=True)``'s layout)."""
     t = t.detach()
-    if t.dim() == 3:
-        if t.shape[0] != 1:
-            raise unknown_layout_error(
-                state, prefix,
-                f"{key} has shape {tuple(t.shape)}: {t.shape[0]} separate codebooks (heads); Quantizer holds one codebook",
-            )
+    if t.dim() == 3 and t.shape[0] == 1:
         t = t[0]
-    if t.dim() != 2:
-        raise unknown_layout_error(state, prefix, f"{key} has shape {tuple(t.shape)}; expected [K, D] or [1, K, D]")
+    if t.dim() not in (2, 3):
+        raise unknown_layout_error(state, prefix, f"{key} has shape {tuple(t.shape)}; expected [K, D], [1, K, D] or [heads, K, D]")
     return t
 
 
-def _sizes(t: torch.Tensor, K: int, key: str, state, prefix) -> torch.Tensor:
-    t = t.detach().reshape(-1)
-    if t.numel() != K:
-        raise unknown_layout_error(state, prefix, f"{key} has {t.numel()} entries; expected K={K} to match the codebook")
-    return t
+def _sizes(t: torch.Tensor, shape, key: str, state, prefix) -> torch.Tensor:
+    """Cluster sizes in the codebook's leading ``shape`` (``[K]`` or ``[H, K]``)."""
+    t = t.detach()
+    if t.numel() != shape.numel():
+        raise unknown_layout_error(
+            state, prefix, f"{key} has shape {tuple(t.shape)}; expected {tuple(shape)} entries to match the codebook"
+        )
+    return t.reshape(shape)
 
 
 def _flag(t) -> torch.Tensor:
@@ -176,6 +179,8 @@ def convert_state_dict(
         if extra:
             raise unknown_layout_error(state, prefix, f"taming-transformers state with {extra} (index remapping) is not supported")
         embed = _codes(rel["embedding.weight"], "embedding.weight", state, prefix)
+        if embed.dim() != 2:
+            raise unknown_layout_error(state, prefix, f"embedding.weight has shape {tuple(embed.shape)}; expected [K, D]")
         cluster_size = torch.ones(embed.shape[0], dtype=torch.float32)
         initted = torch.tensor(True)
         consumed = ["embedding.weight"]
@@ -190,11 +195,12 @@ def convert_state_dict(
                 state, prefix, f"{layout} codebook state with {[inner + k for k in extra]} (e.g. affine parameters) is not supported"
             )
         embed = _codes(rel[inner + "embed"], inner + "embed", state, prefix)
-        K = embed.shape[0]
+        if embed.dim() == 3 and layout != VECTOR_QUANTIZE_PYTORCH:
+            raise unknown_layout_error(state, prefix, f"{inner}embed has shape {tuple(embed.shape)}; expected [K, D]")
         cluster_size = (
-            _sizes(rel[inner + "cluster_size"], K, inner + "cluster_size", state, prefix)
+            _sizes(rel[inner + "cluster_size"], embed.shape[:-1], inner + "cluster_size", state, prefix)
             if inner + "cluster_size" in rel
-            else torch.ones(K, dtype=torch.float32)
+            else torch.ones(embed.shape[:-1], dtype=torch.float32)
         )
         initted = _flag(rel[inner + flag]) if inner + flag in rel else torch.tensor(True)
         consumed = [inner + k for k in known if inner + k in rel]
@@ -208,29 +214,45 @@ def convert_state_dict(
     if learning == "ema":
         avg_key = ("_codebook." if "_codebook.embed" in rel else "") + "embed_avg"
         if avg_key in rel:
-            entries["embed_avg"] = _codes(rel[avg_key], avg_key, state, prefix).clone()
+            entries["embed_avg"] = _codes(rel[avg_key], avg_key, state, prefix).clone().reshape(embed.shape)
         else:
             entries["embed_avg"] = embed * cluster_size.to(embed.dtype).unsqueeze(-1)
     if deferred:
-        entries["reservoir"] = embed.new_zeros(0, embed.shape[1])
+        entries["reservoir"] = embed.new_zeros(embed.shape[:-2] + (0, embed.shape[-1]))
         entries["reservoir_seen"] = torch.zeros((), dtype=torch.int64)
     return Converted(layout, entries, [prefix + k for k in consumed])
 
 
 def infer_config(state: Mapping[str, object], prefix: str = "") -> Dict[str, object]:
     """``Quantizer`` arguments the state determines: ``dim``, ``codebook_size``,
-    ``codebook_dim``, plus the source library's defaults that differ from ours
-    (:data:`SOURCE_DEFAULTS`). Raises :class:`UnknownLayoutError` like :func:`convert_state_dict`."""
+    ``codebook_dim``, ``heads`` and ``separate_codebook_per_head``, plus the source library's
+    defaults that differ from ours (:data:`SOURCE_DEFAULTS`). Raises
+    :class:`UnknownLayoutError` like :func:`convert_state_dict`.
+
+    Heads: separate codebooks show as ``embed [H, K, D]``; heads sharing one codebook show only
+    through ``project_in.weight [H * D, dim]``, so without a projection (``dim = H * D``) the
+    state reads as one head: pass ``heads=H`` to ``from_pretrained_state``."""
     converted = convert_state_dict(state, prefix)
     rel = _relative(state, prefix)
     embed = converted.entries["embed"] if converted.entries else _codes(rel["embed"], "embed", state, prefix)
-    K, codebook_dim = embed.shape
-    dim = codebook_dim
+    K, codebook_dim = embed.shape[-2:]
+    heads = embed.shape[0] if embed.dim() == 3 else 1
+    dim = heads * codebook_dim
     if "project_in.weight" in rel:
-        dim = int(rel["project_in.weight"].shape[1])
+        projected, dim = (int(v) for v in rel["project_in.weight"].shape)
+        if heads == 1 and projected != codebook_dim:
+            if projected % codebook_dim:
+                raise unknown_layout_error(
+                    state, prefix,
+                    f"project_in.weight projects to {projected} features, not a multiple of the codebook's {codebook_dim}",
+                )
+            heads = projected // codebook_dim  # heads sharing one codebook
     config: Dict[str, object] = {"dim": int(dim), "codebook_size": int(K)}
     if dim != codebook_dim:
         config["codebook_dim"] = int(codebook_dim)
+    if heads > 1:
+        config["heads"] = int(heads)
+        config["separate_codebook_per_head"] = embed.dim() == 3
     if converted.layout == VQKERNELS and "embed_avg" not in rel:
         config["learning"] = "gradient"
     config.update(SOURCE_DEFAULTS[converted.layout])
@@ -282,6 +304,10 @@ def build_from_state(cls, state: Mapping[str, object], prefix: str = "", *, stri
     """``cls`` (a ``Quantizer`` class) built from :func:`infer_config` of ``state`` (``kwargs``
     override it) and loaded from ``state``; see ``Quantizer.from_pretrained_state``."""
     config = infer_config(state, prefix)
+    if "heads" in kwargs and "dim" not in kwargs and "project_in.weight" not in _relative(state, prefix):
+        # shared heads without a projection: the input is the heads' codes side by side
+        config["codebook_dim"] = config.get("codebook_dim", config["dim"])
+        config["dim"] = kwargs["heads"] * config["codebook_dim"]
     config.update(kwargs)
     module = cls(**config)
     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

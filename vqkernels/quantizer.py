@@ -4,7 +4,8 @@ A drop-in for ``vector_quantize_pytorch.VectorQuantize`` in the common single-co
 case, made of three parts, each with one job:
 
 * the projections in and out of codebook space (``project_in`` / ``project_out``);
-* the codebook state, :class:`vqkernels.codebook.Codebook` (``C = 1`` here): codes, EMA
+* the codebook state, :class:`vqkernels.codebook.Codebook` (``C = 1``, or ``C = heads`` with
+  separate codebooks per head; shared heads are rows of their own in ``C = 1``): codes, EMA
   statistics, k-means / random initialisation, dead-code restarts, Deferred Quantization's
   reservoir and switch;
 * the gradient estimator, :mod:`vqkernels.estimators` (straight-through or rotation trick).
@@ -145,6 +146,17 @@ class Quantizer(nn.Module):
             of training calls; a rank may see fewer rows, or none after masking. ``False``:
             each rank keeps its own statistics. A no-op in a single process.
         backend: force an ops backend (see :func:`vqkernels.assign`).
+        heads: ``H`` heads (as VectorQuantize's): the input is projected to ``H * codebook_dim``
+            (split without a projection when that equals ``dim``) and each head's slice is
+            quantized; indices are ``[..., H]`` (no trailing axis for ``H = 1``). All heads
+            are quantized in one assignment and updated in one statistics call.
+        separate_codebook_per_head: each head has its own codebook (``codebook`` is
+            ``[H, K, codebook_dim]``); ``False`` (default): the heads share one codebook, and
+            every head's rows update it.
+        freeze_codebook: default of ``forward``'s ``freeze_codebook`` (quantize without
+            updating the codebook).
+        return_zeros_for_masked_padding: masked rows come out as zeros (VectorQuantize's
+            default) instead of unchanged (``False``, the default here).
 
     Returns (forward):
         ``QuantizerOutput(quantized, indices, loss)``; with ``return_loss_breakdown=True`` a
@@ -188,6 +200,10 @@ class Quantizer(nn.Module):
         check_finite: bool = True,
         sync_codebook: Optional[bool] = None,
         backend: Optional[str] = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        freeze_codebook: bool = False,
+        return_zeros_for_masked_padding: bool = False,
     ):
         super().__init__()
         check_codebook_size("dim", dim)
@@ -203,6 +219,11 @@ class Quantizer(nn.Module):
             raise ValueError(f"loss weights must be >= 0, got commitment_weight={commitment_weight}, codebook_weight={codebook_weight}")
         if sync_codebook not in (None, True, False):
             raise ValueError(f"sync_codebook must be None, True or False, got {sync_codebook!r}")
+        check_codebook_size("heads", heads)
+        for name, value in (("separate_codebook_per_head", separate_codebook_per_head), ("freeze_codebook", freeze_codebook),
+                            ("return_zeros_for_masked_padding", return_zeros_for_masked_padding)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
         self.dim, self.codebook_dim = dim, codebook_dim
         self.gradient = gradient
@@ -210,17 +231,24 @@ class Quantizer(nn.Module):
         self.channel_last = channel_last
         self.check_finite = check_finite
         self.sync_codebook = sync_codebook
+        self.heads, self.separate_codebook_per_head = heads, separate_codebook_per_head
+        self.freeze_codebook = freeze_codebook
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        # separate codebooks: one per head on the codebook axis (C = H); shared: one codebook
+        # (C = 1) and every head's rows quantized against it as rows of their own
+        self._separate = separate_codebook_per_head and heads > 1
 
-        needs_projection = codebook_dim != dim
-        self.project_in = nn.Linear(dim, codebook_dim) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if needs_projection else nn.Identity()
-        # One codebook, stored without the codebook axis: the checkpoint layout stays
+        # as VectorQuantize: the input is projected to heads * codebook_dim unless that is dim
+        needs_projection = heads * codebook_dim != dim
+        self.project_in = nn.Linear(dim, heads * codebook_dim) if needs_projection else nn.Identity()
+        self.project_out = nn.Linear(heads * codebook_dim, dim) if needs_projection else nn.Identity()
+        # A single codebook is stored without the codebook axis: the checkpoint layout stays
         # embed [K, D], cluster_size [K] (and embed is the Parameter an optimizer sees).
         self.codebook_state = Codebook(
             codebook_size,
             codebook_dim,
-            num_codebooks=1,
-            codebook_axis=False,
+            num_codebooks=heads if self._separate else 1,
+            codebook_axis=self._separate,
             metric=metric,
             learning=learning,
             decay=decay,
@@ -240,12 +268,13 @@ class Quantizer(nn.Module):
     # ------------------------------------------------------------------ public helpers
     @property
     def codebook(self) -> torch.Tensor:
-        """The codes ``[K, codebook_dim]`` (unit rows with ``metric="cosine"``)."""
+        """The codes ``[K, codebook_dim]`` (``[heads, K, codebook_dim]`` with
+        ``separate_codebook_per_head``; unit rows with ``metric="cosine"``)."""
         return self.codebook_state.stored_codes()
 
     @codebook.setter
     def codebook(self, codes: torch.Tensor) -> None:
-        check_tensor("codes", codes, floating=True, dims=(2,))
+        check_tensor("codes", codes, floating=True)
         if tuple(codes.shape) != tuple(self.embed.shape):
             raise ValueError(f"codes has shape {tuple(codes.shape)}; expected {tuple(self.embed.shape)}")
         check_finite("codes", codes.detach())
@@ -258,23 +287,61 @@ class Quantizer(nn.Module):
         return self.codebook_state.is_quantizing
 
     def to_codebook_space(self, x: torch.Tensor) -> torch.Tensor:
-        """Map inputs ``[..., dim]`` (channel-last) to the space the codes live in ``[..., codebook_dim]``."""
+        """Map inputs ``[..., dim]`` (channel-last) to the space the codes live in
+        ``[..., heads * codebook_dim]`` (the heads side by side, each normalised for cosine)."""
         z = self.project_in(x).to(self.embed.dtype)
-        return normalized(z, self.metric)
+        if self.heads == 1:
+            return normalized(z, self.metric)
+        return normalized(z.unflatten(-1, (self.heads, self.codebook_dim)), self.metric).flatten(-2)
+
+    def _head_rows(self, z: torch.Tensor) -> torch.Tensor:
+        """Rows ``[N, heads * codebook_dim]`` in codebook space -> the codebook axis ``[C, N', D]``:
+        ``[heads, N, D]`` with separate codebooks, ``[1, N * heads, D]`` (row ``n * heads + h``)
+        with a shared one."""
+        if self.heads == 1:
+            return z.unsqueeze(0)
+        heads = z.unflatten(-1, (self.heads, self.codebook_dim))  # [N, H, D]
+        if self._separate:
+            return heads.transpose(0, 1).contiguous()
+        return heads.reshape(1, -1, self.codebook_dim)
+
+    def _head_keep(self, keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The row mask ``[N]`` for the rows of :meth:`_head_rows`."""
+        if keep is None or self.heads == 1 or self._separate:
+            return keep
+        return keep.repeat_interleave(self.heads)
+
+    def _from_head_rows(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """Inverse of :meth:`_head_rows` for ``[C, N', ...]``: ``[N, heads, ...]`` (``[N, ...]`` for one head)."""
+        if self.heads == 1:
+            return t[0]
+        if self._separate:
+            return t.transpose(0, 1)
+        return t[0].unflatten(0, (n, self.heads))
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes ``[..., codebook_dim]`` (channel-last, codebook space) for ``indices [...]``; -1 gives zeros."""
+        """Codes ``[..., codebook_dim]`` (channel-last, codebook space) for ``indices [...]``;
+        with ``heads > 1``, ``indices [..., heads]`` give ``[..., heads * codebook_dim]``. -1 gives zeros."""
         check_tensor("indices", indices, integer=True)
         check_same_device(indices=indices, codebook=self.embed)
+        if self.heads > 1 and (indices.dim() == 0 or indices.shape[-1] != self.heads):
+            raise ValueError(f"indices has shape {tuple(indices.shape)}; expected [..., heads={self.heads}]")
         check_indices_in_range("indices", indices, self.codebook_size)
-        codes = F.embedding(indices.clamp_min(0).long(), self.codebook)
-        return codes * (indices >= 0).unsqueeze(-1).to(codes.dtype)
+        flat = indices.clamp_min(0).long()
+        codebook = self.codebook
+        if self._separate:  # head h's code k is row h * K + k of the stacked codebooks
+            flat = flat + torch.arange(self.heads, device=flat.device) * self.codebook_size
+            codebook = codebook.reshape(-1, self.codebook_dim)
+        codes = F.embedding(flat, codebook)
+        codes = codes * (indices >= 0).unsqueeze(-1).to(codes.dtype)
+        return codes if self.heads == 1 else codes.flatten(-2)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """The layer's output for ``indices``: projected out, in the input layout (``[B, dim, ...]``
-        when ``channel_last=False``); -1 (masked) gives zeros."""
+        when ``channel_last=False``); -1 (masked; in any head) gives zeros."""
         out = self.project_out(self.get_codes_from_indices(indices))
-        out = out * (indices >= 0).unsqueeze(-1).to(out.dtype)
+        valid = indices >= 0 if self.heads == 1 else (indices >= 0).all(-1)
+        out = out * valid.unsqueeze(-1).to(out.dtype)
         return out if self.channel_last else out.movedim(-1, 1)
 
     get_output_from_indices = decode
@@ -292,13 +359,15 @@ class Quantizer(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}); expected [..., dim={self.dim}]")
         check_finite("x", x.detach().reshape(-1, self.dim))
-        rows = self.to_codebook_space(x.detach().reshape(-1, self.dim)).unsqueeze(0)
+        rows = self._head_rows(self.to_codebook_space(x.detach().reshape(-1, self.dim)))
         sync = self._sync()
         n = sync.total(rows.shape[1], rows.device)
         if n < self.codebook_size:
             where = " across all ranks" if sync.active else ""
             raise ValueError(f"init_codebook needs at least codebook_size={self.codebook_size} rows{where}, got {n}")
-        self.codebook_state.kmeans_init_(rows, None if batch_rows is None else float(batch_rows), sync)
+        # a shared codebook sees every head's rows: heads codebook rows per input row
+        per_row = 1 if self._separate else self.heads
+        self.codebook_state.kmeans_init_(rows, None if batch_rows is None else float(batch_rows) * per_row, sync)
 
     @torch.no_grad()
     def start_quantization(self) -> None:
@@ -312,20 +381,40 @@ class Quantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *, return_loss_breakdown: bool = False
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        *,
+        return_loss_breakdown: bool = False,
+        freeze_codebook: Optional[bool] = None,
+        accum_ema_update: bool = False,
+        ema_update_weight=None,
     ):
         """Quantize ``x``.
 
         Args:
             x: ``[..., dim]`` (``[B, dim, ...]`` with ``channel_last=False``), any float dtype.
             mask: optional bool, the leading shape (``[B, ...]`` without ``dim``), True = keep.
-                Masked rows get index -1, stay out of the statistics and the loss, and come
-                out unchanged.
+                Masked rows get index -1 and stay out of the statistics and the loss; they
+                come out unchanged, or as zeros with ``return_zeros_for_masked_padding=True``.
             return_loss_breakdown: add ``breakdown = LossBreakdown(commitment, codebook)``.
+            freeze_codebook: quantize (and return the commitment loss) without touching the
+                codebook: no EMA or usage update, no dead-code restart, no codebook loss
+                (default: the constructor's ``freeze_codebook``). A first-batch initialisation
+                still runs, since there must be codes to quantize with.
+            accum_ema_update: gradient accumulation: add this batch's statistics to a pending
+                sum instead of updating the codebook; the next training call without it applies
+                them together with its own as one EMA step (as VectorQuantize's
+                ``accum_ema_update``), or :meth:`apply_ema_` applies them alone.
+            ema_update_weight: VectorQuantize's per-code EMA weight: a float, ``[K]``,
+                ``[heads, K]`` (separate codebooks) or a callable ``(sums, counts) -> weight``;
+                each code's statistics move by ``(1 - decay) * weight`` of the way to this
+                step's.
 
         Returns:
             ``QuantizerOutput(quantized, indices, loss)``: ``quantized`` like ``x``, ``indices``
-            int64 of the leading shape, ``loss`` a scalar (zero in eval).
+            int64 of the leading shape (``[..., heads]`` with ``heads > 1``), ``loss`` a scalar
+            (zero in eval).
         """
         check_tensor("x", x, floating=True, min_dim=1 if self.channel_last else 2)
         xl = x if self.channel_last else x.movedim(1, -1)
@@ -334,6 +423,9 @@ class Quantizer(nn.Module):
             raise ValueError(f"x has {xl.shape[-1]} features in its {where} dimension (shape {tuple(x.shape)}); expected dim={self.dim}")
         lead = xl.shape[:-1]
         check_same_device(x=x, codebook=self.embed)
+        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        if freeze and accum_ema_update:
+            raise ValueError("freeze_codebook=True and accum_ema_update=True contradict: a frozen codebook accumulates nothing")
         keep = None
         if mask is not None:
             check_tensor("mask", mask)
@@ -359,35 +451,47 @@ class Quantizer(nn.Module):
             else:
                 return self._continuous_forward(x, flat, keep, lead, return_loss_breakdown)
 
-        z = self.to_codebook_space(flat).unsqueeze(0)  # [C = 1, N, D]
+        n = flat.shape[0]
+        z = self._head_rows(self.to_codebook_space(flat))  # [C, N', D]: C = heads (separate) or 1
+        head_keep = self._head_keep(keep)
         if self.training and not book.is_initialised:
-            book.initialise_(z.detach(), keep, sync)
-        codes = book.codes()  # [1, K, D]
+            book.initialise_(z.detach(), head_keep, sync)
+        codes = book.codes()  # [C, K, D]
         q, indices = quantize(
-            z, codes.detach(), keep, gradient=self.gradient, metric=self.metric, backend=self.backend, check_codebook=self.training
+            z, codes.detach(), head_keep, gradient=self.gradient, metric=self.metric, backend=self.backend,
+            check_codebook=self.training,
         )
 
         zero = z.new_zeros(())
         commitment = codebook_loss = zero
         loss = zero
         if self.training:
-            commitment = _masked_mse(z, q.detach(), keep)
+            commitment = _masked_mse(z, q.detach(), head_keep)
             loss = commitment * self.commitment_weight
-            if self.learning == "gradient":
-                codebook_loss = _masked_mse(gather_codes(codes, indices.clamp_min(0)), z.detach(), keep)
+            if self.learning == "gradient" and not freeze:
+                codebook_loss = _masked_mse(gather_codes(codes, indices.clamp_min(0)), z.detach(), head_keep)
                 loss = loss + codebook_loss * self.codebook_weight
-            book.update_(z.detach(), indices, keep, sync)
+            if not freeze:
+                book.update_(z.detach(), indices, head_keep, sync, accumulate=accum_ema_update, weight=ema_update_weight)
 
-        out = self.project_out(q[0]).to(x.dtype)
+        out = self.project_out(self._from_head_rows(q, n).reshape(n, self.heads * self.codebook_dim)).to(x.dtype)
         if keep is not None:
-            out = torch.where(keep.unsqueeze(-1), out, flat)
+            fill = torch.zeros((), dtype=out.dtype, device=out.device) if self.return_zeros_for_masked_padding else flat
+            out = torch.where(keep.unsqueeze(-1), out, fill)
         quantized = out.reshape(*lead, self.dim)
         if not self.channel_last:
             quantized = quantized.movedim(-1, 1)
-        indices = indices[0].reshape(lead)
+        indices = self._from_head_rows(indices, n).reshape(self._index_shape(lead))
         if return_loss_breakdown:
             return QuantizerOutputWithBreakdown(quantized, indices, loss, LossBreakdown(commitment, codebook_loss))
         return QuantizerOutput(quantized, indices, loss)
+
+    @torch.no_grad()
+    def apply_ema_(self) -> bool:
+        """Apply the statistics accumulated by ``forward(..., accum_ema_update=True)`` now, as one
+        EMA step (no dead-code restart). Under ``torch.distributed`` with ``sync_codebook`` every
+        rank must call it (one collective). Returns False when nothing was pending."""
+        return self.codebook_state.apply_pending_(self._sync())
 
     # ------------------------------------------------------------------ internals
     def _sync(self) -> _dist.LocalSync:
@@ -395,13 +499,20 @@ class Quantizer(nn.Module):
         of world size > 1 exists, else the local one. (``torch.compile`` folds it: no graph break.)"""
         return _dist.sync_for(self.sync_codebook is not False)
 
+    def _index_shape(self, lead) -> tuple:
+        """Indices are ``[...]`` for one head, ``[..., heads]`` for several (as VectorQuantize's)."""
+        return tuple(lead) + ((self.heads,) if self.heads > 1 else ())
+
     def _continuous_forward(self, x, flat, keep, lead, return_loss_breakdown):
         """Deferred Quantization's continuous phase: identity, plus a reservoir sample in training."""
         if self.training:
             with torch.no_grad():
-                self.codebook_state.observe_(self.to_codebook_space(flat.detach()).unsqueeze(0), keep)
+                self.codebook_state.observe_(self._head_rows(self.to_codebook_space(flat.detach())), self._head_keep(keep))
         zero = flat.new_zeros((), dtype=torch.float32)
-        indices = torch.full(tuple(lead), -1, dtype=torch.int64, device=x.device)
+        indices = torch.full(self._index_shape(lead), -1, dtype=torch.int64, device=x.device)
+        if keep is not None and self.return_zeros_for_masked_padding:
+            out = torch.where(keep.unsqueeze(-1), flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape(*lead, self.dim)
+            x = out if self.channel_last else out.movedim(-1, 1)
         if return_loss_breakdown:
             return QuantizerOutputWithBreakdown(x, indices, zero, LossBreakdown(zero, zero))
         return QuantizerOutput(x, indices, zero)
@@ -436,6 +547,13 @@ class Quantizer(nn.Module):
         _checkpoints.convert_foreign_state_(
             state_dict, prefix, own=own, learning=self.learning, deferred=bool(self.deferred_steps), error_msgs=error_msgs
         )
+        theirs = state_dict.get(prefix + "embed")
+        if isinstance(theirs, torch.Tensor) and theirs.dim() != self.embed.dim():
+            held = lambda t: f"{t.shape[0]} separate codebooks {tuple(t.shape)}" if t.dim() == 3 else f"one codebook {tuple(t.shape)}"
+            error_msgs.append(
+                f"the state holds {held(theirs)}, this Quantizer {held(self.embed)}: build it with the state's heads and "
+                "separate_codebook_per_head (Quantizer.from_pretrained_state reads them from the state)"
+            )
         for key in Codebook.STATE_KEYS:  # flat keys -> the codebook state's, loaded by it next
             if prefix + key in state_dict:
                 state_dict[prefix + "codebook_state." + key] = state_dict.pop(prefix + key)
@@ -451,6 +569,8 @@ class Quantizer(nn.Module):
             f"gradient={self.gradient!r}",
             f"init={self.init!r}",
         ]
+        if self.heads > 1:
+            parts.append(f"heads={self.heads}, separate_codebook_per_head={self.separate_codebook_per_head}")
         if self.learning == "ema":
             parts.append(f"decay={self.decay}")
         if self.dead_code_threshold:
