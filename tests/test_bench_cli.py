@@ -156,3 +156,24 @@ def test_alternating_repeats_time_every_contender_each_round():
     for e in ran.values():
         assert e["status"] == "ok" and e["repeats"] == 3 and e["agrees"] and e["p20_s"] <= e["median_s"] <= e["p80_s"]
     assert bench.machine_info()["uptime"] and "load average" in bench.load_now()["uptime"]
+
+
+def test_cpu_assign_is_a_view_of_the_harness(tmp_path, monkeypatch, capsys):
+    """benchmarks/cpu_assign.py: its contenders on the given shapes, alternating rounds, the targets
+    table, and uptime before and after in the JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpu_assign", Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_assign.py")
+    cpu_assign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_assign)
+    monkeypatch.setattr(cpu_assign, "QUICK_SHAPES", [(256, 64, 8)])
+    out_json = tmp_path / "cpu_assign.json"
+    assert cpu_assign.main(["--quick", "--json", str(out_json)]) == 0
+    doc = json.loads(out_json.read_text())
+    (row,) = doc["rows"]
+    assert row["label"] == "l2 N=256 K=64 D=8 fp32" and doc["settings"]["alternate"] and doc["settings"]["repeats"] == 3
+    ran = {e["contender"]: e for e in row["results"] if e["status"] == "ok"}
+    assert {"vqkernels[chunked]", "torch.cdist+argmin"} <= set(ran) <= set(cpu_assign.CONTENDERS)
+    assert all(e["agrees"] and e["repeats"] == 3 for e in ran.values())
+    assert doc["machine"]["uptime"] and doc["uptime_after"]
+    assert "== targets" in capsys.readouterr().out or "faiss.IndexFlat" not in ran

@@ -264,8 +264,12 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
         _timed(entry, t, case, progress, time.perf_counter() - started)
     times = {name: [] for name in rounds}
     for i in range(opts.repeats if rounds else 0):
-        for name, fns in rounds.items():
-            times[name].append(time_call(fns[i % len(fns)], repeats=1, warmup=0, device=device)["median"])
+        for name, fns in list(rounds.items()):
+            try:
+                times[name].append(time_call(fns[i % len(fns)], repeats=1, warmup=0, device=device)["median"])
+            except Exception as exc:
+                entries[name].update(status="error", reason=f"{type(exc).__name__}: {exc}")
+                del rounds[name], times[name], outputs[name]
     for name, ts in times.items():
         _timed(entries[name], _summary(ts), case, progress, sum(ts))
     rounds.clear()
