@@ -133,3 +133,128 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"vqkernels\[plot\]"):
         dg.plot(torch.randn(10, 2), torch.randn(3, 2), str(tmp_path / "x.png"))
+
+
+# ---------------------------------------------------------------------------- per stage / per head
+from vqkernels.residual import GroupedResidualQuantizer, ResidualQuantizer  # noqa: E402
+
+
+def _trained(module, x, steps=3):
+    for _ in range(steps):
+        module(x)
+    return module.eval()
+
+
+def test_residual_report_per_stage_matches_a_stage_by_stage_computation():
+    torch.manual_seed(0)
+    x = torch.randn(300, 6)
+    rq = _trained(ResidualQuantizer(6, 3, 8, init="kmeans"), x)
+    _, idx, _ = rq(x)  # [N, Q]
+    r = dg.report(x, rq, print_table=False)
+    assert list(r["units"]) == ["stage 0", "stage 1", "stage 2"]
+    codes = rq.codebook_state.codes().detach()
+    residual = x.clone()
+    for q in range(3):  # what stage q quantizes: the residual the earlier stages left
+        unit = r["units"][f"stage {q}"]
+        expected = dg.usage(idx[:, q], 8)
+        assert (unit["used_codes"], unit["dead_codes"]) == (expected.used_codes, expected.dead_codes)
+        assert math.isclose(unit["perplexity"], expected.perplexity, rel_tol=1e-9)
+        assert math.isclose(unit["variance_ratio"], dg.variance_ratio(codes[q], residual), rel_tol=1e-5)
+        residual = residual - codes[q][idx[:, q]]
+    # overall: codes used over all Q * K codes; entropy the mean of the stages'
+    assert r["used_codes"] == sum(r["units"][f"stage {q}"]["used_codes"] for q in range(3))
+    assert r["codebook_size"] == 24 and math.isclose(r["utilisation"], r["used_codes"] / 24)
+    mean_h = sum(r["units"][f"stage {q}"]["entropy"] for q in range(3)) / 3
+    assert math.isclose(r["entropy"], mean_h, rel_tol=1e-12) and math.isclose(r["perplexity"], math.exp(mean_h), rel_tol=1e-12)
+    pooled = sum(dg.total_variance(codes[q]) for q in range(3)) / sum(
+        dg.total_variance(dg.unit_inputs(rq, x)[0][q]) for q in range(3))
+    assert math.isclose(r["variance_ratio"], pooled, rel_tol=1e-9)
+
+
+def test_grouped_report_labels_and_index_layout(capsys):
+    torch.manual_seed(1)
+    x = torch.randn(200, 8)
+    grq = _trained(GroupedResidualQuantizer(8, 2, 2, 8, codebook_dim=3, init="kmeans"), x)
+    _, idx, _ = grq(x)  # [G, N, Q]
+    r = dg.report(x, grq, indices=idx, labels=torch.arange(200) % 3, title="grq")
+    out = capsys.readouterr().out
+    assert list(r["units"]) == ["group 0 stage 0", "group 0 stage 1", "group 1 stage 0", "group 1 stage 1"]
+    for g in range(2):
+        for q in range(2):
+            assert r["units"][f"group {g} stage {q}"]["used_codes"] == dg.usage(idx[g, :, q], 8).used_codes
+    assert "group 1 stage 1" in out and "overall" in out and "classes" in out
+    # without indices: the nearest codes stage by stage are the module's own
+    inputs, nearest = dg.unit_inputs(grq, x)
+    assert torch.equal(nearest, idx.permute(0, 2, 1).reshape(4, -1))
+    with pytest.raises(ValueError, match=r"expected \[groups=2, \.\.\., num_quantizers=2\]"):
+        dg.report(x, grq, indices=idx[0], print_table=False)
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_heads_report_per_head(separate):
+    torch.manual_seed(2)
+    x = torch.randn(256, 8)
+    vq = _trained(Quantizer(8, 16, heads=2, separate_codebook_per_head=separate, init="kmeans"), x)
+    _, idx, _ = vq(x)  # [N, H]
+    r = dg.report(x, vq, indices=idx, print_table=False)
+    assert list(r["units"]) == ["head 0", "head 1"]
+    for h in range(2):
+        assert r["units"][f"head {h}"]["used_codes"] == dg.usage(idx[:, h], 16).used_codes
+    if separate:  # two codebooks: used codes add up
+        assert r["codebook_size"] == 32 and r["used_codes"] == sum(r["units"][f"head {h}"]["used_codes"] for h in range(2))
+    else:  # one codebook both heads use: a code is used when either head uses it
+        assert r["codebook_size"] == 16 and r["used_codes"] == dg.usage(idx, 16).used_codes
+
+
+def test_monitor_per_stage_and_overall():
+    torch.manual_seed(3)
+    x = torch.randn(128, 4)
+    rq = ResidualQuantizer(4, 2, 8, init="kmeans")
+    monitor = dg.CodebookMonitor(rq)
+    handle = monitor.attach(rq)
+    counts = torch.zeros(2, 8, dtype=torch.int64)
+    for _ in range(3):
+        _, idx, _ = rq(x)
+        counts += torch.stack([torch.bincount(idx[:, q], minlength=8) for q in range(2)])
+    handle.remove()
+    assert monitor.counts.shape == (2, 8) and torch.equal(monitor.counts, counts)
+    per = monitor.unit_usage()
+    assert [per[f"stage {q}"].used_codes for q in range(2)] == [int((counts[q] > 0).sum()) for q in range(2)]
+    assert monitor.usage().used_codes == int((counts > 0).sum()) and monitor.usage().codebook_size == 16
+    s = monitor.summary()
+    assert set(s["units"]) == {"stage 0", "stage 1"} and s["batches"] == 3
+    rq.eval()
+    r = dg.report(x, rq, monitor=monitor, print_table=False)
+    assert r["units"]["stage 1"]["total"] == 3 * 128 and "mean_batch_perplexity" in r["units"]["stage 0"]
+    with pytest.raises(ValueError, match="expected one made for this module"):
+        dg.report(x, rq, monitor=dg.CodebookMonitor(8), print_table=False)
+
+
+def test_codebook_health_from_state():
+    vq = Quantizer(2, 4)
+    with torch.no_grad():
+        vq.codebook_state.load_codes_(torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 3.0]]]),
+                                      torch.tensor([[5.0, 0.5, 2.0, 0.0]]))
+    h = dg.codebook_health(vq, dead_threshold=1.0)["codebook"]
+    assert h["duplicate_codes"] == 1 and h["ema_used_codes"] == 2 and h["ema_dead_codes"] == 2
+    assert math.isclose(h["ema_perplexity"], float(dg.perplexity(torch.tensor([5.0, 0.5, 2.0, 0.0]))))
+    assert "ema_used_codes" not in dg.codebook_health(vq, statistics=False)["codebook"]
+    shared = dg.codebook_health(ResidualQuantizer(4, 3, 8, shared_codebook=True))
+    assert list(shared) == ["codebook (stages share it)"]
+    assert "EMA dead" in dg.format_health_table(dg.codebook_health(ResidualQuantizer(4, 2, 8)))
+    with pytest.raises(ValueError, match="dead_threshold"):
+        dg.codebook_health(vq, dead_threshold=-1)
+
+
+def test_plot_draws_one_usage_panel_per_stage(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(4)
+    x = torch.randn(200, 4)
+    rq = _trained(ResidualQuantizer(4, 3, 8, init="kmeans"), x)
+    titles = []
+    real = dg._draw
+    monkeypatch.setattr(dg, "_draw", lambda *a: (titles.append(a[6]), real(*a)))
+    path = dg.plot(x, rq, str(tmp_path / "rq.png"), title="rq")
+    assert titles == ["rq, stage 0", "rq, stage 1", "rq, stage 2"]
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

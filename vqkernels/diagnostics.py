@@ -18,16 +18,24 @@ our formulas (see DESIGN.md):
 
 Everything takes tensors; :func:`report` returns a dict and prints a table, :func:`plot`
 writes a PNG (needs matplotlib: ``pip install vqkernels[plot]``).
+
+Several codebooks: a multi-head :class:`~vqkernels.Quantizer`, a
+:class:`~vqkernels.ResidualQuantizer` or a :class:`~vqkernels.GroupedResidualQuantizer` is
+reported per *unit* ("head h", "stage q", "group g stage q": what that head / stage
+quantizes, against its codebook) and overall (used / dead codes over all codebooks; entropy
+the mean of the codebooks' entropies, perplexity its exp; variance ratio pooled:
+sum of tr Cov(codes) / sum of tr Cov(the rows each codebook quantizes)). :func:`codebook_health`
+reads a quantizer's state alone (EMA usage, duplicates, spread), as ``vqkernels diagnose`` does.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Union
 
 import torch
 
 from .ops import assign, histogram
-from .ops._metrics import CENTROID_METRICS
+from .ops._metrics import CENTROID_METRICS, normalized
 from .ops._validation import check_codebook_size, check_finite, check_indices_in_range, check_metric, check_tensor
 
 METRICS = CENTROID_METRICS
@@ -98,6 +106,123 @@ def usage(indices: torch.Tensor, codebook_size: int) -> Usage:
     return usage_from_counts(histogram(indices, codebook_size))
 
 
+# ---------------------------------------------------------------------------- stages and heads
+class Units(NamedTuple):
+    """How a quantizer's codebooks are used: one *unit* per head or residual stage.
+
+    ``labels[u]`` names unit ``u`` ("head h", "stage q", "group g stage q"); it quantizes
+    against codebook ``codebook_of[u]`` of ``codes [C, K, D]`` (several units share one
+    codebook with a shared head codebook or ``shared_codebook=True``).
+    """
+
+    kind: str  #: "quantizer" or "residual"
+    labels: List[str]
+    codebook_of: List[int]
+    codes: torch.Tensor  #: [C, K, D], detached
+    metric: str
+    groups: int = 1
+    stages: int = 1
+
+
+def units_of(module: torch.nn.Module) -> Units:
+    """The :class:`Units` of a :class:`vqkernels.Quantizer` (heads) or a (grouped) residual quantizer."""
+    from .quantizer import Quantizer
+    from .residual import GroupedResidualQuantizer, ResidualQuantizer
+
+    if isinstance(module, (ResidualQuantizer, GroupedResidualQuantizer)):
+        G, Q = module.groups, module.num_quantizers
+        codes = module.codebook_state.codes().detach()
+        grouped = isinstance(module, GroupedResidualQuantizer)
+        labels = [f"group {g} stage {q}" if grouped else f"stage {q}" for g in range(G) for q in range(Q)]
+        of = [g if module.shared_codebook else g * Q + q for g in range(G) for q in range(Q)]
+        return Units("residual", labels, of, codes, module.metric, G, Q)
+    if isinstance(module, Quantizer):
+        H = int(getattr(module, "heads", 1))
+        codes = module.codebook_state.codes().detach()
+        if H == 1:
+            return Units("quantizer", ["codebook"], [0], codes, module.metric)
+        # C is the head axis when the heads have separate codebooks (C = H), else C = 1
+        of = [h if codes.shape[0] == H else 0 for h in range(H)]
+        return Units("quantizer", [f"head {h}" for h in range(H)], of, codes, module.metric, 1, H)
+    raise TypeError(
+        f"expected a vqkernels Quantizer, ResidualQuantizer or GroupedResidualQuantizer, got {type(module).__name__}"
+    )
+
+
+def unit_indices(units: Units, indices: torch.Tensor) -> torch.Tensor:
+    """A module's ``indices`` output -> ``[U, N]`` (one row per unit): ``[...]`` (one head),
+    ``[..., H]`` (heads), ``[..., Q]`` (residual), ``[G, ..., Q]`` (grouped residual)."""
+    check_tensor("indices", indices, integer=True)
+    U = len(units.labels)
+    if U == 1 and units.kind == "quantizer":
+        return indices.reshape(1, -1)
+    G, last = units.groups, units.stages
+    if indices.dim() < 1 or indices.shape[-1] != last or (G > 1 and (indices.dim() < 2 or indices.shape[0] != G)):
+        want = f"[groups={G}, ..., num_quantizers={last}]" if G > 1 else f"[..., {'heads' if units.kind == 'quantizer' else 'num_quantizers'}={last}]"
+        raise ValueError(f"indices has shape {tuple(indices.shape)}; expected {want}")
+    return indices.reshape(G, -1, last).permute(0, 2, 1).reshape(U, -1)
+
+
+@torch.no_grad()
+def unit_inputs(module: torch.nn.Module, embeddings: torch.Tensor, indices: Optional[torch.Tensor] = None,
+                *, backend: Optional[str] = None):
+    """What each unit quantizes, for module inputs ``embeddings [..., dim]``: ``(inputs [U, N, D],
+    indices [U, N])``. Heads: the head's slice of the codebook space. Residual stages: the
+    running residual (normalised for cosine) after the earlier stages' codes are subtracted,
+    as the module's forward computes it. ``indices`` (the module's output) are used when given,
+    else each unit's nearest codes by :func:`vqkernels.assign`."""
+    units = units_of(module)
+    dim = module.dim
+    check_tensor("embeddings", embeddings, floating=True, min_dim=1)
+    if embeddings.shape[-1] != dim:
+        raise ValueError(
+            f"embeddings has {embeddings.shape[-1]} features (shape {tuple(embeddings.shape)}); expected the "
+            f"quantizer's input size dim={dim} (channel-last)"
+        )
+    flat = embeddings.detach().reshape(-1, dim).to(units.codes.device)
+    given = None if indices is None else unit_indices(units, indices.to(flat.device))
+    if given is not None and given.shape[1] != flat.shape[0]:
+        raise ValueError(f"indices give {given.shape[1]} rows but embeddings has {flat.shape[0]}; expected one code per embedding")
+    codes, metric = units.codes.float(), units.metric
+    U, D = len(units.labels), codes.shape[-1]
+    inputs = flat.new_empty((U, flat.shape[0], D), dtype=torch.float32)
+    out_idx = torch.empty((U, flat.shape[0]), dtype=torch.int64, device=flat.device)
+
+    def nearest(u, rows):
+        return given[u].long() if given is not None else assign(rows, codes[units.codebook_of[u]], metric, backend=backend).indices
+
+    if units.kind == "quantizer":
+        z = module.to_codebook_space(flat).float().reshape(flat.shape[0], U, D)
+        for u in range(U):
+            inputs[u], out_idx[u] = z[:, u], nearest(u, z[:, u])
+        return inputs, out_idx
+    G, Q = units.groups, units.stages
+    xg = flat.reshape(-1, G, dim // G)
+    for g in range(G):
+        residual = module.project_in[g](xg[:, g].to(units.codes.dtype)).float()
+        for q in range(Q):
+            u = g * Q + q
+            stage_in = normalized(residual, metric)
+            idx = nearest(u, stage_in)
+            picked = codes[units.codebook_of[u]][idx.clamp_min(0)] * (idx >= 0).unsqueeze(-1)
+            inputs[u], out_idx[u] = stage_in, idx
+            residual = residual - picked
+    return inputs, out_idx
+
+
+def _unit_usage(counts: torch.Tensor) -> Usage:
+    """Usage over several codebooks ``counts [C, K]``: used/dead codes over all ``C * K`` codes;
+    entropy the mean of the codebooks' entropies, perplexity its exp (so one codebook gives
+    exactly :func:`usage_from_counts`)."""
+    C, K = counts.shape
+    per = [usage_from_counts(counts[c]) for c in range(C)]
+    used = sum(p.used_codes for p in per)
+    h = sum(p.entropy for p in per) / C
+    total = sum(p.total for p in per)
+    ppl = math.exp(h) if total > 0 else 0.0
+    return Usage(C * K, total, used, C * K - used, used / (C * K), h, ppl, ppl / K)
+
+
 class CodebookMonitor:
     """Accumulates code usage over a stream of batches (counts stay on the device, no syncs).
 
@@ -107,35 +232,53 @@ class CodebookMonitor:
     perplexity for comparison.
 
     Args:
-        codebook_size: number of codes ``K``.
+        codebook_size: number of codes ``K``, or the quantizer itself (a multi-head
+            :class:`~vqkernels.Quantizer`, :class:`~vqkernels.ResidualQuantizer` or
+            :class:`~vqkernels.GroupedResidualQuantizer`): then usage is kept per head /
+            stage (``counts [U, K]``, :meth:`unit_usage`) and :meth:`usage` is the overall one.
         device: where the counts live (default: the first batch's device).
 
     Example:
-        >>> monitor = CodebookMonitor(512)
+        >>> monitor = CodebookMonitor(quantizer)  # or CodebookMonitor(512)
         >>> handle = monitor.attach(quantizer)  # or call monitor.update(indices) yourself
         >>> ...  # train
-        >>> monitor.usage().perplexity
+        >>> monitor.usage().perplexity, monitor.unit_usage()["stage 1"].dead_codes
     """
 
-    def __init__(self, codebook_size: int, device: Optional[Union[str, torch.device]] = None):
+    def __init__(self, codebook_size: Union[int, torch.nn.Module], device: Optional[Union[str, torch.device]] = None):
+        self.units: Optional[Units] = None
+        if isinstance(codebook_size, torch.nn.Module):
+            self.units = units_of(codebook_size)
+            codebook_size = int(self.units.codes.shape[1])
         check_codebook_size("codebook_size", codebook_size)
         self.codebook_size = codebook_size
+        self.labels = ["codebook"] if self.units is None else list(self.units.labels)
         self.device = None if device is None else torch.device(device)
         self.reset()
 
+    @property
+    def _per_unit(self) -> bool:
+        return self.units is not None and (len(self.labels) > 1 or self.units.kind == "residual")
+
     def reset(self) -> None:
-        self.counts = None if self.device is None else torch.zeros(self.codebook_size, dtype=torch.int64, device=self.device)
+        shape = (len(self.labels), self.codebook_size) if self._per_unit else (self.codebook_size,)
+        self.counts = None if self.device is None else torch.zeros(shape, dtype=torch.int64, device=self.device)
         self.batches = 0
         self._batch_perplexity_sum = None
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
-        """Add one batch of indices ``[...]`` (negative = masked)."""
-        batch = histogram(indices.detach(), self.codebook_size)
+        """Add one batch of indices (negative = masked) in the module's layout: ``[...]``,
+        ``[..., heads]``, ``[..., Q]`` or ``[G, ..., Q]``."""
+        indices = indices.detach()
+        if self._per_unit:
+            batch = histogram(unit_indices(self.units, indices), self.codebook_size, codebook_axis=True)
+        else:
+            batch = histogram(indices, self.codebook_size)
         if self.counts is None:
             self.counts = torch.zeros_like(batch)
         self.counts += batch.to(self.counts.device)
-        ppl = perplexity(batch)
+        ppl = perplexity(batch)  # [U] per unit, or a scalar
         self._batch_perplexity_sum = ppl if self._batch_perplexity_sum is None else self._batch_perplexity_sum + ppl
         self.batches += 1
 
@@ -151,20 +294,50 @@ class CodebookMonitor:
 
         return quantizer.register_forward_hook(hook)
 
-    def usage(self) -> Usage:
-        """Usage over every batch seen since the last reset."""
+    def _counts(self) -> torch.Tensor:
         if self.counts is None:
-            return usage_from_counts(torch.zeros(self.codebook_size, dtype=torch.int64))
-        return usage_from_counts(self.counts)
+            shape = (len(self.labels), self.codebook_size) if self._per_unit else (self.codebook_size,)
+            return torch.zeros(shape, dtype=torch.int64)
+        return self.counts
+
+    def codebook_counts(self) -> torch.Tensor:
+        """Counts per codebook ``[C, K]`` (units sharing a codebook added together)."""
+        counts = self._counts()
+        if not self._per_unit:
+            return counts.reshape(1, -1)
+        C = self.units.codes.shape[0]
+        out = torch.zeros((C, self.codebook_size), dtype=counts.dtype, device=counts.device)
+        return out.index_add_(0, torch.tensor(self.units.codebook_of, device=counts.device), counts)
+
+    def usage(self) -> Usage:
+        """Usage over every batch seen since the last reset (overall, over all codebooks)."""
+        if not self._per_unit:
+            return usage_from_counts(self._counts())
+        return _unit_usage(self.codebook_counts())
+
+    def unit_usage(self) -> Dict[str, Usage]:
+        """Usage per head / stage (one entry, ``"codebook"``, for a single codebook)."""
+        counts = self._counts().reshape(len(self.labels), -1)
+        return {label: usage_from_counts(counts[u]) for u, label in enumerate(self.labels)}
 
     def mean_batch_perplexity(self) -> float:
-        """Mean of the per-batch perplexities (biased low by the batch size; for comparison)."""
-        return 0.0 if not self.batches else float(self._batch_perplexity_sum) / self.batches
+        """Mean of the per-batch perplexities (biased low by the batch size; for comparison);
+        with several units, the mean over units too."""
+        return 0.0 if not self.batches else float(torch.as_tensor(self._batch_perplexity_sum).mean()) / self.batches
 
-    def summary(self) -> Dict[str, float]:
+    def unit_mean_batch_perplexity(self) -> Dict[str, float]:
+        if not self.batches:
+            return {label: 0.0 for label in self.labels}
+        sums = torch.as_tensor(self._batch_perplexity_sum).reshape(-1).expand(len(self.labels))
+        return {label: float(sums[u]) / self.batches for u, label in enumerate(self.labels)}
+
+    def summary(self) -> Dict[str, Any]:
         u = self.usage()._asdict()
         u["batches"] = self.batches
         u["mean_batch_perplexity"] = self.mean_batch_perplexity()
+        if self._per_unit:
+            ppl = self.unit_mean_batch_perplexity()
+            u["units"] = {k: dict(v._asdict(), mean_batch_perplexity=ppl[k]) for k, v in self.unit_usage().items()}
         return u
 
 
@@ -321,6 +494,109 @@ def _codebook_and_space(codebook, embeddings, metric):
     return codebook.detach(), embeddings, metric
 
 
+def _is_multi(module) -> bool:
+    """A module whose usage is reported per head / stage (several heads, or a residual stack)."""
+    if not isinstance(module, torch.nn.Module) or not hasattr(module, "codebook_state"):
+        return False
+    units = units_of(module)
+    return units.kind == "residual" or len(units.labels) > 1
+
+
+def _report_units(embeddings, module, indices, labels, monitor, extra, backend) -> Dict[str, Any]:
+    """:func:`report` of a multi-head or residual module: per unit, and overall."""
+    units = units_of(module)
+    inputs, idx = unit_inputs(module, embeddings, indices, backend=backend)
+    U, K = len(units.labels), units.codes.shape[1]
+    codes, metric = units.codes.float(), units.metric
+    if monitor is not None:
+        if monitor.units is None or monitor.labels != units.labels or monitor.codebook_size != K:
+            raise ValueError(
+                f"monitor counts {monitor.labels} over K={monitor.codebook_size}; expected one made for this module "
+                f"(CodebookMonitor(module): {units.labels} over K={K})"
+            )
+        counts, batch_ppl = monitor._counts().reshape(U, K), monitor.unit_mean_batch_perplexity()
+    else:
+        counts, batch_ppl = histogram(idx, K, codebook_axis=True), None
+    out: Dict[str, Any] = dict(extra or {})
+    per_unit: Dict[str, Dict[str, Any]] = {}
+    for u, label in enumerate(units.labels):
+        c = codes[units.codebook_of[u]]
+        r: Dict[str, Any] = usage_from_counts(counts[u])._asdict()
+        if batch_ppl is not None:
+            r["mean_batch_perplexity"] = batch_ppl[label]
+        r["variance_ratio"] = variance_ratio(c, inputs[u])
+        cov = coverage(inputs[u], c, metric, backend=backend)
+        r["embedding_to_code"], r["code_to_embedding"] = cov.embedding_to_code, cov.code_to_embedding
+        r["effective_rank_codebook"] = effective_rank(c)
+        if labels is not None:
+            cc = class_coverage(idx[u], labels, K)
+            r["classes_covered"] = f"{cc['classes_covered']} / {cc['classes']}"
+        per_unit[label] = r
+    C = codes.shape[0]
+    by_codebook = torch.zeros((C, K), dtype=counts.dtype, device=counts.device)
+    of = torch.tensor(units.codebook_of, device=counts.device)
+    by_codebook.index_add_(0, of, counts)
+    out.update(_unit_usage(by_codebook)._asdict())
+    if batch_ppl is not None:
+        out["mean_batch_perplexity"] = monitor.mean_batch_perplexity()
+    # pooled over codebooks: sum of tr Cov(codes) / sum of tr Cov(the rows each codebook quantizes)
+    num = den = 0.0
+    for c in range(C):
+        rows = inputs[[u for u in range(U) if units.codebook_of[u] == c]].reshape(-1, inputs.shape[-1])
+        num, den = num + total_variance(codes[c]), den + total_variance(rows)
+    out["variance_ratio"] = num / den if den > 0 else float("nan")
+    out["effective_rank_embeddings"] = effective_rank(embeddings.detach().reshape(-1, embeddings.shape[-1]))
+    out["units"] = per_unit
+    return out
+
+
+_UNIT_COLUMNS = (
+    ("utilisation", "util", "{:.3f}"),
+    ("used_codes", "used", "{:d}"),
+    ("dead_codes", "dead", "{:d}"),
+    ("perplexity", "ppl", "{:.1f}"),
+    ("normalised_perplexity", "ppl/K", "{:.3f}"),
+    ("mean_batch_perplexity", "batch ppl", "{:.1f}"),
+    ("variance_ratio", "var ratio", "{:.3f}"),
+    ("embedding_to_code", "emb->code", "{:.3f}"),
+    ("code_to_embedding", "code->emb", "{:.3f}"),
+    ("effective_rank_codebook", "rank(C)", "{:.2f}"),
+    ("classes_covered", "classes", "{}"),
+)
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and fmt == "{:d}":
+        return str(int(value))
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_unit_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per head / stage of each report (``report(...)["units"]``) and an ``overall``
+    row per report; columns: usage, variance ratio, coverage, codebook rank, classes covered."""
+    rows = []
+    for name, r in reports.items():
+        for label, unit in dict(r.get("units") or {}).items():
+            rows.append((name, label, unit))
+        rows.append((name, "overall", r))
+    columns = [c for c in _UNIT_COLUMNS if any(c[0] in r for _, _, r in rows)]
+    cells = [[name, label] + [_cell(r.get(key), fmt) for key, _, fmt in columns] for name, label, r in rows]
+    header = ["run", "unit"] + [head for _, head, _ in columns]
+    widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(len(header))]
+
+    def line(values):
+        return "   ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(values, widths)))
+
+    out = [line(header), "-" * len(line(header))]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
 def report(
     embeddings: torch.Tensor,
     codebook: Union[torch.Tensor, torch.nn.Module],
@@ -339,8 +615,11 @@ def report(
     Args:
         embeddings: ``[..., D]`` encoder outputs (a Quantizer's inputs when ``codebook`` is one).
         codebook: ``[K, D]`` codes, or a :class:`vqkernels.Quantizer` (its codes, metric and
-            input projection are used).
-        indices: the embeddings' codes ``[...]``; default: nearest codes by :func:`vqkernels.assign`.
+            input projection are used), or a multi-head Quantizer / ResidualQuantizer /
+            GroupedResidualQuantizer (reported per head / stage, see the module docstring).
+        indices: the embeddings' codes ``[...]`` (a module's ``indices`` output: ``[..., heads]``,
+            ``[..., Q]``, ``[G, ..., Q]``); default: nearest codes by :func:`vqkernels.assign`
+            (stage by stage on the running residual for a residual stack).
         labels: optional class label per embedding: adds per-class coverage.
         monitor: a :class:`CodebookMonitor`: usage comes from its stream instead of ``indices``.
         metric: ``"l2"`` or ``"cosine"`` (ignored when ``codebook`` is a Quantizer).
@@ -351,11 +630,21 @@ def report(
         a dict with the keys of :class:`Usage`, ``variance_ratio``, ``embedding_to_code``,
         ``code_to_embedding`` (and both ``*_relative``: divided by the embeddings' RMS spread
         ``sqrt(tr Cov(E))``, l2 only), ``effective_rank_embeddings``, ``effective_rank_codebook`` and,
-        with labels, ``classes``, ``classes_covered``, ``per_class``.
+        with labels, ``classes``, ``classes_covered``, ``per_class``. For a module with several
+        units: the overall usage keys, ``variance_ratio``, ``effective_rank_embeddings`` (of the
+        module's inputs) and ``units`` ``{label: {usage keys, variance_ratio, embedding_to_code,
+        code_to_embedding, effective_rank_codebook[, classes_covered]}}``; the table is printed
+        per unit too (:func:`format_unit_table`).
 
     Example:
         >>> stats = report(encoder(x), quantizer, labels=y)
     """
+    if _is_multi(codebook):
+        out = _report_units(embeddings, codebook, indices, labels, monitor, extra, backend)
+        if print_table:
+            print(format_table({title or "overall": out}))
+            print(format_unit_table({title or "": out}))
+        return out
     codes, emb, metric = _codebook_and_space(codebook, embeddings, metric)
     emb = _rows("embeddings", emb).float()
     codes = _rows("codebook", codes).float()
@@ -422,6 +711,70 @@ def format_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
     for label, cells in rows:
         out.append(f"{label:<{w0}}" + "".join(f"   {c:>{w}}" for c, w in zip(cells, widths)))
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- codebook only
+def codebook_health(module: torch.nn.Module, *, statistics: bool = True, dead_threshold: float = 1.0) -> Dict[str, Dict[str, Any]]:
+    """Health of each codebook of a quantizer from its state alone (no embeddings needed).
+
+    One entry per codebook (``C`` of them: per head / stage, or one shared by several):
+    ``codebook_size``, ``duplicate_codes`` (codes equal to another), ``codebook_variance``
+    (tr Cov of the codes), ``effective_rank_codebook`` and, when ``statistics`` (the state
+    holds EMA cluster sizes, which count rows per code per step), ``ema_used_codes`` /
+    ``ema_dead_codes`` (cluster size >= / < ``dead_threshold``), ``ema_perplexity`` (of the
+    cluster sizes) and its ``/ K``.
+    """
+    if isinstance(dead_threshold, bool) or not isinstance(dead_threshold, (int, float)) or not dead_threshold >= 0:
+        raise ValueError(f"dead_threshold must be a number >= 0, got {dead_threshold!r}")
+    units = units_of(module)
+    codes = units.codes.float()
+    C, K, _ = codes.shape
+    sizes = module.codebook_state.cluster_size.detach().reshape(C, K).to(torch.float64)
+    out: Dict[str, Dict[str, Any]] = {}
+    for c in range(C):
+        users = [label for u, label in enumerate(units.labels) if units.codebook_of[u] == c]
+        if len(users) == 1:
+            name = users[0]
+        elif units.kind == "residual":
+            name = f"group {c} (stages share it)" if units.groups > 1 else "codebook (stages share it)"
+        else:
+            name = "codebook (heads share it)"
+        r: Dict[str, Any] = {"codebook_size": K}
+        if statistics:
+            alive = sizes[c] >= dead_threshold
+            r["ema_used_codes"], r["ema_dead_codes"] = int(alive.sum()), K - int(alive.sum())
+            r["ema_perplexity"] = float(perplexity(sizes[c].clamp_min(0)))
+            r["ema_normalised_perplexity"] = r["ema_perplexity"] / K
+        r["duplicate_codes"] = K - int(torch.unique(codes[c], dim=0).shape[0])
+        r["codebook_variance"] = total_variance(codes[c])
+        r["effective_rank_codebook"] = effective_rank(codes[c])
+        out[name] = r
+    return out
+
+
+_HEALTH_COLUMNS = (
+    ("codebook_size", "K", "{:d}"),
+    ("ema_used_codes", "EMA used", "{:d}"),
+    ("ema_dead_codes", "EMA dead", "{:d}"),
+    ("ema_perplexity", "EMA ppl", "{:.1f}"),
+    ("ema_normalised_perplexity", "EMA ppl/K", "{:.3f}"),
+    ("duplicate_codes", "duplicates", "{:d}"),
+    ("codebook_variance", "tr Cov(C)", "{:.4g}"),
+    ("effective_rank_codebook", "rank(C)", "{:.2f}"),
+)
+
+
+def format_health_table(health: Mapping[str, Mapping[str, Any]]) -> str:
+    """The table of :func:`codebook_health`: one row per codebook."""
+    columns = [c for c in _HEALTH_COLUMNS if any(c[0] in r for r in health.values())]
+    header = ["codebook"] + [head for _, head, _ in columns]
+    cells = [[name] + [_cell(r.get(key), fmt) for key, _, fmt in columns] for name, r in health.items()]
+    widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(len(header))]
+
+    def line(values):
+        return "   ".join(f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(values, widths)))
+
+    return "\n".join([line(header), "-" * len(line(header))] + [line(c) for c in cells])
 
 
 # ---------------------------------------------------------------------------- plots
@@ -501,26 +854,44 @@ def plot(
 
 
 def plot_comparison(runs: Mapping[str, Mapping[str, Any]], path: str, *, suptitle: Optional[str] = None, max_points: int = 5000) -> str:
-    """One row per run (usage histogram | PCA), e.g. early vs deferred quantization.
+    """One row per run (usage histogram | PCA), e.g. early vs deferred quantization; a run
+    whose ``codebook`` is a multi-head or residual quantizer gets one row per head / stage
+    (its usage panel, and the PCA of what that head / stage quantizes with its codes).
 
     ``runs`` maps a name to a dict with ``embeddings``, ``codebook`` and optionally
-    ``indices``, ``counts``, ``labels``, ``metric`` (as for :func:`plot`).
+    ``indices``, ``counts``, ``labels``, ``metric`` (as for :func:`plot`; for a module with
+    several units, ``indices`` in its output layout and ``counts [U, K]`` as a
+    :class:`CodebookMonitor` of it keeps).
     """
     Figure, FigureCanvasAgg = _matplotlib()
-    fig = Figure(figsize=(11, 4.2 * len(runs)), layout="constrained")  # leaves room for the suptitle
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(runs), 2, squeeze=False)
-    for row, (name, run) in enumerate(runs.items()):
+    panels = []
+    for name, run in runs.items():
+        counts = run.get("counts")
+        if _is_multi(run["codebook"]):
+            units = units_of(run["codebook"])
+            inputs, idx = unit_inputs(run["codebook"], run["embeddings"], run.get("indices"))
+            K = units.codes.shape[1]
+            if counts is None:
+                counts = histogram(idx, K, codebook_axis=True)
+            counts = counts.reshape(len(units.labels), K)
+            for u, label in enumerate(units.labels):
+                codes = units.codes[units.codebook_of[u]].float()
+                panels.append((f"{name}, {label}" if name else label, inputs[u], codes, counts[u], run.get("labels")))
+            continue
         codes, emb, metric = _codebook_and_space(run["codebook"], run["embeddings"], run.get("metric", "l2"))
         emb = _rows("embeddings", emb).float()
         codes = _rows("codebook", codes).float()
-        counts = run.get("counts")
         if counts is None:
             idx = run.get("indices")
             if idx is None:
                 idx = assign(emb, codes, metric).indices
             counts = histogram(idx, codes.shape[0])
-        _draw(axes[row][0], axes[row][1], emb, codes, counts, run.get("labels"), name, max_points)
+        panels.append((name, emb, codes, counts, run.get("labels")))
+    fig = Figure(figsize=(11, 4.2 * len(panels)), layout="constrained")  # leaves room for the suptitle
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 2, squeeze=False)
+    for row, (name, emb, codes, counts, labels) in enumerate(panels):
+        _draw(axes[row][0], axes[row][1], emb, codes, counts, labels, name, max_points)
     if suptitle:
         fig.suptitle(suptitle)
     fig.savefig(path, dpi=110)
@@ -544,4 +915,11 @@ __all__ = [
     "format_table",
     "plot",
     "plot_comparison",
+    "Units",
+    "units_of",
+    "unit_indices",
+    "unit_inputs",
+    "format_unit_table",
+    "codebook_health",
+    "format_health_table",
 ]
