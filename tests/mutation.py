@@ -32,10 +32,11 @@ NOT_TRITON = "not triton and not cuda"
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "assign": (
         ["vqkernels/ops/assign/reference.py", "vqkernels/ops/assign/chunked.py"],
-        ["tests/test_definitions.py", "tests/test_ops.py", "-k", f"assign and {NOT_TRITON}"],
+        ["tests/test_definitions.py", "tests/test_ops.py", "tests/test_assign_ties.py", "tests/test_assign_mutants.py",
+         "-k", f"assign and {NOT_TRITON}"],
     ),
     "histogram": (
-        ["vqkernels/ops/histogram/reference.py", "vqkernels/ops/histogram/chunked.py", "vqkernels/ops/_indices.py"],
+        ["vqkernels/ops/histogram/reference.py", "vqkernels/ops/histogram/chunked.py"],
         ["tests/test_definitions.py", "tests/test_ops.py", "-k", f"histogram and {NOT_TRITON}"],
     ),
     "cluster_stats": (
@@ -51,7 +52,17 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     # the split). Slower: each mutant runs Quantizer training steps.
     "codebook": (
         ["vqkernels/codebook.py"],
-        ["tests/test_codebook_axis.py", "tests/test_quantizer.py", "tests/test_nonfinite.py", "tests/test_determinism.py", "-k", NOT_TRITON],
+        [
+            "tests/test_codebook_mutants.py", "tests/test_codebook_axis.py", "tests/test_quantizer.py",
+            "tests/test_nonfinite.py", "tests/test_determinism.py", "tests/test_errors.py", "tests/test_kmeans.py",
+            "tests/test_checkpoints.py", "tests/test_resume.py", "tests/test_residual_quantizer.py", "-k", NOT_TRITON,
+        ],
+    ),
+    # The index helpers every histogram / cluster_stats backend shares (masked entries, the
+    # flat C * K bins): their own tests, then the ops that use them.
+    "indices": (
+        ["vqkernels/ops/_indices.py"],
+        ["tests/test_indices.py", "tests/test_definitions.py", "tests/test_codebook_axis.py", "-k", NOT_TRITON],
     ),
 }
 
@@ -123,6 +134,10 @@ def main(argv=None) -> int:
     parser.add_argument("groups", nargs="*", help=f"groups to run (default: all whose files exist): {', '.join(GROUPS)}")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="mutants tested in parallel")
     parser.add_argument("--list", action="store_true", help="print the groups, their files and tests, and exit")
+    parser.add_argument(
+        "--only", nargs="+", metavar="MUTANT", default=[],
+        help="run only these mutants (names as mutmut prints them; * wildcards), e.g. to re-check survivors",
+    )
     args = parser.parse_args(argv)
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
             continue
         work = _prepare(group, files, tests, args.jobs)
         print(f"=== {group}: mutmut in {work.relative_to(ROOT)}", flush=True)
-        _mutmut(work, "run", "--max-children", str(args.jobs))
+        _mutmut(work, "run", "--max-children", str(args.jobs), *args.only)
         _report(group, work, files)
     return 0
 

@@ -1,0 +1,313 @@
+"""vqkernels.codebook.Codebook against plain definitions: its argument checks, defaults, EMA
+closed form, stored codes, the one-off state broadcast, Algorithm R reservoir sampling and
+checkpoint loading. Written to kill the mutants of ``make mutation MUTATION_GROUPS=codebook``
+that the Quantizer-level tests let through (see docs/testing.md); each test states the
+behaviour it pins, not a mutant.
+"""
+import pytest
+import torch
+
+import vqkernels
+from helpers import closed_form_ema, randn
+from vqkernels import codebook as codebook_module
+from vqkernels.codebook import Codebook
+from vqkernels.distributed import LOCAL, LocalSync
+from vqkernels.ops import _dispatch
+
+K, D = 4, 3
+
+# ---------------------------------------------------------------- argument checks
+
+BAD_ARGS = [
+    # (kwargs, exception, fragments the message must contain)
+    (dict(codebook_size=0), ValueError, ["codebook_size must be >= 1", "got 0"]),
+    (dict(codebook_size=2.0), TypeError, ["codebook_size must be an int"]),
+    (dict(dim=0), ValueError, ["codebook_dim must be >= 1"]),
+    (dict(num_codebooks=0), ValueError, ["num_codebooks must be >= 1"]),
+    (dict(num_codebooks=2, codebook_axis=False), ValueError, ["codebook_axis=False", "num_codebooks=2"]),
+    (dict(learning="sgd"), ValueError, ["learning must be one of", "'sgd'"]),
+    (dict(init="zeros"), ValueError, ["init must be one of", "'zeros'"]),
+    (dict(decay="0.9"), TypeError, ["decay must be a float, got str '0.9'"]),
+    (dict(decay=True), TypeError, ["decay must be a float, got bool True"]),
+    (dict(eps="1e-5"), TypeError, ["eps must be a float, got str"]),
+    (dict(dead_code_threshold=None), TypeError, ["dead_code_threshold must be a float, got NoneType"]),
+    (dict(decay=1.5), ValueError, ["decay must be in [0, 1]", "1.5"]),
+    (dict(decay=-0.1), ValueError, ["decay must be in [0, 1]", "-0.1"]),
+    (dict(eps=0.0), ValueError, ["eps must be > 0", "0.0"]),
+    (dict(dead_code_threshold=-1.0), ValueError, ["dead_code_threshold must be >= 0", "-1.0"]),
+    (dict(deferred_steps=-1), ValueError, ["deferred_steps must be an int >= 0", "-1"]),
+    (dict(deferred_steps=1.5), ValueError, ["deferred_steps must be an int >= 0", "1.5"]),
+    (dict(deferred_steps=True), ValueError, ["deferred_steps must be an int >= 0", "True"]),
+    (dict(kmeans_iters=-1), ValueError, ["kmeans_iters must be an int >= 0", "-1"]),
+    (dict(kmeans_iters=1.5), ValueError, ["kmeans_iters must be an int >= 0", "1.5"]),
+    (dict(kmeans_iters=True), ValueError, ["kmeans_iters must be an int >= 0", "True"]),
+    (dict(deferred_steps=2, reservoir_size=K - 1), ValueError, [f"reservoir_size must be an int >= codebook_size={K}", "3"]),
+    (dict(backend="nope"), ValueError, ["'nope' is not a vqkernels backend"]),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, fragments", BAD_ARGS, ids=[str(a[0]) for a in BAD_ARGS])
+def test_bad_arguments_raise_naming_the_argument(kwargs, error, fragments):
+    args = dict(codebook_size=K, dim=D) | kwargs
+    with pytest.raises(error) as info:
+        Codebook(args.pop("codebook_size"), args.pop("dim"), **args)
+    message = str(info.value)
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"message {message!r} lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(decay=0.0), dict(decay=1.0), dict(decay=1), dict(kmeans_iters=0), dict(dead_code_threshold=0),
+     dict(deferred_steps=2, reservoir_size=K), dict(eps=1e-30)],
+    ids=str,
+)
+def test_boundary_arguments_are_accepted(kwargs):
+    book = Codebook(K, D, **kwargs)
+    assert book.codebook_size == K
+
+
+def test_kmeans_iters_zero_initialises_from_the_seeding_alone():
+    torch.manual_seed(0)
+    rows = randn(1, 40, D, seed=1)
+    book = Codebook(K, D, init="kmeans", kmeans_iters=0)
+    book.initialise_(rows, None, LOCAL)
+    assert book.is_initialised and torch.isfinite(book.embed).all()
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_defaults_quantize_from_the_first_call_without_a_reservoir():
+    book = Codebook(K, D)
+    assert book.is_quantizing and book.is_initialised and book.switch_due
+    assert "reservoir" not in book.state_dict() and "reservoir_seen" not in book.state_dict()
+
+
+def test_default_reservoir_holds_four_codebooks_of_rows():
+    book = Codebook(K, D, num_codebooks=2, deferred_steps=3)
+    assert tuple(book.reservoir.shape) == (2, 4 * K, D)
+    assert not book.is_quantizing and not book.switch_due
+
+
+def test_steps_count_training_calls_as_int64():
+    book = Codebook(K, D)
+    z = randn(1, 10, D, seed=2)
+    for _ in range(3):
+        book.update_(z, vqkernels.assign(z, book.codes()).indices, None, LOCAL)
+    steps = book.state_dict()["steps"]
+    assert steps.dtype == torch.int64 and int(steps) == 3
+
+
+def test_default_ema_step_is_the_closed_form_with_decay_08_and_eps_1e5():
+    torch.manual_seed(3)
+    book = Codebook(K, D, num_codebooks=2)
+    z = randn(2, 30, D, seed=4)
+    indices = vqkernels.assign(z, book.codes()).indices
+    before = [t.clone() for t in (book.cluster_size, book.embed_avg)]
+    counts = torch.stack([torch.bincount(indices[c], minlength=K) for c in range(2)]).double()
+    sums = torch.zeros(2, K, D, dtype=torch.float64)
+    for c in range(2):
+        sums[c].index_add_(0, indices[c], z[c].double())
+    size, avg, code = closed_form_ema(*before, counts, sums, 0.8, 1e-5)
+    book.update_(z, indices, None, LOCAL)
+    torch.testing.assert_close(book.cluster_size.double(), size, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(book.embed_avg.double(), avg, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(book.embed.double(), code, rtol=1e-5, atol=1e-6)
+
+
+def test_default_kmeans_init_runs_ten_lloyd_iterations():
+    K8 = 16
+    z = torch.rand(1, 1000, 2, generator=torch.Generator().manual_seed(5))  # uniform: Lloyd converges slowly
+    torch.manual_seed(6)
+    book = Codebook(K8, 2, init="kmeans")
+    book.initialise_(z, None, LOCAL)
+    got = book.embed[0].clone()
+    runs = {}
+    for iters in (10, 11):
+        torch.manual_seed(6)  # the k-means++ seeding draws the same rows as the book's
+        runs[iters] = vqkernels.kmeans(z[0], K8, iters).centroids
+    assert not torch.equal(runs[10], runs[11]), "data too easy: 10 and 11 iterations agree"
+    assert torch.equal(got, runs[10])
+
+
+# ---------------------------------------------------------------- the codes
+
+
+def test_cosine_codes_start_on_the_unit_sphere():
+    book = Codebook(16, 5, metric="cosine")
+    torch.testing.assert_close(book.codes().norm(dim=-1), torch.ones(1, 16))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("learning", ["ema", "gradient"])
+def test_stored_codes_are_unit_rows_for_cosine_and_raw_otherwise(metric, learning):
+    book = Codebook(K, D, metric=metric, learning=learning)
+    raw = 3.0 * randn(1, K, D, seed=7)
+    book.embed.data.copy_(raw)
+    codes = book.codes()
+    if metric == "cosine" and learning == "gradient":
+        torch.testing.assert_close(codes, raw / raw.norm(dim=-1, keepdim=True))
+        codes.sum().backward()  # differentiable: the gradient reaches the parameter
+        assert book.embed.grad is not None and book.embed.grad.abs().sum() > 0
+    else:
+        # l2 keeps any codes; EMA + cosine normalises when it writes, never when it reads
+        assert torch.equal(codes, raw)
+
+
+# ---------------------------------------------------------------- dispatch and flags
+
+
+def _spy_cluster_stats(monkeypatch):
+    calls = []
+    real = codebook_module.cluster_stats
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(codebook_module, "cluster_stats", spy)
+    return calls
+
+
+@pytest.mark.parametrize("deterministic", [None, True, False])
+def test_deterministic_flag_reaches_cluster_stats(monkeypatch, deterministic):
+    calls = _spy_cluster_stats(monkeypatch)
+    book = Codebook(K, D) if deterministic is None else Codebook(K, D, deterministic=deterministic)
+    z = randn(1, 12, D, seed=8)
+    book.update_(z, vqkernels.assign(z, book.codes()).indices, None, LOCAL)
+    assert len(calls) == 1 and calls[0]["deterministic"] is bool(deterministic)
+
+
+def test_requested_backend_runs_every_training_op(monkeypatch):
+    chosen = []
+    real = _dispatch.select
+
+    def spy(op, *args, **kwargs):
+        name = real(op, *args, **kwargs)
+        chosen.append((op, name))
+        return name
+
+    monkeypatch.setattr(_dispatch, "select", spy)
+    book = Codebook(K, D, backend="reference", dead_code_threshold=0.5)
+    z = randn(1, 12, D, seed=9)
+    book.update_(z, torch.zeros(1, 12, dtype=torch.int64), None, LOCAL)
+    ops = {op for op, _ in chosen}
+    assert {"cluster_stats", "ema_update"} <= ops, chosen
+    assert all(name == "reference" for _, name in chosen), chosen
+
+
+# ---------------------------------------------------------------- broadcast
+
+
+class _RecordingSync(LocalSync):
+    active = True
+
+    def __init__(self):
+        self.broadcasts = []
+
+    def broadcast_(self, *tensors):
+        self.broadcasts.append(tensors)
+        return tensors
+
+
+@pytest.mark.parametrize("learning", ["ema", "gradient"])
+def test_first_synced_call_broadcasts_the_state_once(learning):
+    book = Codebook(K, D, learning=learning)
+    book.broadcast_(LOCAL)  # one process: nothing to send, and it does not count as sent
+    sync = _RecordingSync()
+    book.broadcast_(sync)
+    book.broadcast_(sync)
+    assert len(sync.broadcasts) == 1
+    sent = sync.broadcasts[0]
+    expected = [book.embed.data, book.cluster_size] + ([book.embed_avg] if learning == "ema" else [])
+    assert len(sent) == len(expected) and all(s.data_ptr() == e.data_ptr() for s, e in zip(sent, expected))
+
+
+# ---------------------------------------------------------------- reservoir (Algorithm R)
+
+
+def _algorithm_r(batches, R, seed):
+    """Sequential Algorithm R over the kept rows, fed the same uniform draws as the module
+    (one float64 ``torch.rand(N)`` per batch): stream position p goes to slot p while p < R,
+    else to slot floor(u (p + 1)) when that is < R."""
+    g = torch.Generator().manual_seed(seed)
+    reservoir, seen = {}, 0
+    for rows, keep in batches:
+        u = torch.rand(rows.shape[1], generator=g, dtype=torch.float64).tolist()
+        for i in range(rows.shape[1]):
+            if keep is not None and not bool(keep[i]):
+                continue
+            slot = seen if seen < R else int(u[i] * (seen + 1))
+            if slot < R:
+                reservoir[slot] = rows[:, i].clone()
+            seen += 1
+    return reservoir, seen
+
+
+@pytest.mark.parametrize("C", [1, 2])
+def test_reservoir_is_algorithm_r_with_the_latest_row_winning(C):
+    R = 5
+    batches = []
+    for b, n in enumerate([1, 3, 1, 7, 0, 20, 1, 40]):
+        rows = randn(C, n, D, seed=100 + b)
+        keep = None if b % 2 else torch.arange(n) % 3 != 1
+        batches.append((rows, keep))
+    book = Codebook(K, D, num_codebooks=C, deferred_steps=100, reservoir_size=R)
+    torch.manual_seed(11)
+    for rows, keep in batches:
+        book.observe_(rows, keep)
+    expected, seen = _algorithm_r(batches, R, 11)
+    assert int(book.reservoir_seen) == seen and book._deferred_calls == len(batches)
+    assert sorted(expected) == list(range(R))
+    want = torch.stack([expected[s] for s in range(R)], 1)  # [C, R, D]
+    assert torch.equal(book.reservoir, want)
+
+
+def test_single_row_batches_enter_the_reservoir():
+    book = Codebook(K, D, deferred_steps=10, reservoir_size=K, codebook_axis=False)
+    rows = randn(1, 2, D, seed=12)
+    book.observe_(rows[:, :1], None)
+    book.observe_(rows[:, 1:], torch.tensor([True]))
+    assert int(book.reservoir_seen) == 2
+    assert torch.equal(book.reservoir[:2], rows[0]) and not book.reservoir[2:].any()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _trained(**kwargs):
+    torch.manual_seed(13)
+    book = Codebook(K, D, **kwargs)
+    z = randn(1, 16, D, seed=14)
+    if book.is_quantizing:
+        book.update_(z, vqkernels.assign(z, book.codes()).indices, None, LOCAL)
+    else:
+        book.observe_(z, None)
+    return book
+
+
+@pytest.mark.parametrize("deferred_steps", [0, 3])
+def test_strict_loading_reports_missing_unexpected_and_misshaped_keys(deferred_steps):
+    state = _trained(deferred_steps=deferred_steps).state_dict()
+    book = Codebook(K, D, deferred_steps=deferred_steps)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"steps\""):
+        book.load_state_dict({k: v for k, v in state.items() if k != "steps"})
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*\"bogus\""):
+        book.load_state_dict(state | {"bogus": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for embed"):
+        book.load_state_dict(state | {"embed": torch.zeros(1, K + 1, D)})
+    book.load_state_dict(state)
+    for key, value in state.items():
+        assert torch.equal(book.state_dict()[key], value), key
+
+
+def test_non_strict_loading_across_deferral_settings():
+    deferred = _trained(deferred_steps=3).state_dict()
+    plain = Codebook(K, D)
+    result = plain.load_state_dict(deferred, strict=False)  # e.g. fine-tuning without deferral
+    assert sorted(result.unexpected_keys) == ["reservoir", "reservoir_seen"]
+    assert torch.equal(plain.embed, deferred["embed"])
+    book = Codebook(K, D, deferred_steps=3)
+    result = book.load_state_dict(_trained().state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["reservoir", "reservoir_seen"]
