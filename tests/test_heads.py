@@ -312,3 +312,77 @@ def test_from_pretrained_state_shared_heads_without_projection_needs_heads(vqp):
     ours = Quantizer.from_pretrained_state(theirs.state_dict(), heads=2).eval()
     assert ours.dim == 8 and ours.codebook_dim == 4
     assert torch.equal(ours(x).indices, theirs(x)[1])
+
+
+# ---------------------------------------------------------------- two Gloo ranks
+def _ddp_data(rank, steps=5):
+    g = torch.Generator().manual_seed(70 + rank)
+    return [(torch.randn(14 + 5 * rank, 8, generator=g) + 3.0 * rank, torch.rand(14 + 5 * rank, generator=g) > 0.2)
+            for _ in range(steps)]
+
+
+def _ddp_configs():
+    return {
+        "separate-ema": dict(heads=4, codebook_dim=2, separate_codebook_per_head=True, decay=0.8, deterministic=True),
+        "shared-ema": dict(heads=4, codebook_dim=2, decay=0.8, deterministic=True),
+        "separate-restarts": dict(heads=2, codebook_dim=4, separate_codebook_per_head=True, init="kmeans", dead_code_threshold=0.8),
+        "shared-deferred": dict(heads=2, codebook_dim=4, deferred_steps=2, reservoir_size=24, dead_code_threshold=0.8),
+    }
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import os
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, kw in _ddp_configs().items():
+            torch.manual_seed(100 + rank)  # different codes per rank: the first call broadcasts rank 0's
+            vq = Quantizer(8, 6, **kw)
+            data = _ddp_data(rank)
+            for x, mask in data[:2]:
+                vq(x, mask=mask)
+            for x, mask in data[2:4]:  # gradient accumulation: statistics applied once, one collective
+                vq(x, mask=mask, accum_ema_update=True)
+            vq(*data[4][:1], mask=data[4][1])
+            results[name] = {k: v.clone() for k, v in vq.state_dict().items() if k != "reservoir_seen"}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_keep_identical_head_codebooks(tmp_path):
+    import time
+    import torch.multiprocessing as mp
+
+    mp.set_forkserver_preload(["torch", "vqkernels", "test_heads"])
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="forkserver")
+    deadline = time.monotonic() + 180
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail("2 ranks did not finish within 180 s (a rank is stuck in a collective)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for name in r0:
+        for k, v in r0[name].items():
+            assert torch.equal(v, r1[name][k]), f"{name}: {k} differs between ranks"
+    # EMA without random choices: the same as one process fed both ranks' rows
+    for name in ("separate-ema", "shared-ema"):
+        torch.manual_seed(100)
+        ref = Quantizer(8, 6, **_ddp_configs()[name])
+        both = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(_ddp_data(0), _ddp_data(1))]
+        for x, mask in both[:2]:
+            ref(x, mask=mask)
+        for x, mask in both[2:4]:
+            ref(x, mask=mask, accum_ema_update=True)
+        ref(both[4][0], mask=both[4][1])
+        for k in ("embed", "embed_avg", "cluster_size"):
+            assert_close(r0[name][k], getattr(ref, k), f"{name} {k} vs one process")
