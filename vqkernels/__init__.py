@@ -18,6 +18,8 @@ from .ops import (
     ema_update_,
     histogram,
     kmeans,
+    residual_assign,
+    ResidualAssignResult,
 )
 from . import checkpoints, diagnostics, distributed
 from .checkpoints import UnknownLayoutError
@@ -35,6 +37,8 @@ __all__ = [
     "ema_update_",
     "kmeans",
     "KMeansResult",
+    "residual_assign",
+    "ResidualAssignResult",
     "BackendUnavailableError",
     "Quantizer",
     "QuantizerOutput",

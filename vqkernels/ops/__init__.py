@@ -9,6 +9,7 @@ from .cluster_stats import ClusterStats, cluster_stats
 from .ema_update import ema_update_
 from .histogram import histogram
 from .kmeans import KMeansResult, kmeans
+from .residual_assign import ResidualAssignResult, residual_assign
 
 __all__ = [
     "assign",
@@ -19,5 +20,7 @@ __all__ = [
     "ema_update_",
     "kmeans",
     "KMeansResult",
+    "residual_assign",
+    "ResidualAssignResult",
     "BackendUnavailableError",
 ]

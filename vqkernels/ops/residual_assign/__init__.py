@@ -1,0 +1,135 @@
+"""``residual_assign``: the fused residual encoder, Q stages of nearest codes in one call.
+
+Definition (``reference.py``): ``r_0 = x``; stage ``q`` assigns its input
+``normalized(r_q, metric)`` (unit rows for cosine, ``r_q`` otherwise: what
+:class:`vqkernels.ResidualQuantizer` feeds each stage) to ``codebooks[q]`` with
+:func:`vqkernels.assign`'s rule (ties to the LOWEST index), then
+``r_{q+1} = r_q - codebooks[q, idx_q]``. The residual and the sum of the picked codes are
+carried in fp32 (fp64 for fp64 inputs) whatever the input dtype. Codes are subtracted as
+given: for cosine pass unit-norm codes, as the quantizer's ``Codebook.codes()`` holds.
+
+Returns ``indices int64 [N, Q]``, ``quantized [N, D]`` (``sum_q codebooks[q, idx_q]``,
+added in stage order, in ``x``'s dtype) and ``distances [N, Q]`` (fp32; fp64 for fp64
+inputs): each stage's winner distance to its stage input, recomputed exactly as
+``assign`` does. Rows of ``x`` holding NaN/Inf get ``-1`` at every stage, NaN distances
+and a NaN ``quantized`` row; a non-finite codebook is an error. No backend builds an
+``N x K`` matrix. Fast backends choose with an expanded-form score, so, as for
+``assign``, each stage's pick is guaranteed within :func:`vqkernels.ops.assign.tolerance`
+of that stage's true minimum (given the residual of the earlier picks), not bitwise equal
+to the reference's pick on near-ties; exact ties go to the lowest index everywhere.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _dispatch, _metrics
+from .._validation import (
+    check_finite,
+    check_metric,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    compute_dtype,
+)
+
+
+class ResidualAssignResult(NamedTuple):
+    indices: torch.Tensor  #: int64 ``[N, Q]``, -1 for non-finite rows
+    quantized: torch.Tensor  #: ``[N, D]`` in x's dtype, the sum of the picked codes
+    distances: torch.Tensor  #: float32 (fp64 for fp64 inputs) ``[N, Q]``, each stage's winner distance
+
+
+@torch.library.custom_op("vqkernels::residual_assign", mutates_args=())
+def _residual_assign_op(
+    x: torch.Tensor, codebooks: torch.Tensor, metric: str, backend: str, check_codebook: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [N, D]``, ``codebooks [Q, K, D]`` -> ``indices [N, Q]``, ``quantized [N, D]``, ``distances [N, Q]``."""
+    if check_codebook:
+        check_finite("codebooks", codebooks.reshape(-1, codebooks.shape[-1]))
+    N, D = x.shape
+    Q = codebooks.shape[0]
+    if N == 0:
+        return (x.new_empty(0, Q, dtype=torch.int64), x.new_empty(0, D),
+                x.new_empty(0, Q, dtype=compute_dtype(x.dtype)))
+    indices, quantized, distances = _dispatch.call("residual_assign", backend, x.device, x.dtype, x, codebooks, metric)
+    # Non-finite policy, in one place for every backend: -1 at every stage, NaN elsewhere.
+    finite = torch.isfinite(x).all(-1, keepdim=True)
+    indices = torch.where(finite, indices, torch.full_like(indices, -1))
+    distances = torch.where(finite, distances, torch.full_like(distances, float("nan")))
+    quantized = torch.where(finite, quantized, torch.full_like(quantized, float("nan"))).to(x.dtype)
+    return indices, quantized, distances
+
+
+@_residual_assign_op.register_fake
+def _(x, codebooks, metric, backend, check_codebook):
+    N, D = x.shape
+    Q = codebooks.shape[0]
+    return (x.new_empty(N, Q, dtype=torch.int64), x.new_empty(N, D),
+            x.new_empty(N, Q, dtype=compute_dtype(x.dtype)))
+
+
+def residual_assign(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    metric: str = "l2",
+    *,
+    backend: Optional[str] = None,
+    check_codebook: bool = True,
+) -> ResidualAssignResult:
+    """Residual (multi-stage) encoding of every row of ``x``: Q nearest-code stages in one call.
+
+    Stage ``q`` quantizes what the earlier stages left, ``r_q = x - sum_{p<q} codebooks[p, idx_p]``
+    (its unit row for cosine), to ``codebooks[q]``. The Triton and CUDA backends run all
+    stages for a tile of rows in one launch with the residual kept on chip; ``reference``
+    and ``chunked`` (and ``cpu``) run the stages one after another with their ``assign``.
+
+    Args:
+        x: ``[N, D]`` vectors (fp16 / bf16 / fp32; fp64 on reference and chunked).
+        codebooks: ``[Q, K, D]``, one codebook per stage, same dtype and device as ``x``.
+        metric: ``"l2"``, ``"cosine"`` or ``"dot"``.
+        backend: force a backend (``"reference"``, ``"chunked"``, ``"cpu"``, ``"triton"``,
+            ``"cuda"``); default: ``VQKERNELS_BACKEND`` or the fastest available.
+        check_codebook: raise if the codebooks hold NaN/Inf (one host sync per call).
+
+    Returns:
+        ``ResidualAssignResult(indices int64 [N, Q], quantized [N, D], distances [N, Q])``:
+        ties go to the lowest index at every stage; ``quantized`` is the sum of the picked
+        codes in ``x``'s dtype; ``distances`` each stage's winner distance in fp32 (fp64 for
+        fp64 inputs). Non-finite rows get ``-1`` at every stage and NaN.
+
+    Example:
+        >>> x, codebooks = torch.randn(1000, 64), torch.randn(8, 256, 64)
+        >>> indices, quantized, distances = vqkernels.residual_assign(x, codebooks)
+        >>> indices.shape, quantized.shape
+        (torch.Size([1000, 8]), torch.Size([1000, 64]))
+    """
+    check_tensor("x", x, floating=True)
+    check_tensor("codebooks", codebooks, floating=True)
+    if codebooks.dim() != 3:
+        raise ValueError(
+            f"codebooks must be [Q, K, D] (one codebook per stage; [1, K, D] for a single stage), "
+            f"got shape {tuple(codebooks.shape)}"
+        )
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D] (flatten leading dims first), got shape {tuple(x.shape)}")
+    check_same_device(x=x, codebooks=codebooks)
+    check_same_dtype(x=x, codebooks=codebooks)
+    check_metric(metric, _metrics.METRICS)
+    requested = _dispatch.requested_backend(backend) if backend is not None else ""
+    Q, K, D = codebooks.shape
+    if Q < 1 or K < 1 or D < 1:
+        raise ValueError(f"codebooks must have Q >= 1 stages, K >= 1 codes and D >= 1 features, got shape {tuple(codebooks.shape)}")
+    if x.shape[1] != D:
+        raise ValueError(
+            f"x has {x.shape[1]} features (shape {tuple(x.shape)}) but codebooks have {D} "
+            f"(shape {tuple(codebooks.shape)}); expected x of shape [N, {D}]"
+        )
+    indices, quantized, distances = _residual_assign_op(
+        x.detach().contiguous(), codebooks.detach().contiguous(), metric, requested, check_codebook
+    )
+    return ResidualAssignResult(indices, quantized, distances)
+
+
+__all__ = ["residual_assign", "ResidualAssignResult"]
