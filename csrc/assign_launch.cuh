@@ -77,8 +77,9 @@ cudaError_t run_assign(const AssignArgs& a, Scalar kind) {
     assign_simt_kernel<T><<<dim3(g.row_blocks, g.splits, C), assign_cfg::kSimtThreads, 0, a.stream>>>(
         x, cb, a.code_bias, a.code_scale, a.N, K, D, g.tiles_per_split, a.keys);
   }
-  assign_finalize_kernel<T><<<warp_grid(rows, a.dev), 256, 0, a.stream>>>(x, cb, a.keys, a.N, rows, K, D, a.metric,
-                                                                          a.indices, a.distances);
+  assign_finalize_kernel<T><<<warp_grid(rows, a.dev), 256, 0, a.stream>>>(
+      static_cast<const T*>(a.exact_x), static_cast<const T*>(a.exact_codebook), a.keys, a.N, rows, K, D, a.metric,
+      a.indices, a.distances);
   return cudaGetLastError();
 }
 

@@ -37,8 +37,12 @@ struct DeviceInfo {
 // Shapes below: C independent codebooks (C >= 1), N rows and K codes per codebook, D
 // features. Every buffer is contiguous.
 struct AssignArgs {
-  const void* x;         // [C, N, D]
+  const void* x;         // [C, N, D] rows the scores are computed from
   const void* codebook;  // [C, K, D], same dtype
+  // The winner's exact distance is computed from these: x / codebook themselves, or the
+  // originals when x / codebook are l2-shifted copies (vqkernels/ops/assign/_centre.py).
+  const void* exact_x;         // [C, N, D]
+  const void* exact_codebook;  // [C, K, D]
   int64_t C, N, K, D;
   int metric;                 // 0 l2, 1 cosine, 2 dot
   float* code_bias;           // [C, K] workspace

@@ -25,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -182,7 +183,11 @@ vqk::AssignKernel requested_assign_kernel() {
 
 // ---------------------------------------------------------------------------------------
 // assign: x [C, N, D], codebook [C, K, D] -> (indices int64 [C, N], distances float32 [C, N]).
-std::tuple<Tensor, Tensor> assign_cuda(const Tensor& x, const Tensor& codebook, c10::string_view metric) {
+// centre [C, D] float32 (l2 only; vqkernels/ops/assign/_centre.py): score x - centre against
+// codebook - centre (copies rounded to the input dtype: the kernels stay as they are, at their
+// register budget) and compute the winner's exact distance from the originals.
+std::tuple<Tensor, Tensor> assign_cuda(const Tensor& x, const Tensor& codebook, c10::string_view metric,
+                                       const std::optional<Tensor>& centre) {
   check_cuda_tensor("x", x, "[C, N, D]");
   check_cuda_tensor("codebook", codebook, "[C, K, D]");
   check_float_dtype("x", x);
@@ -222,10 +227,25 @@ std::tuple<Tensor, Tensor> assign_cuda(const Tensor& x, const Tensor& codebook, 
   }
   Tensor terms = at::empty({2, C * K}, x.options().dtype(at::kFloat));
   Tensor keys = at::empty({C, N}, x.options().dtype(at::kLong));
+  Tensor score_x = x, score_codebook = codebook;
+  if (centre.has_value() && centre->defined()) {
+    const Tensor& m = *centre;
+    TORCH_CHECK(metric_id == vqk::kMetricL2, "centre applies to metric 'l2' only, got metric '", std::string(metric),
+                "'");
+    check_same_device("centre", m, "x", x);
+    TORCH_CHECK(m.scalar_type() == at::kFloat && m.dim() == 2 && m.size(0) == C && m.size(1) == D,
+                "centre must be a float32 tensor of shape [", C, ", ", D, "], got dtype ", m.scalar_type(),
+                " and shape ", shape_str(m));
+    const Tensor rows_m = m.unsqueeze(1);  // [C, 1, D]: fp32 difference, rounded once to the input dtype
+    score_x = at::sub(x.to(at::kFloat), rows_m).to(x.scalar_type()).contiguous();
+    score_codebook = at::sub(codebook.to(at::kFloat), rows_m).to(codebook.scalar_type()).contiguous();
+  }
 
   vqk::AssignArgs a{};
-  a.x = x.data_ptr();
-  a.codebook = codebook.data_ptr();
+  a.x = score_x.data_ptr();
+  a.codebook = score_codebook.data_ptr();
+  a.exact_x = x.data_ptr();
+  a.exact_codebook = codebook.data_ptr();
   a.C = C;
   a.N = N;
   a.K = K;
@@ -414,7 +434,7 @@ void ema_update_cuda(const Tensor& cluster_size, const Tensor& embed_avg, const 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vqkernels, m) {
-  m.def("assign_cuda(Tensor x, Tensor codebook, str metric) -> (Tensor, Tensor)");
+  m.def("assign_cuda(Tensor x, Tensor codebook, str metric, Tensor? centre=None) -> (Tensor, Tensor)");
   m.def("histogram_cuda(Tensor indices, int K, Tensor? weights) -> Tensor");
   m.def("cluster_stats_cuda(Tensor x, Tensor indices, int K, bool deterministic) -> (Tensor, Tensor)");
   m.def(

@@ -349,7 +349,7 @@ except NotImplementedError as exc:
     proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:]
     out = proc.stdout
-    assert "vqkernels::assign_cuda(Tensor x, Tensor codebook, str metric) -> (Tensor, Tensor)" in out, out
+    assert "vqkernels::assign_cuda(Tensor x, Tensor codebook, str metric, Tensor? centre=None) -> (Tensor, Tensor)" in out, out
     assert "vqkernels::histogram_cuda(Tensor indices, int K, Tensor? weights) -> Tensor" in out, out
     assert "vqkernels::cluster_stats_cuda(Tensor x, Tensor indices, int K, bool deterministic)" in out, out
     assert "vqkernels::ema_update_cuda(Tensor(a!) cluster_size, Tensor(b!) embed_avg, Tensor(c!) codebook" in out, out
@@ -682,6 +682,10 @@ def test_cuda_ops_check_the_codebook_axis(cuda_ops):
             lambda: ops.assign_cuda(x[0], torch.randn(4, 8, device=dev), "l2"),
         r"x has 8 features .* but codebook has 7":
             lambda: ops.assign_cuda(x, torch.randn(3, 4, 7, device=dev), "l2"),
+        r"centre applies to metric 'l2' only, got metric 'cosine'":
+            lambda: ops.assign_cuda(x, torch.randn(3, 4, 8, device=dev), "cosine", torch.zeros(3, 8, device=dev)),
+        r"centre must be a float32 tensor of shape \[3, 8\], got dtype .* and shape \(3, 7\)":
+            lambda: ops.assign_cuda(x, torch.randn(3, 4, 8, device=dev), "l2", torch.zeros(3, 7, device=dev)),
         r"weights has shape \(2, 5\) but indices has shape \(3, 5\)":
             lambda: ops.histogram_cuda(idx, 4, torch.ones(2, 5, device=dev)),
         r"indices must hold at least one codebook \(C >= 1":

@@ -90,23 +90,81 @@ def test_assign_large_norm_inputs(backend, device):
         check_assign(xs, codebook, "l2", indices, distances)
 
 
-# The Triton and CUDA kernels score with the expanded form ||c||^2 - 2x.c without centring:
-# at this offset their picks are up to 31.6 farther than the nearest (142 of 200 rows on the
-# Triton interpreter, allowed 0.0024). Strict, so a fix shows up as an XPASS to remove.
-UNCENTRED = "expanded-form score without centring: picks up to 31.6 from the nearest at offset 1e4"
-OFFSET_CASES = [
-    pytest.param(*c.values, id=c.id, marks=[*c.marks, *([pytest.mark.xfail(strict=True, reason=UNCENTRED)] if c.values[0] in ("triton", "cuda") else [])])
-    for c in ALL
-]
-
-
-@pytest.mark.parametrize("backend,device", OFFSET_CASES)
+# Without a shift, the Triton and CUDA kernels' expanded score ||c||^2 - 2x.c cancelled at
+# this offset: their picks were up to 31.6 farther than the nearest (142 of 200 rows on the
+# Triton interpreter, allowed 0.0024). They now shift x and the codes by the codebook's
+# rounded mean (vqkernels/ops/assign/_centre.py); chunked centres on the mean.
+@pytest.mark.parametrize("backend,device", ALL)
 def test_assign_large_offset_picks_at_the_codes_scale(backend, device):
     # check_assign's allowance here is about 4000 (from |x|^2 ~ 1e8) while the true distances
     # are 13-53: the cancellation case is judged at the codes' own scale instead.
     x, codebook = _offset_problem(device)
     indices, _ = vqkernels.assign(x, codebook, "l2", backend=backend)
     check_assign_centred(x, codebook, indices)
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("D", [16, 80])
+def test_assign_large_offset_per_codebook(backend, device, D):
+    """Codebook axis: codebook 0 sits at an offset of norm 1e4 (shifted), codebook 1 at none
+    (not shifted), codebook 2 at an offset too small to shift; each judged at its own scale.
+    On the Triton interpreter D = 16 keeps the row block resident (ONE_CHUNK) and D = 80 loops
+    over D chunks (fp32 "highest" rows over 256 staged bytes)."""
+    offsets = [1e4, 0.0, 1.0]
+    xs, cbs = [], []
+    for c, norm in enumerate(offsets):
+        direction = _rand(D, dtype=torch.float64, device="cpu", seed=40 + c)
+        offset = direction / direction.norm() * norm
+        cbs.append(offset + _rand(70, D, dtype=torch.float64, device="cpu", seed=50 + c))
+        xs.append(offset + _rand(40, D, dtype=torch.float64, device="cpu", seed=60 + c))
+    x, codebook = torch.stack(xs).float().to(device), torch.stack(cbs).float().to(device)
+    indices, distances = vqkernels.assign(x, codebook, "l2", backend=backend)
+    for c in range(len(offsets)):
+        check_assign_centred(x[c], codebook[c], indices[c])
+        check_assign(x[c], codebook[c], "l2", indices[c], distances[c])
+
+
+def test_l2_shift_rule():
+    """_centre (the Triton and CUDA launchers' rule): a codebook dominated by its offset gets
+    its mean rounded to bf16, the others exactly 0; no codebook needing one -> None (the
+    unshifted launch); 16-bit codebooks need a far larger offset; the copies are x - m
+    rounded once to the input dtype."""
+    from vqkernels.ops.assign import _centre
+
+    x, cb = _offset_problem()
+    plain = _rand(100, 32, dtype=torch.float32, device="cpu", seed=7)
+    codebooks = torch.stack([cb, plain, plain + 1.0])  # offset 1e4 / none / too small (|m|^2 ~ spread)
+    centre = _centre.l2_centre(codebooks)
+    assert torch.equal(centre[0], cb.mean(0).bfloat16().float()) and bool(centre[0].ne(0).all())
+    assert bool(centre[1:].eq(0).all())
+    assert _centre.l2_shift(codebooks[1:]) is None
+    assert torch.equal(_centre.l2_shift(codebooks), centre)
+    # bf16: the same offset of 1e4 next to a spread of ~32 is dominated past 2^15 too; 1e2 is not
+    assert _centre.l2_shift(torch.stack([cb]).bfloat16()) is not None
+    assert _centre.l2_shift((plain + 10.0).bfloat16().unsqueeze(0)) is None
+    xs = _centre.shifted(x.unsqueeze(0).half(), centre[:1])
+    assert xs.dtype == torch.float16 and torch.equal(xs[0], (x.half().float() - centre[0]).half())
+
+
+def test_cuda_launcher_passes_the_l2_shift(monkeypatch):
+    """The cuda backend's Python side hands the op the shift for l2 at an offset, None for an
+    unshifted l2 codebook and for the other metrics (the C++ op applies it; GPU-tested)."""
+    from vqkernels import _extension
+    from vqkernels.ops.assign import cuda as cuda_assign
+
+    seen = []
+
+    class FakeOps:
+        def assign_cuda(self, x, codebook, metric, centre=None):
+            seen.append(centre)
+            return None
+
+    monkeypatch.setattr(_extension, "ops", lambda: FakeOps())
+    x, cb = _offset_problem()
+    cuda_assign.assign(x.unsqueeze(0), cb.unsqueeze(0), "l2")
+    cuda_assign.assign(x.unsqueeze(0), cb.unsqueeze(0), "cosine")
+    cuda_assign.assign(x.unsqueeze(0) - cb.mean(0), (cb - cb.mean(0)).unsqueeze(0), "l2")
+    assert seen[0] is not None and seen[0].shape == (1, 32) and seen[1] is None and seen[2] is None
 
 
 def test_large_norm_check_rejects_wrong_picks():

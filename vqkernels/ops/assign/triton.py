@@ -13,7 +13,10 @@ through ``tl.dot`` in ``BLOCK_K``-code tiles with fp32 accumulation. The score o
 with per-code terms computed once per call in fp32:
 
 * ``l2``:     bias = ||c||^2 (:func:`_code_norms_kernel`, over all C * K codes), mult = -2
-  (||x||^2 is the same for every code of a row, so it is left out)
+  (||x||^2 is the same for every code of a row, so it is left out). Where a common offset
+  dominates a codebook, the launcher scores shifted copies ``x - m``, ``c - m`` instead
+  (:mod:`._centre`: distances unchanged, no cancellation in ``||c||^2 - 2 x.c``) and takes
+  the split epilogue, whose exact distance reads the original x and codes.
 * ``cosine``: the codebook is normalised once per call (``F.normalize``); the score is
   ``-<x, c/||c||>`` with raw x (``1 - cos`` ranks codes the same way for any ||x|| > 0), so
   codes that normalise to the same vector tie exactly. For 16-bit inputs the unit codes
@@ -74,6 +77,7 @@ import triton
 import triton.language as tl
 
 from .. import _triton_utils as tu
+from . import _centre
 
 _METRIC_ID = {"l2": 0, "cosine": 1, "dot": 2}  # norms use F.normalize's eps: max(||v||, 1e-12)
 
@@ -462,11 +466,17 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     interp = tu.interpreting()
     x = x.contiguous()
     codebook = codebook.contiguous()
+    # l2 at a dominating offset: score shifted copies (rounded to the input dtype, as the
+    # GPU sees them); the exact distances below read the originals, x_exact / c_exact.
+    centre = _centre.l2_shift(codebook) if metric == "l2" else None
+    x_exact, c_exact = x, codebook
+    if centre is not None:
+        x, codebook = _centre.shifted(x, centre), _centre.shifted(codebook, centre)
     if interp and x.dtype == torch.bfloat16:
         # The interpreter's tl.dot mishandles bf16 (numpy has no bf16). bf16 -> fp32 is
         # exact and the GPU path accumulates bf16 products in fp32 too, so this computes
         # the same function.
-        x, codebook = x.float(), codebook.float()
+        x, codebook, x_exact, c_exact = x.float(), codebook.float(), x_exact.float(), c_exact.float()
     metric_id = _METRIC_ID[metric]
     precision = tu.dot_precision(x.dtype)
     block_d, one_chunk = _block_d(D, _operand_bytes(x.element_size(), precision), interp)
@@ -523,7 +533,9 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
         S = _split_count(C, N, K, device, interp, first.kwargs["BLOCK_N"], first.kwargs["BLOCK_K"])
         k_split = _range_codes(K, S)
         S = tu.cdiv(K, k_split)  # the kernel derives the same S from K and k_split
-        split = S > 1
+        # A shifted launch takes the split epilogue even with one range: the fused one would
+        # compute the exact distance from the shifted x.
+        split = S > 1 or centre is not None
 
         indices = torch.empty(C, N, dtype=torch.int64, device=device)
         distances = torch.empty(C, N, dtype=torch.float32, device=device)
@@ -534,7 +546,7 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
             part_score, part_idx = distances, indices  # unused (SPLIT is a constexpr)
 
         k_bucket = min(tu.next_power_of_2(min(K, k_split)), _K_BUCKET_CAP)
-        args = (x, c_op, c2_op, codebook, bias, mult, indices, distances, part_score, part_idx, N, K, D, k_split,
+        args = (x, c_op, c2_op, c_exact, bias, mult, indices, distances, part_score, part_idx, N, K, D, k_split,
                 c_stride, k_bucket, metric_id)
         meta["SPLIT"] = split
         if interp:
@@ -560,7 +572,7 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
             indices = part_idx.gather(1, which).squeeze(1)
             eb_n = 32 if interp else 64
             _exact_distance_kernel[(C * tu.cdiv(N, eb_n),)](
-                x, codebook, indices, distances, N, K, D, metric_id, BLOCK_N=eb_n, BLOCK_D=epi_d
+                x_exact, c_exact, indices, distances, N, K, D, metric_id, BLOCK_N=eb_n, BLOCK_D=epi_d
             )
     return indices, distances
 
