@@ -242,20 +242,19 @@ def assignment_agreement(x, codebook, picks: Dict[str, torch.Tensor], metric: st
     return {name: _agreement(d <= best + tol, d - best) for name, d in dist.items()}
 
 
+def _vqp_codebook(prefix: str, codes: torch.Tensor) -> dict:
+    """``codes [K, D]`` as one vector-quantize-pytorch codebook's state (EMA sums = codes, sizes 1)."""
+    return {f"{prefix}_codebook.{k}": v for k, v in (("embed", codes[None]), ("embed_avg", codes[None].clone()),
+            ("cluster_size", codes.new_ones(1, codes.shape[0])), ("initted", codes.new_ones(())))}
+
+
 def _vqp_module(case, codes, device, training):
     """vector-quantize-pytorch's VectorQuantize with our hyper-parameters and codebook ``codes [K, D]``."""
     vq = import_peer("vector_quantize_pytorch").VectorQuantize(
         dim=case.D, codebook_size=case.K, decay=DECAY, eps=EPS, kmeans_init=False, use_cosine_sim=case.metric == "cosine",
-        rotation_trick=False, commitment_weight=1.0).to(device).train(training)
-    try:
-        with torch.no_grad():
-            book, src = vq._codebook, normalized(codes.float(), case.metric)
-            book.embed.copy_(src.reshape(book.embed.shape))
-            book.embed_avg.copy_(src.reshape(book.embed_avg.shape))
-            book.cluster_size.fill_(1.0)
-    except Exception as exc:
-        raise Skip(f"cannot load the shared codebook into VectorQuantize ({type(exc).__name__}: {exc})") from None
-    return vq
+        rotation_trick=False, commitment_weight=1.0)
+    vq.load_state_dict(_vqp_codebook("", normalized(codes.float().cpu(), case.metric)))
+    return vq.to(device).train(training)
 
 
 def _assign_work(case, e):
@@ -645,9 +644,8 @@ def _rvq_state(case, inp) -> dict:
     """The row's codes and projections as a vector-quantize-pytorch ``ResidualVQ`` state dict: both
     contenders load the same one (ours through ``from_pretrained_state``, which needs no vqp)."""
     state = {k: v for k, v in inp.items() if k.startswith("project_")}
-    for q, c in enumerate(inp["codes"]):
-        state.update({f"layers.{q}._codebook.{k}": v for k, v in (("embed", c[None]), ("embed_avg", c[None].clone()),
-                      ("cluster_size", c.new_ones(1, case.K)), ("initted", c.new_ones(())))})
+    for q, codes in enumerate(inp["codes"]):
+        state.update(_vqp_codebook(f"layers.{q}.", codes))
     return state
 
 
