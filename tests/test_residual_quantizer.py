@@ -178,8 +178,10 @@ def test_bad_inputs():
         rq.decode(torch.full((2, 3), 8))
     with pytest.raises(ValueError, match="num_quantizers=3"):
         rq.decode(torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(NotImplementedError, match="per-stage"):
-        ResidualQuantizer(6, 3, (5, 8, 8))
+    with pytest.raises(ValueError, match="2 per-stage sizes.*num_quantizers=3"):
+        ResidualQuantizer(6, 3, (5, 8))
+    with pytest.raises(ValueError, match="shared_codebook=True needs one codebook_size"):
+        ResidualQuantizer(6, 3, (5, 8, 8), shared_codebook=True)
     with pytest.raises(ValueError, match="divisible"):
         GroupedResidualQuantizer(7, 2, 3, 8)
     with pytest.raises(ValueError, match="at least codebook_size"):

@@ -30,6 +30,57 @@ _CODEBOOK_KWARGS = (
 )
 
 
+def _stage_sizes(codebook_size, num_quantizers: int) -> tuple:
+    """``codebook_size`` (one int, or one per stage) -> a tuple of Q sizes."""
+    if isinstance(codebook_size, (tuple, list)):
+        sizes = tuple(codebook_size)
+        if len(sizes) != num_quantizers:
+            raise ValueError(f"codebook_size gives {len(sizes)} per-stage sizes {sizes!r}; expected num_quantizers={num_quantizers}")
+    else:
+        sizes = (codebook_size,) * num_quantizers
+    for q, k in enumerate(sizes):
+        check_codebook_size(f"codebook_size[{q}]" if isinstance(codebook_size, (tuple, list)) else "codebook_size", k)
+    return sizes
+
+
+class _PaddedCodebook(Codebook):
+    """The codebook axis of stages with different sizes: every codebook is stored ``max K``
+    wide and codebook ``c`` uses its first ``K_c`` codes. The padding is never assigned (the
+    stacks assign against each stage's own slice), never re-seeded as dead, and kept at zero
+    codes and zero statistics, so it never changes a result. (Laplace smoothing sees the
+    stored width: ``eps * max K`` in the denominator instead of ``eps * K_c``.)"""
+
+    def set_valid_(self, valid: torch.Tensor) -> None:
+        self.register_buffer("valid", valid.reshape(self.cluster_size.shape), persistent=False)
+        with torch.no_grad():
+            self._zero_padding_()
+
+    def _zero_padding_(self) -> None:
+        v = self.valid
+        self.embed.data.copy_(torch.where(v.unsqueeze(-1), self.embed.data, torch.zeros((), dtype=self.embed.dtype)))
+        self.cluster_size.copy_(torch.where(v, self.cluster_size, torch.zeros((), dtype=self.cluster_size.dtype)))
+        if self.learning == "ema":
+            self.embed_avg.copy_(torch.where(v.unsqueeze(-1), self.embed_avg, torch.zeros((), dtype=self.embed_avg.dtype)))
+
+    @torch.no_grad()
+    def load_codes_(self, codes, cluster_size) -> None:
+        super().load_codes_(codes, cluster_size)
+        self._zero_padding_()
+
+    @torch.no_grad()
+    def apply_stats_(self, *args, **kwargs):
+        finite = super().apply_stats_(*args, **kwargs)
+        self._zero_padding_()
+        return finite
+
+    @torch.no_grad()
+    def restart_dead_codes_(self, z, keep, sync, *, finite=None) -> None:
+        # the padding (size 0) reads as dead, but it comes after every real code of its
+        # codebook, so the real dead codes take the rows first; whatever it took is undone
+        super().restart_dead_codes_(z, keep, sync, finite=finite)
+        self._zero_padding_()
+
+
 class ResidualOutput(NamedTuple):
     quantized: torch.Tensor
     indices: torch.Tensor
@@ -46,10 +97,9 @@ class _ResidualStacks(nn.Module):
         super().__init__()
         for name, value in (("dim", dim), ("groups", groups), ("num_quantizers", num_quantizers)):
             check_codebook_size(name, value)
-        if not isinstance(codebook_size, int) or isinstance(codebook_size, bool):
-            raise NotImplementedError(
-                f"codebook_size must be one int for every stage; per-stage sizes ({codebook_size!r}) are not supported yet"
-            )
+        sizes = _stage_sizes(codebook_size, num_quantizers)
+        if shared_codebook and len(set(sizes)) > 1:
+            raise ValueError(f"shared_codebook=True needs one codebook_size for every stage, got {codebook_size!r}")
         if dim % groups:
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")
         unknown = set(codebook_kwargs) - set(_CODEBOOK_KWARGS)
@@ -63,7 +113,9 @@ class _ResidualStacks(nn.Module):
         group_dim = dim // G
         codebook_dim = group_dim if codebook_dim is None else codebook_dim
         check_codebook_size("codebook_dim", codebook_dim)
-        self.dim, self.groups, self.num_quantizers, self.codebook_size = dim, G, Q, codebook_size
+        # codebook_size: the stored width (the largest stage); codebook_sizes: each stage's own K
+        self.dim, self.groups, self.num_quantizers, self.codebook_size = dim, G, Q, max(sizes)
+        self.codebook_sizes = sizes
         self.group_dim, self.codebook_dim = group_dim, codebook_dim
         self.shared_codebook = shared_codebook
         self.quantize_dropout, self.quantize_dropout_cutoff_index = quantize_dropout, quantize_dropout_cutoff_index
@@ -79,17 +131,21 @@ class _ResidualStacks(nn.Module):
         self.project_out = nn.ModuleList(nn.Linear(codebook_dim, group_dim) if needs_projection else nn.Identity() for _ in range(G))
         C = G if shared_codebook else G * Q
         # The stage-wise initialisation happens here (not in the Codebook): it is told "not initialised".
-        self.codebook_state = Codebook(
-            codebook_size, codebook_dim, num_codebooks=C, init="uniform" if init == "uniform" and not deferred_steps else "random",
+        padded = len(set(sizes)) > 1
+        self.codebook_state = (_PaddedCodebook if padded else Codebook)(
+            max(sizes), codebook_dim, num_codebooks=C, init="uniform" if init == "uniform" and not deferred_steps else "random",
             **codebook_kwargs,
         )
+        if padded:
+            valid = torch.arange(max(sizes)) < torch.tensor(sizes).unsqueeze(-1)  # [Q, K]
+            self.codebook_state.set_valid_(valid.repeat(G, 1))
         if init not in ("uniform", "random", "kmeans"):
             raise ValueError(f"init must be one of ('uniform', 'random', 'kmeans'), got {init!r}")
         self.deferred_steps = deferred_steps
         if deferred_steps:
             # ONE reservoir of the stack's inputs (per group), kept by a C = G Codebook's sampler
             self.deferral = Codebook(
-                codebook_size, codebook_dim, num_codebooks=G, init="random", deferred_steps=deferred_steps, reservoir_size=reservoir_size,
+                max(sizes), codebook_dim, num_codebooks=G, init="random", deferred_steps=deferred_steps, reservoir_size=reservoir_size,
                 metric=self.metric,
             )
 
@@ -118,6 +174,10 @@ class _ResidualStacks(nn.Module):
         if indices.shape[0] != G or indices.shape[-1] != Q:
             raise ValueError(f"indices has shape {tuple(indices.shape)}; expected [groups={G}, ..., num_quantizers={Q}]")
         check_indices_in_range("indices", indices, K)
+        if len(set(self.codebook_sizes)) > 1:
+            sizes = torch.tensor(self.codebook_sizes, device=indices.device)
+            if bool((indices >= sizes).any()):
+                raise ValueError(f"indices out of range: stage q takes indices in [-1, codebook_sizes[q]) with codebook_sizes={self.codebook_sizes}")
         lead = indices.shape[1:-1]
         flat = indices.reshape(G, -1, Q).permute(0, 2, 1).reshape(G * Q, -1)  # [G*Q, N]
         codes = self._stage_codes().reshape(G * Q, K, self.codebook_dim)
@@ -138,7 +198,7 @@ class _ResidualStacks(nn.Module):
         G, Q, K = self.groups, self.num_quantizers, self.codebook_size
         n = sync.total(rows.shape[1], rows.device)
         where = " (all ranks together)" if sync.active else ""
-        if use_kmeans and n < K:
+        if use_kmeans and n < K:  # K: the largest stage
             raise ValueError(
                 f"k-means initialisation of a residual stack needs at least codebook_size={K} rows{where}, got {n}; "
                 "use a bigger first batch, init='random', or deferred_steps"
@@ -147,19 +207,20 @@ class _ResidualStacks(nn.Module):
             raise ValueError(f"initialisation needs at least one unmasked row{where}")
         stages = 1 if self.shared_codebook else Q
         residual = normalized(rows, self.metric) if self.metric == "cosine" else rows.clone()
-        codes = torch.empty(G, stages, K, self.codebook_dim, dtype=self.codebook_state.embed.dtype, device=z.device)
-        counts = torch.empty(G, stages, K, dtype=self.codebook_state.cluster_size.dtype, device=z.device)
+        codes = torch.zeros(G, stages, K, self.codebook_dim, dtype=self.codebook_state.embed.dtype, device=z.device)
+        counts = torch.zeros(G, stages, K, dtype=self.codebook_state.cluster_size.dtype, device=z.device)
         for q in range(stages):
             stage_in = normalized(residual, self.metric)
+            Kq = self.codebook_sizes[q]
             for g in range(G):
                 if use_kmeans:
-                    result = kmeans(stage_in[g], K, self.codebook_state.kmeans_iters, metric=self.metric, backend=self.backend,
+                    result = kmeans(stage_in[g], Kq, self.codebook_state.kmeans_iters, metric=self.metric, backend=self.backend,
                                     distributed=sync.active, group=sync.group)
-                    codes[g, q] = result.centroids.to(codes.dtype)
+                    codes[g, q, :Kq] = result.centroids.to(codes.dtype)
                 else:
-                    picked = sync.sample_rows(stage_in[g], K, replacement=True)
-                    codes[g, q] = normalized(picked.to(codes.dtype), self.metric)
-            q_out, idx = quantize(stage_in, codes[:, q], None, gradient="ste", metric=self.metric, backend=self.backend)
+                    picked = sync.sample_rows(stage_in[g], Kq, replacement=True)
+                    codes[g, q, :Kq] = normalized(picked.to(codes.dtype), self.metric)
+            q_out, idx = quantize(stage_in, codes[:, q, :Kq], None, gradient="ste", metric=self.metric, backend=self.backend)
             counts[:, q] = histogram(idx, K, codebook_axis=True).to(counts.dtype)
             residual = residual - q_out
         sync.all_reduce_sum_(counts)
@@ -219,12 +280,13 @@ class _ResidualStacks(nn.Module):
                 losses.append(z.new_zeros(G))
                 continue
             stage_in = normalized(residual, self.metric)
-            qz, idx = quantize(stage_in, codes[:, q].detach(), keep, gradient=self.gradient, metric=self.metric,
+            stage_codes = codes[:, q] if self.codebook_sizes[q] == K else codes[:, q, : self.codebook_sizes[q]].contiguous()
+            qz, idx = quantize(stage_in, stage_codes.detach(), keep, gradient=self.gradient, metric=self.metric,
                                backend=self.backend, check_codebook=self.training)
             if self.training:
                 loss = torch.stack([_masked_mse(stage_in[g:g + 1], qz[g:g + 1].detach(), keep) for g in range(G)]) * self.commitment_weight
                 if self.learning == "gradient":
-                    picked = gather_codes(codes[:, q], idx.clamp_min(0))
+                    picked = gather_codes(stage_codes, idx.clamp_min(0))
                     loss = loss + torch.stack([_masked_mse(picked[g:g + 1], stage_in[g:g + 1].detach(), keep) for g in range(G)]) * self.codebook_weight
                 losses.append(loss)
             else:
@@ -268,7 +330,8 @@ class _ResidualStacks(nn.Module):
 class ResidualQuantizer(_ResidualStacks):
     """Residual VQ: ``Q`` stages, each quantizing what the previous stages left.
 
-    Args: ``dim``, ``num_quantizers`` (Q), ``codebook_size`` (K, one int), ``codebook_dim``
+    Args: ``dim``, ``num_quantizers`` (Q), ``codebook_size`` (K: one int, or one per stage such
+    as ``(5, 128, 256)``; stored ``max K`` wide, see ``codebook_sizes``), ``codebook_dim``
     (projections in/out when it differs from ``dim``, as ResidualVQ), ``shared_codebook``,
     ``quantize_dropout`` / ``quantize_dropout_cutoff_index`` (training: a random last stage in
     ``[cutoff, Q)``, later stages index -1 and loss 0), and every :class:`~vqkernels.Quantizer`
@@ -347,15 +410,21 @@ def _read_rvq(state, prefix: str, num_quantizers: Optional[int]):
     if num_quantizers is not None and len(stages) != num_quantizers:
         raise _layout_error(state, prefix, f"{num_quantizers} stages ({expected}), the state dict has {len(stages)}")
     embeds = [state[s + "embed"] for s in stages]
-    if any(e.dim() != 3 or e.shape[0] != 1 or e.shape != embeds[0].shape for e in embeds):
-        raise _layout_error(state, prefix, f"{expected}, one head, equal shapes; got {[tuple(e.shape) for e in embeds]}")
-    codes = torch.stack([e[0] for e in embeds])
-    sizes = torch.stack([state[s + "cluster_size"][0] if s + "cluster_size" in state else torch.ones(codes.shape[1]) for s in stages])
+    if any(e.dim() != 3 or e.shape[0] != 1 or e.shape[2] != embeds[0].shape[2] for e in embeds):
+        raise _layout_error(state, prefix, f"{expected}, one head, equal D; got {[tuple(e.shape) for e in embeds]}")
+    ks = tuple(e.shape[1] for e in embeds)  # per-stage codebook sizes (ResidualVQ(codebook_size=(...)))
+    K = max(ks)
+
+    def pad(t):  # [k, ...] -> [K, ...] with zeros (the padding of per-stage sizes)
+        return torch.cat([t, t.new_zeros((K - t.shape[0],) + tuple(t.shape[1:]))]) if t.shape[0] < K else t
+
+    codes = torch.stack([pad(e[0]) for e in embeds])
+    sizes = torch.stack([pad(state[s + "cluster_size"][0]) if s + "cluster_size" in state else pad(torch.ones(k)) for s, k in zip(stages, ks)])
     avgs = None
     if all(s + "embed_avg" in state for s in stages):
-        avgs = torch.stack([state[s + "embed_avg"][0] for s in stages])
+        avgs = torch.stack([pad(state[s + "embed_avg"][0]) for s in stages])
     proj = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix + "project_")}
-    return codes, sizes, avgs, proj
+    return codes, sizes, avgs, proj, ks
 
 
 def _build_from_rvqs(module, parts) -> None:
@@ -378,10 +447,10 @@ def _build_from_rvqs(module, parts) -> None:
 
 
 def _rvq_shapes(state, prefix):
-    codes, _, _, proj = _read_rvq(state, prefix, None)
-    Q, K, D = codes.shape
+    codes, _, _, proj, ks = _read_rvq(state, prefix, None)
+    Q, _, D = codes.shape
     dim = proj["project_in.weight"].shape[1] if "project_in.weight" in proj else D
-    return Q, K, D, dim
+    return Q, (ks[0] if len(set(ks)) == 1 else ks), D, dim
 
 
 def _residual_from_pretrained_state(cls, state, prefix: str = "", **kwargs):
