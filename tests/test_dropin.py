@@ -169,3 +169,20 @@ def test_ema_update_weight_zero_freezes_and_bad_shapes_raise():
         assert_close(vq.state_dict()[k], before[k], k, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match=r"ema_update_weight has shape \(5,\); expected a scalar, \[K=6\] or \[C=1, K=6\]"):
         vq(randn(20, 4, seed=6), ema_update_weight=torch.ones(5))
+
+
+def test_options_compile_fullgraph_and_match_eager():
+    import copy
+
+    torch.manual_seed(8)
+    model = Quantizer(8, 6, codebook_dim=2, heads=4, separate_codebook_per_head=True)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break raises
+    w = torch.rand(4, 6, generator=torch.Generator().manual_seed(1))
+    calls = [dict(accum_ema_update=True), dict(accum_ema_update=True), dict(), dict(ema_update_weight=w), dict(freeze_codebook=True)]
+    for s, kw in enumerate(calls):
+        x = randn(20, 8, seed=70 + s)
+        want, got = eager(x, **kw), compiled(x, **kw)
+        assert torch.equal(got.indices, want.indices), f"call {s} {kw}"
+    for k, v in eager.state_dict().items():
+        assert_close(model.state_dict()[k].float(), v.float(), k, atol=1e-6, rtol=1e-6)

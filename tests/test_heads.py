@@ -386,3 +386,19 @@ def test_two_gloo_ranks_keep_identical_head_codebooks(tmp_path):
         ref(both[4][0], mask=both[4][1])
         for k in ("embed", "embed_avg", "cluster_size"):
             assert_close(r0[name][k], getattr(ref, k), f"{name} {k} vs one process")
+
+
+def test_unreadable_head_layouts_raise_clear_errors(vqp):
+    from vqkernels.errors import UnknownLayoutError
+
+    state = vqp.VectorQuantize(dim=8, codebook_size=16, heads=2, codebook_dim=3).state_dict()  # project_in [6, 8]
+    state["project_in.weight"] = torch.zeros(7, 8)
+    with pytest.raises(UnknownLayoutError, match=r"project_in.weight projects to 7 features, not a multiple of the codebook's 3.*Keys found"):
+        Quantizer.from_pretrained_state(state)
+    state = vqp.VectorQuantize(dim=8, codebook_size=16, heads=2, codebook_dim=4, separate_codebook_per_head=True).state_dict()
+    state["_codebook.cluster_size"] = torch.ones(2, 15)
+    with pytest.raises(UnknownLayoutError, match=r"_codebook.cluster_size has shape \(2, 15\); expected \(2, 16\) entries"):
+        Quantizer.from_pretrained_state(state)
+    state["_codebook.embed"] = torch.zeros(2, 2, 16, 4)
+    with pytest.raises(UnknownLayoutError, match=r"expected \[K, D\], \[1, K, D\] or \[heads, K, D\]"):
+        Quantizer.from_pretrained_state(state)
