@@ -402,3 +402,32 @@ def test_unreadable_head_layouts_raise_clear_errors(vqp):
     state["_codebook.embed"] = torch.zeros(2, 2, 16, 4)
     with pytest.raises(UnknownLayoutError, match=r"expected \[K, D\], \[1, K, D\] or \[heads, K, D\]"):
         Quantizer.from_pretrained_state(state)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_channel_first_heads_match_vector_quantize(vqp, separate):
+    torch.manual_seed(9)
+    theirs = vqp.VectorQuantize(dim=6, codebook_size=8, heads=3, codebook_dim=2, separate_codebook_per_head=separate,
+                                channel_last=False).eval()
+    ours = Quantizer.from_pretrained_state(theirs.state_dict(), heads=3, channel_last=False).eval()
+    x = randn(2, 6, 13, seed=4)  # [B, dim, N]
+    with torch.no_grad():
+        q1, i1, _ = theirs(x)
+        q2, i2, _ = ours(x)
+    assert i2.shape == (2, 13, 3) and torch.equal(i1, i2)
+    assert_close(q2, q1, "quantized [B, dim, N]")
+    assert_close(ours.decode(i2), q2, "decode, channel-first")
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_init_codebook_by_hand_runs_kmeans_per_codebook(separate):
+    H, K, D = 2, 3, 2
+    vq = Quantizer(H * D, K, codebook_dim=D, heads=H, separate_codebook_per_head=separate, init="kmeans", kmeans_iters=5)
+    x = torch.cat([randn(30, D, seed=11), randn(30, D, seed=12) - 40], -1)
+    vq.init_codebook(x, batch_rows=10)
+    assert vq.codebook_state.is_initialised
+    if separate:
+        assert float(vq.codebook[1].mean()) < -30 and float(vq.codebook[0].mean()) > -10
+        assert_close(vq.cluster_size.sum(-1), torch.full((H,), 10.0), "cluster sizes in units of batch_rows rows")
+    else:  # the shared codebook sees each of the 10 rows' 2 heads
+        assert_close(vq.cluster_size.sum(), torch.tensor(20.0), "cluster sizes in units of batch_rows * heads rows")
