@@ -186,3 +186,18 @@ def test_options_compile_fullgraph_and_match_eager():
         assert torch.equal(got.indices, want.indices), f"call {s} {kw}"
     for k, v in eager.state_dict().items():
         assert_close(model.state_dict()[k].float(), v.float(), k, atol=1e-6, rtol=1e-6)
+
+
+def test_accumulated_usage_with_gradient_learning_is_applied_once():
+    torch.manual_seed(4)
+    a = Quantizer(5, 6, learning="gradient", decay=0.6)
+    b = Quantizer(5, 6, learning="gradient", decay=0.6)
+    b.load_state_dict(a.state_dict())
+    micro = [randn(9, 5, seed=80 + i) for i in range(3)]
+    size = a.cluster_size.clone()
+    for x in micro[:2]:
+        a(x, accum_ema_update=True)
+        assert torch.equal(a.cluster_size, size), "accumulating leaves the usage EMA as it is"
+    a(micro[2])
+    b(torch.cat(micro))
+    assert_close(a.cluster_size, b.cluster_size, "usage EMA of the three micro-batches in one step")
