@@ -22,7 +22,7 @@ from .estimators import ESTIMATORS, gather_codes, quantize
 from .ops import histogram, kmeans
 from .ops._metrics import normalized
 from .ops._validation import check_codebook_size, check_finite, check_indices_in_range, check_same_device, check_tensor
-from .quantizer import _masked_mse
+from .quantizer import _checked_keep, _masked_mse
 
 _CODEBOOK_KWARGS = (
     "metric", "learning", "decay", "eps", "kmeans_iters", "dead_code_threshold", "reset_cluster_size",
@@ -322,7 +322,10 @@ class _ResidualStacks(nn.Module):
             keep = mask.reshape(-1)
         flat = x.reshape(-1, self.dim)
         if self.training and self.check_finite:
-            check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
+            if torch.compiler.is_compiling():  # the check as an op: no graph break
+                keep = _checked_keep(flat.detach(), keep)
+            else:
+                check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
         xg = flat.view(-1, self.groups, self.group_dim).transpose(0, 1)  # [G, N, group_dim]
         return lead, keep, xg
 
