@@ -75,3 +75,31 @@ def test_cuda_request_without_gpu_fails_cleanly(tmp_path, capsys):
 def test_bad_sizes_fail_cleanly(tmp_path, capsys):
     assert demo.run(parse(["--quick", "--codebook-size", "100000", "--out", str(tmp_path)])) == 2
     assert "too large" in capsys.readouterr().err
+
+
+def unit_row(text, run, unit):
+    """The numbers of the per-stage table's row for ``run`` / ``unit``."""
+    for line in text.splitlines():
+        cells = line.split()
+        if cells[:1] == [run] and " ".join(cells[1:3]) == unit:
+            return [float(v) for v in cells[3:10]]
+    raise AssertionError(f"no row {run} {unit!r} in:\n{text}")
+
+
+def test_residual_demo_reports_every_stage(tmp_path, capsys):
+    rc = demo.run(parse(["--residual", "--quick", "--out", str(tmp_path), "--no-progress"]))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "residual MLP VQ-VAE (4 stages" in out and "K=16" in out
+    for run in ("early", "deferred"):
+        for q in range(4):
+            util, used, dead = unit_row(out, run, f"stage {q}")[:3]
+            assert used + dead == 16 and abs(util - used / 16) < 1e-3, out
+    # the shrinkage the paper describes is in the first stage, which sees the raw embeddings
+    assert unit_row(out, "deferred", "stage 0")[0] > unit_row(out, "early", "stage 0")[0], out
+    early, deferred = table_row(out, "utilisation (used / K)")
+    assert deferred > early, out
+    png = tmp_path / "residual_early_vs_deferred.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    cfg = demo.config_from_args(parse(["--residual", "--stages", "2"]))
+    assert cfg.residual and cfg.stages == 2 and cfg.codebook_size == 64

@@ -258,3 +258,23 @@ def test_plot_draws_one_usage_panel_per_stage(tmp_path, monkeypatch):
     assert titles == ["rq, stage 0", "rq, stage 1", "rq, stage 2"]
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_stage_codebook_sizes_count_only_each_stages_codes():
+    torch.manual_seed(5)
+    x = torch.randn(300, 6)
+    rq = _trained(ResidualQuantizer(6, 3, (4, 8, 16), init="kmeans"), x)
+    _, idx, _ = rq(x)
+    r = dg.report(x, rq, indices=idx, print_table=False)
+    assert [r["units"][f"stage {q}"]["codebook_size"] for q in range(3)] == [4, 8, 16]
+    assert r["codebook_size"] == 28 and r["dead_codes"] == 28 - r["used_codes"]
+    # the padding of the narrower stages (zero codes) is neither a code nor dead
+    assert r["units"]["stage 0"]["dead_codes"] == dg.usage(idx[:, 0], 4).dead_codes
+    h = math.exp(sum(math.log(r["units"][f"stage {q}"]["normalised_perplexity"]) for q in range(3)) / 3)
+    assert math.isclose(r["normalised_perplexity"], h, rel_tol=1e-9)
+    monitor = dg.CodebookMonitor(rq)
+    monitor.update(idx)
+    assert monitor.usage().codebook_size == 28 and monitor.unit_usage()["stage 1"].codebook_size == 8
+    health = dg.codebook_health(rq)
+    assert [health[f"stage {q}"]["codebook_size"] for q in range(3)] == [4, 8, 16]
+    assert health["stage 0"]["duplicate_codes"] == 0

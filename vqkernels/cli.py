@@ -1,4 +1,4 @@
-"""The ``vqkernels`` command: ``demo`` (the paper's finding), ``bench`` and ``info``."""
+"""The ``vqkernels`` command: ``demo`` (the paper's finding), ``diagnose`` (a saved quantizer's codebook health), ``bench`` and ``info``."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,15 @@ def _demo_parser(sub):
     p.set_defaults(func=demo.run)
 
 
+def _diagnose_parser(sub):
+    p = sub.add_parser("diagnose", help="codebook health of a saved quantizer (per head / stage); with embeddings, "
+                       "usage, shrinkage, coverage and a PNG")
+    from vqkernels import diagnose
+
+    diagnose.add_arguments(p)
+    p.set_defaults(func=diagnose.run)
+
+
 def _bench_parser(sub):
     p = sub.add_parser("bench", help="benchmark every backend and installed peer side by side")
     try:
@@ -92,6 +101,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vqkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    _diagnose_parser(sub)
     _bench_parser(sub)
     p = sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
     p.set_defaults(func=_info)

@@ -14,6 +14,10 @@ Everything printed is measured in the run: reconstruction MSE through the quanti
 usage over the held-out set, variance ratio, coverage distances, effective ranks, classes
 covered. ``--capacity-sweep`` trains encoders of increasing width instead and reports the
 embeddings' effective rank (the paper's second finding: a narrow encoder collapses them).
+``--residual`` swaps the quantizer for a :class:`~vqkernels.ResidualQuantizer` (``--stages``
+stages, 4 by default) and reports every diagnostic per stage: the early arm k-means-initialises
+the stages one after another on the first training batch of the untrained encoder, the
+deferred arm on the reservoir of mature embeddings at the switch.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from . import diagnostics
 from .quantizer import Quantizer
+from .residual import ResidualQuantizer
 
 
 @dataclass
@@ -50,6 +55,8 @@ class DemoConfig:
     commitment_weight: float = 0.25
     decay: float = 0.95
     device: str = "cpu"
+    residual: bool = False  # a ResidualQuantizer of `stages` stages instead of a Quantizer (--residual)
+    stages: int = 4
 
 
 def make_data(cfg: DemoConfig, generator: torch.Generator):
@@ -80,7 +87,8 @@ class VQVAE(nn.Module):
         h = cfg.hidden if hidden is None else hidden
         self.encoder = mlp([cfg.input_dim, h, h, cfg.latent_dim])
         self.decoder = mlp([cfg.latent_dim, h, h, cfg.input_dim])
-        self.vq = Quantizer(
+        vq_class = (lambda dim, K, **kw: ResidualQuantizer(dim, cfg.stages, K, **kw)) if cfg.residual else Quantizer
+        self.vq = vq_class(
             cfg.latent_dim,
             cfg.codebook_size,
             init="kmeans",
@@ -92,7 +100,7 @@ class VQVAE(nn.Module):
     def forward(self, x):
         z = self.encoder(x)
         q, indices, vq_loss = self.vq(z)
-        return self.decoder(q), z, indices, vq_loss
+        return self.decoder(q), z, indices, vq_loss.sum()  # a residual stack returns one loss per stage
 
 
 def train_arm(cfg: DemoConfig, data, deferred_steps: int, progress=None, hidden: Optional[int] = None) -> Dict:
@@ -108,8 +116,9 @@ def train_arm(cfg: DemoConfig, data, deferred_steps: int, progress=None, hidden:
     perm = torch.randperm(n, generator=order)
     pos = 0
     model.train()
-    if deferred_steps == 0:
+    if deferred_steps == 0 and not cfg.residual:
         # early quantization: k-means on the untrained encoder's outputs, before any update
+        # (a residual stack does the same stage by stage on its first training batch: init="kmeans")
         with torch.no_grad():
             sample = model.encoder(x_train[perm[: 4 * cfg.codebook_size].to(device)])
         model.vq.init_codebook(sample, batch_rows=cfg.batch_size)
@@ -141,7 +150,7 @@ def _adam(params, lr):
 @torch.no_grad()
 def evaluate(cfg: DemoConfig, model: VQVAE, x_eval, y_eval) -> Dict:
     model.eval()
-    monitor = diagnostics.CodebookMonitor(cfg.codebook_size)
+    monitor = diagnostics.CodebookMonitor(model.vq if cfg.residual else cfg.codebook_size)
     recon_err, embeddings, indices = 0.0, [], []
     for start in range(0, x_eval.shape[0], cfg.batch_size):
         xb = x_eval[start : start + cfg.batch_size]
@@ -229,6 +238,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="./vqkernels_out", help="directory for the PNG (default ./vqkernels_out)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     parser.add_argument("--capacity-sweep", action="store_true", help="train encoders of increasing width and report effective ranks")
+    parser.add_argument("--residual", action="store_true", help="a residual VQ-VAE: early vs deferred, every diagnostic per stage")
+    parser.add_argument("--stages", type=int, default=None, help="residual stages with --residual (default 4)")
     parser.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (for tests)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads during the demo (default 1: the model is tiny)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -241,16 +252,27 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         cfg.steps, cfg.codebook_size, cfg.train_rows, cfg.eval_rows = 200, 64, 2048, 1024
     if args.steps is not None:
         cfg.steps = args.steps
+    if getattr(args, "residual", False):
+        cfg.residual = True
+        if getattr(args, "stages", None) is not None:
+            cfg.stages = args.stages
+        if args.codebook_size is None:  # the early arm initialises on one batch: K <= batch size
+            cfg.codebook_size = 16 if getattr(args, "quick", False) else 64
     if args.codebook_size is not None:
         cfg.codebook_size = args.codebook_size
     return cfg
 
 
 def _check(cfg: DemoConfig) -> Optional[str]:
+    if cfg.residual and cfg.stages < 1:
+        return f"--stages must be >= 1, got {cfg.stages}"
     if cfg.steps < 2:
         return f"--steps must be >= 2, got {cfg.steps}"
     if cfg.codebook_size < 2:
         return f"--codebook-size must be >= 2, got {cfg.codebook_size}"
+    if cfg.residual and cfg.codebook_size > cfg.batch_size:
+        return (f"--codebook-size {cfg.codebook_size} is too large for --residual: the early arm k-means-initialises "
+                f"every stage on its first batch of {cfg.batch_size} rows (expected K <= {cfg.batch_size})")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda was requested but no CUDA device is available"
     reservoir = 4 * cfg.codebook_size
@@ -265,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``vqkernels demo``; returns the exit code."""
     cfg = config_from_args(args)
     problem = _check(cfg)
+    if getattr(args, "stages", None) is not None and not cfg.residual:
+        problem = "--stages needs --residual"
     if problem:
         print(f"vqkernels demo: {problem}", file=sys.stderr)
         return 2
@@ -286,13 +310,17 @@ def _run_comparison(cfg: DemoConfig, args: argparse.Namespace) -> int:
     reports = {name: r["report"] for name, r in results.items()}
     deferred_steps = int(round(cfg.steps * cfg.deferred_fraction))
     print()
+    model = f"residual MLP VQ-VAE ({cfg.stages} stages, " if cfg.residual else "MLP VQ-VAE ("
     print(
-        f"Early vs deferred quantization: {cfg.classes} Gaussian classes in {cfg.input_dim}-D, MLP VQ-VAE "
-        f"(latent {cfg.latent_dim}-D), K={cfg.codebook_size}, {cfg.steps} steps per arm "
+        f"Early vs deferred quantization: {cfg.classes} Gaussian classes in {cfg.input_dim}-D, {model}"
+        f"latent {cfg.latent_dim}-D), K={cfg.codebook_size}, {cfg.steps} steps per arm "
         f"(deferred: {deferred_steps} continuous + {cfg.steps - deferred_steps} quantized), seed {cfg.seed}"
     )
-    print(f"Measured on {cfg.eval_rows} held-out rows:")
+    print(f"Measured on {cfg.eval_rows} held-out rows{' (overall: all stages together)' if cfg.residual else ''}:")
     print(diagnostics.format_table(reports))
+    if cfg.residual:
+        print("Per stage (each stage's usage, and its codes against the residual it quantizes):")
+        print(diagnostics.format_unit_table(reports))
     early, deferred = reports["early"], reports["deferred"]
     if deferred["utilisation"] > early["utilisation"]:
         verdict = "deferred quantization uses more of the codebook"
@@ -300,7 +328,7 @@ def _run_comparison(cfg: DemoConfig, args: argparse.Namespace) -> int:
         verdict = "no utilisation gain from deferring in this run"
     print(f"-> utilisation {early['utilisation']:.3f} (early) vs {deferred['utilisation']:.3f} (deferred): {verdict}")
     if not getattr(args, "no_plot", False):
-        path = _plot(results, args.out, "early_vs_deferred.png", cfg)
+        path = _plot(results, args.out, "residual_early_vs_deferred.png" if cfg.residual else "early_vs_deferred.png", cfg)
         if path:
             print(f"plot: {path}")
     print(f"time: {time.perf_counter() - t0:.1f} s")
@@ -330,10 +358,14 @@ def _plot(results, out_dir, filename, cfg) -> Optional[str]:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, filename)
         runs = {
-            name: dict(embeddings=r["embeddings"], codebook=r["model"].vq.codebook.detach().cpu(), counts=r["counts"], labels=r["labels"])
+            name: dict(embeddings=r["embeddings"], counts=r["counts"], labels=r["labels"],
+                       # a residual stack is drawn per stage: the module tells the plot its stages
+                       codebook=r["model"].vq.cpu() if cfg.residual else r["model"].vq.codebook.detach().cpu(),
+                       indices=r["indices"] if cfg.residual else None)
             for name, r in results.items()
         }
-        return diagnostics.plot_comparison(runs, path, suptitle=f"K={cfg.codebook_size}, seed {cfg.seed}")
+        stages = f"residual, {cfg.stages} stages, " if cfg.residual else ""
+        return diagnostics.plot_comparison(runs, path, suptitle=f"{stages}K={cfg.codebook_size}, seed {cfg.seed}")
     except ImportError as exc:
         print(f"(no plot: {exc})", file=sys.stderr)
         return None

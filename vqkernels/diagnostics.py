@@ -112,7 +112,8 @@ class Units(NamedTuple):
 
     ``labels[u]`` names unit ``u`` ("head h", "stage q", "group g stage q"); it quantizes
     against codebook ``codebook_of[u]`` of ``codes [C, K, D]`` (several units share one
-    codebook with a shared head codebook or ``shared_codebook=True``).
+    codebook with a shared head codebook or ``shared_codebook=True``). Codebook ``c`` holds
+    ``sizes[c]`` codes (per-stage sizes are stored ``K = max`` wide: ``codes[c, :sizes[c]]``).
     """
 
     kind: str  #: "quantizer" or "residual"
@@ -122,6 +123,15 @@ class Units(NamedTuple):
     metric: str
     groups: int = 1
     stages: int = 1
+    sizes: Optional[List[int]] = None  #: codes per codebook (default: K for all)
+
+    def size(self, c: int) -> int:
+        return int(self.codes.shape[1]) if self.sizes is None else self.sizes[c]
+
+    def unit_codes(self, u: int) -> torch.Tensor:
+        """The codes ``[K_u, D]`` of unit ``u``'s codebook (without padding)."""
+        c = self.codebook_of[u]
+        return self.codes[c, : self.size(c)]
 
 
 def units_of(module: torch.nn.Module) -> Units:
@@ -135,7 +145,9 @@ def units_of(module: torch.nn.Module) -> Units:
         grouped = isinstance(module, GroupedResidualQuantizer)
         labels = [f"group {g} stage {q}" if grouped else f"stage {q}" for g in range(G) for q in range(Q)]
         of = [g if module.shared_codebook else g * Q + q for g in range(G) for q in range(Q)]
-        return Units("residual", labels, of, codes, module.metric, G, Q)
+        per_stage = list(getattr(module, "codebook_sizes", None) or [module.codebook_size] * Q)
+        sizes = [per_stage[0]] * G if module.shared_codebook else [per_stage[q] for _ in range(G) for q in range(Q)]
+        return Units("residual", labels, of, codes, module.metric, G, Q, sizes)
     if isinstance(module, Quantizer):
         H = int(getattr(module, "heads", 1))
         codes = module.codebook_state.codes().detach()
@@ -189,7 +201,7 @@ def unit_inputs(module: torch.nn.Module, embeddings: torch.Tensor, indices: Opti
     out_idx = torch.empty((U, flat.shape[0]), dtype=torch.int64, device=flat.device)
 
     def nearest(u, rows):
-        return given[u].long() if given is not None else assign(rows, codes[units.codebook_of[u]], metric, backend=backend).indices
+        return given[u].long() if given is not None else assign(rows, units.unit_codes(u).float(), metric, backend=backend).indices
 
     if units.kind == "quantizer":
         z = module.to_codebook_space(flat).float().reshape(flat.shape[0], U, D)
@@ -210,17 +222,26 @@ def unit_inputs(module: torch.nn.Module, embeddings: torch.Tensor, indices: Opti
     return inputs, out_idx
 
 
-def _unit_usage(counts: torch.Tensor) -> Usage:
-    """Usage over several codebooks ``counts [C, K]``: used/dead codes over all ``C * K`` codes;
-    entropy the mean of the codebooks' entropies, perplexity its exp (so one codebook gives
-    exactly :func:`usage_from_counts`)."""
-    C, K = counts.shape
-    per = [usage_from_counts(counts[c]) for c in range(C)]
+def _unit_usage(counts: List[torch.Tensor]) -> Usage:
+    """Usage over several codebooks (``counts[c]``: ``[K_c]``): used/dead codes over all their
+    codes; entropy the mean of the codebooks' entropies, perplexity its exp, normalised
+    perplexity ``exp(mean(H_c - log K_c))`` (so one codebook gives exactly :func:`usage_from_counts`)."""
+    per = [usage_from_counts(c) for c in counts]
+    C, codes = len(per), sum(p.codebook_size for p in per)
     used = sum(p.used_codes for p in per)
     h = sum(p.entropy for p in per) / C
     total = sum(p.total for p in per)
     ppl = math.exp(h) if total > 0 else 0.0
-    return Usage(C * K, total, used, C * K - used, used / (C * K), h, ppl, ppl / K)
+    norm = math.exp(h - sum(math.log(p.codebook_size) for p in per) / C) if total > 0 else 0.0
+    return Usage(codes, total, used, codes - used, used / codes, h, ppl, norm)
+
+
+def _by_codebook(units: Units, counts: torch.Tensor) -> List[torch.Tensor]:
+    """Unit counts ``[U, K]`` -> counts per codebook ``[K_c]`` (units sharing a codebook added)."""
+    C = units.codes.shape[0]
+    out = torch.zeros((C, counts.shape[1]), dtype=counts.dtype, device=counts.device)
+    out.index_add_(0, torch.tensor(units.codebook_of, device=counts.device), counts)
+    return [out[c, : units.size(c)] for c in range(C)]
 
 
 class CodebookMonitor:
@@ -300,14 +321,12 @@ class CodebookMonitor:
             return torch.zeros(shape, dtype=torch.int64)
         return self.counts
 
-    def codebook_counts(self) -> torch.Tensor:
-        """Counts per codebook ``[C, K]`` (units sharing a codebook added together)."""
+    def codebook_counts(self) -> List[torch.Tensor]:
+        """Counts per codebook, ``[K_c]`` each (units sharing a codebook added together)."""
         counts = self._counts()
         if not self._per_unit:
-            return counts.reshape(1, -1)
-        C = self.units.codes.shape[0]
-        out = torch.zeros((C, self.codebook_size), dtype=counts.dtype, device=counts.device)
-        return out.index_add_(0, torch.tensor(self.units.codebook_of, device=counts.device), counts)
+            return [counts]
+        return _by_codebook(self.units, counts)
 
     def usage(self) -> Usage:
         """Usage over every batch seen since the last reset (overall, over all codebooks)."""
@@ -318,7 +337,10 @@ class CodebookMonitor:
     def unit_usage(self) -> Dict[str, Usage]:
         """Usage per head / stage (one entry, ``"codebook"``, for a single codebook)."""
         counts = self._counts().reshape(len(self.labels), -1)
-        return {label: usage_from_counts(counts[u]) for u, label in enumerate(self.labels)}
+        if not self._per_unit:
+            return {self.labels[0]: usage_from_counts(counts[0])}
+        units = self.units
+        return {label: usage_from_counts(counts[u, : units.size(units.codebook_of[u])]) for u, label in enumerate(self.labels)}
 
     def mean_batch_perplexity(self) -> float:
         """Mean of the per-batch perplexities (biased low by the batch size; for comparison);
@@ -520,8 +542,9 @@ def _report_units(embeddings, module, indices, labels, monitor, extra, backend) 
     out: Dict[str, Any] = dict(extra or {})
     per_unit: Dict[str, Dict[str, Any]] = {}
     for u, label in enumerate(units.labels):
-        c = codes[units.codebook_of[u]]
-        r: Dict[str, Any] = usage_from_counts(counts[u])._asdict()
+        c = units.unit_codes(u).float()
+        Ku = c.shape[0]
+        r: Dict[str, Any] = usage_from_counts(counts[u, :Ku])._asdict()
         if batch_ppl is not None:
             r["mean_batch_perplexity"] = batch_ppl[label]
         r["variance_ratio"] = variance_ratio(c, inputs[u])
@@ -529,21 +552,18 @@ def _report_units(embeddings, module, indices, labels, monitor, extra, backend) 
         r["embedding_to_code"], r["code_to_embedding"] = cov.embedding_to_code, cov.code_to_embedding
         r["effective_rank_codebook"] = effective_rank(c)
         if labels is not None:
-            cc = class_coverage(idx[u], labels, K)
+            cc = class_coverage(idx[u], labels, Ku)
             r["classes_covered"] = f"{cc['classes_covered']} / {cc['classes']}"
         per_unit[label] = r
     C = codes.shape[0]
-    by_codebook = torch.zeros((C, K), dtype=counts.dtype, device=counts.device)
-    of = torch.tensor(units.codebook_of, device=counts.device)
-    by_codebook.index_add_(0, of, counts)
-    out.update(_unit_usage(by_codebook)._asdict())
+    out.update(_unit_usage(_by_codebook(units, counts))._asdict())
     if batch_ppl is not None:
         out["mean_batch_perplexity"] = monitor.mean_batch_perplexity()
     # pooled over codebooks: sum of tr Cov(codes) / sum of tr Cov(the rows each codebook quantizes)
     num = den = 0.0
     for c in range(C):
         rows = inputs[[u for u in range(U) if units.codebook_of[u] == c]].reshape(-1, inputs.shape[-1])
-        num, den = num + total_variance(codes[c]), den + total_variance(rows)
+        num, den = num + total_variance(codes[c, : units.size(c)]), den + total_variance(rows)
     out["variance_ratio"] = num / den if den > 0 else float("nan")
     out["effective_rank_embeddings"] = effective_rank(embeddings.detach().reshape(-1, embeddings.shape[-1]))
     out["units"] = per_unit
@@ -732,6 +752,7 @@ def codebook_health(module: torch.nn.Module, *, statistics: bool = True, dead_th
     sizes = module.codebook_state.cluster_size.detach().reshape(C, K).to(torch.float64)
     out: Dict[str, Dict[str, Any]] = {}
     for c in range(C):
+        K = units.size(c)
         users = [label for u, label in enumerate(units.labels) if units.codebook_of[u] == c]
         if len(users) == 1:
             name = users[0]
@@ -741,13 +762,13 @@ def codebook_health(module: torch.nn.Module, *, statistics: bool = True, dead_th
             name = "codebook (heads share it)"
         r: Dict[str, Any] = {"codebook_size": K}
         if statistics:
-            alive = sizes[c] >= dead_threshold
+            alive = sizes[c, :K] >= dead_threshold
             r["ema_used_codes"], r["ema_dead_codes"] = int(alive.sum()), K - int(alive.sum())
-            r["ema_perplexity"] = float(perplexity(sizes[c].clamp_min(0)))
+            r["ema_perplexity"] = float(perplexity(sizes[c, :K].clamp_min(0)))
             r["ema_normalised_perplexity"] = r["ema_perplexity"] / K
-        r["duplicate_codes"] = K - int(torch.unique(codes[c], dim=0).shape[0])
-        r["codebook_variance"] = total_variance(codes[c])
-        r["effective_rank_codebook"] = effective_rank(codes[c])
+        r["duplicate_codes"] = K - int(torch.unique(codes[c, :K], dim=0).shape[0])
+        r["codebook_variance"] = total_variance(codes[c, :K])
+        r["effective_rank_codebook"] = effective_rank(codes[c, :K])
         out[name] = r
     return out
 
@@ -875,8 +896,8 @@ def plot_comparison(runs: Mapping[str, Mapping[str, Any]], path: str, *, suptitl
                 counts = histogram(idx, K, codebook_axis=True)
             counts = counts.reshape(len(units.labels), K)
             for u, label in enumerate(units.labels):
-                codes = units.codes[units.codebook_of[u]].float()
-                panels.append((f"{name}, {label}" if name else label, inputs[u], codes, counts[u], run.get("labels")))
+                codes = units.unit_codes(u).float()
+                panels.append((f"{name}, {label}" if name else label, inputs[u], codes, counts[u, : codes.shape[0]], run.get("labels")))
             continue
         codes, emb, metric = _codebook_and_space(run["codebook"], run["embeddings"], run.get("metric", "l2"))
         emb = _rows("embeddings", emb).float()
