@@ -1,7 +1,7 @@
 """``Quantizer``: a vector-quantization layer built on vqkernels' ops.
 
-A drop-in for ``vector_quantize_pytorch.VectorQuantize`` in the common single-codebook
-case, made of three parts, each with one job:
+A drop-in for ``vector_quantize_pytorch.VectorQuantize`` (one codebook, or ``heads`` with
+shared or separate codebooks), made of three parts, each with one job:
 
 * the projections in and out of codebook space (``project_in`` / ``project_out``);
 * the codebook state, :class:`vqkernels.codebook.Codebook` (``C = 1``, or ``C = heads`` with
@@ -163,7 +163,7 @@ class Quantizer(nn.Module):
         fourth field ``breakdown = LossBreakdown(commitment, codebook)``.
 
     Parts: ``project_in`` / ``project_out``; ``codebook_state``, a
-    :class:`~vqkernels.codebook.Codebook` with one codebook (its tensors ``embed``,
+    :class:`~vqkernels.codebook.Codebook` with one codebook, or one per head (its tensors ``embed``,
     ``embed_avg``, ``cluster_size``, ``initted``, ``quantizing``, ``steps``, ``reservoir``,
     ``reservoir_seen`` and its settings read as the Quantizer's own attributes, and are saved
     under those flat names); the estimator of ``gradient`` (:mod:`vqkernels.estimators`).
