@@ -187,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop repeating a contender (after 3 calls) once this much time is spent")
     parser.add_argument("--memory", choices=("auto", "subprocess", "inprocess", "off"), default="auto",
-                        help="how peak memory is measured (auto: in process; on CPU the full grid's step rows in a "
+                        help="how peak memory is measured (auto: in process; on CPU the full grid's training-step rows in a "
                              "fresh subprocess per contender)")
     parser.add_argument("--max-dense-gib", type=float, default=None,
                         help="skip contenders whose N x K fp32 matrix exceeds this (default 2 on cpu, 24 on cuda)")
