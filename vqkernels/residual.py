@@ -20,6 +20,7 @@ from . import distributed as _dist
 from .codebook import Codebook
 from .estimators import ESTIMATORS, gather_codes, quantize
 from .ops import histogram, kmeans
+from .ops.residual_assign import residual_assign
 from .ops._metrics import normalized
 from .ops._validation import check_codebook_size, check_finite, check_indices_in_range, check_same_device, check_tensor
 from .quantizer import _checked_keep, _masked_mse
@@ -264,6 +265,8 @@ class _ResidualStacks(nn.Module):
                 return xg, torch.full((G, Q, N), -1, dtype=torch.int64, device=xg.device), zero_losses
 
         z = torch.stack([self.project_in[g](xg[g]) for g in range(G)]).to(book.embed.dtype)  # [G, N, D]
+        if self._fused_eval_applies(z, keep):
+            return self._fused_eval(xg, z)
         if self.training and not book.is_initialised:
             self._stagewise_init_(z.detach(), keep, None, sync, use_kmeans=self.init == "kmeans")
         codes = self._stage_codes()
@@ -307,6 +310,23 @@ class _ResidualStacks(nn.Module):
         if keep is not None:
             outg = torch.where(keep.unsqueeze(-1), outg, xg)
         return outg, indices, torch.stack(losses, 1).float()
+
+    def _fused_eval_applies(self, z: torch.Tensor, keep) -> bool:
+        """Eval without gradients, masks or per-stage sizes: all stages in one residual_assign call."""
+        return (not self.training and keep is None and len(set(self.codebook_sizes)) == 1
+                and not (torch.is_grad_enabled() and z.requires_grad))
+
+    def _fused_eval(self, xg: torch.Tensor, z: torch.Tensor):
+        """The eval forward as ``residual_assign`` per group (the stage loop's picks; the output is
+        the sum of the picked codes, without the loop's straight-through arithmetic)."""
+        G, Q = self.groups, self.num_quantizers
+        codes = self._stage_codes()
+        outs, indices = [], []
+        for g in range(G):
+            r = residual_assign(z[g], codes[g], self.metric, backend=self.backend, check_codebook=False)
+            outs.append(self.project_out[g](r.quantized))
+            indices.append(r.indices.t())
+        return torch.stack(outs).to(xg.dtype), torch.stack(indices), xg.new_zeros((G, Q), dtype=torch.float32)
 
     def _prepare(self, x: torch.Tensor, mask):
         check_tensor("x", x, floating=True, min_dim=1)

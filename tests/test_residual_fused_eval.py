@@ -1,0 +1,62 @@
+"""The eval forward of the residual quantizers runs ``residual_assign`` (one call per group for
+all stages) when nothing needs the stage loop (no gradient, mask or per-stage sizes), with the
+same indices and outputs as the stage loop."""
+import pytest
+import torch
+
+from helpers import randn
+from vqkernels import GroupedResidualQuantizer, ResidualQuantizer
+from vqkernels.ops import _dispatch
+
+
+def _count_calls(monkeypatch):
+    calls = []
+    real = _dispatch.call
+    monkeypatch.setattr(_dispatch, "call", lambda op, *a: (calls.append(op), real(op, *a))[1])
+    return calls
+
+
+CASES = [
+    ("l2-projections", lambda: ResidualQuantizer(10, 4, 16, codebook_dim=6), 10),
+    ("cosine", lambda: ResidualQuantizer(7, 3, 9, metric="cosine"), 7),
+    ("shared", lambda: ResidualQuantizer(5, 3, 8, shared_codebook=True), 5),
+    ("grouped", lambda: GroupedResidualQuantizer(12, 3, 2, 5, codebook_dim=3), 12),
+    ("one-stage-one-code", lambda: ResidualQuantizer(3, 1, 1), 3),
+]
+
+
+@pytest.mark.parametrize("N", [1, 37])
+@pytest.mark.parametrize("name,make,dim", CASES, ids=[c[0] for c in CASES])
+def test_fused_eval_matches_stage_loop(monkeypatch, name, make, dim, N):
+    torch.manual_seed(0)
+    rq = make()
+    for _ in range(2):  # trained codes, not the initial ones
+        rq(randn(64, dim, seed=5))
+    rq.eval()
+    x = randn(N, dim, seed=N)
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        fused = rq(x)
+    G = getattr(rq, "groups", 1)
+    assert calls.count("residual_assign") == G and calls.count("assign") == 0, calls
+    calls.clear()
+    with torch.no_grad():  # an all-True mask takes the stage loop
+        loop = rq(x, mask=torch.ones(N, dtype=torch.bool))
+    assert calls.count("residual_assign") == 0 and calls.count("assign") == rq.num_quantizers, calls
+    assert torch.equal(fused.indices, loop.indices)
+    torch.testing.assert_close(fused.quantized, loop.quantized, atol=1e-5, rtol=1e-5)
+    assert not fused.losses.any() and fused.losses.shape == loop.losses.shape
+    torch.testing.assert_close(rq.decode(fused.indices), fused.quantized, atol=1e-5, rtol=1e-5)
+
+
+def test_stage_loop_when_gradients_masks_or_per_stage_sizes(monkeypatch):
+    rq = ResidualQuantizer(8, 3, 6, codebook_dim=4).eval()
+    calls = _count_calls(monkeypatch)
+    x = randn(20, 8, seed=1)
+    out = rq(x)  # the projection's parameters need gradients: the straight-through stage loop
+    assert out.quantized.requires_grad and calls.count("residual_assign") == 0
+    calls.clear()
+    with torch.no_grad():
+        rq(x, mask=torch.rand(20) > 0.5)
+        ResidualQuantizer(8, 3, (3, 6, 6)).eval()(x)
+    assert calls.count("residual_assign") == 0
