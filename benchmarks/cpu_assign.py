@@ -36,16 +36,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: torch's)")
     p.set_defaults(device="cpu", alternate=True, memory="off", max_dense_gib=4.0)
     args = p.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    small = args.quick or args.smoke
+    args.repeats = args.repeats or (3 if small else 7)
     if args.threads:
         torch.set_num_threads(args.threads)  # the FAISS contender runs as many threads as torch
     extra = {}
-    if not args.quick:
+    if not small:
         m = extra["memory"] = assign_peak_memory()
         print(f"peak extra memory of assign (cpu) at N=K={m['N']}, D={m['D']}: "
               + (f"{m['extra_peak_rss_bytes'] / 2**20:.0f} MiB" if m["extra_peak_rss_bytes"] is not None else m["method"])
               + f" (an N x K fp32 matrix: {m['nxk_fp32_bytes'] / 2**30:.0f} GiB)")
-    cases = [bench.Case("assign", N, K, D) for N, K, D in (QUICK_SHAPES if args.quick else CPU_TARGET_SHAPES)]
+    cases = [bench.Case("assign", N, K, D) for N, K, D in (QUICK_SHAPES if small else CPU_TARGET_SHAPES)]
     return bench.run(args, cases, only=CONTENDERS, extra=extra, name="cpu_assign")
 
 
