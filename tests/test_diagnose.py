@@ -314,3 +314,14 @@ def test_per_stage_codebook_sizes(tmp_path, capsys):
     assert code == 2 and "the largest must be the stored width K=16" in err, err
     code, _, err = run_cli([str(tmp_path / "rq.pt"), "--codebook-sizes", "4,x"], capsys)
     assert code == 2 and "--codebook-sizes must be positive integers" in err
+
+
+def test_dac_layout_is_found():
+    # DAC's layout (weight-normed 1x1-conv projections around 8-D codes); reading it is the loaders' job
+    state = {"encoder.block.0.weight": torch.randn(4, 4)}
+    for q in range(3):
+        state.update({f"quantizer.quantizers.{q}.codebook.weight": torch.randn(16, 8),
+                      f"quantizer.quantizers.{q}.in_proj.weight_v": torch.randn(8, 32, 1),
+                      f"quantizer.quantizers.{q}.in_proj.weight_g": torch.rand(8, 1, 1),
+                      f"quantizer.quantizers.{q}.out_proj.weight_v": torch.randn(32, 8, 1)})
+    assert dgn.find_quantizers(state) == [dgn.Found("quantizer.", "dac", "dac")]

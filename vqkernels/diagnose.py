@@ -36,6 +36,8 @@ KINDS = {
     "residual-vq": "residual stack (layers.<q>._codebook.embed: vector-quantize-pytorch ResidualVQ; "
     "EnCodec's ResidualVectorQuantization when ResidualQuantizer.from_pretrained_state reads it)",
     "grouped-residual-vq": "vector-quantize-pytorch GroupedResidualVQ (rvqs.<g>.layers.<q>._codebook.embed)",
+    "dac": "DAC residual quantizer (quantizers.<q>.codebook.weight, in_proj/out_proj with weight norm; "
+    "when ResidualQuantizer.from_pretrained_state reads it)",
     "quantizer": "one quantizer: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()),
 }
 
@@ -148,6 +150,7 @@ _PATTERNS = (  # (kind, regex whose group 1 is the prefix); earlier wins at the 
     ("grouped-residual-vq", re.compile(r"^(.*?)rvqs\.0\.layers\.0\._codebook\.embed$")),
     ("residual-vq", re.compile(r"^(.*?)layers\.0\._codebook\.embed$")),
     ("vqkernels-residual", re.compile(r"^(.*?)codebook_state\.embed$")),
+    ("dac", re.compile(r"^(.*?)quantizers\.0\.codebook\.weight$")),
     ("quantizer", re.compile(r"^(.*?)_codebook\.embed$")),
     ("quantizer", re.compile(r"^(.*?)embed$")),
 )
@@ -264,7 +267,7 @@ def build(state: Mapping[str, torch.Tensor], found: Found, *, heads: Optional[in
             return _vqkernels_residual(state, found.prefix, groups, num_quantizers, metric, codebook_sizes)
         if found.kind == "grouped-residual-vq":
             return GroupedResidualQuantizer.from_pretrained_state(state, found.prefix, **extra).eval()
-        if found.kind == "residual-vq":
+        if found.kind in ("residual-vq", "dac"):
             return ResidualQuantizer.from_pretrained_state(state, found.prefix, **extra).eval()
         if heads is not None:
             extra["heads"] = heads
@@ -274,7 +277,7 @@ def build(state: Mapping[str, torch.Tensor], found: Found, *, heads: Optional[in
         raise
     except (UnknownLayoutError, ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as exc:
         raise DiagnoseError(
-            f"found a {_kind_name(found)} quantizer under prefix {found.prefix!r}, but the package's loader cannot "
+            f"found a quantizer under prefix {found.prefix!r} ({_kind_name(found)}), but the package's loader cannot "
             f"read it: {exc}"
         ) from None
 
