@@ -140,6 +140,13 @@ def test_every_layout_is_found_built_and_tabled(name, where, tmp_path, capsys):
         assert printed, out
         assert f"{row['effective_rank_codebook']:.2f}" in printed[-1]
     assert ("EMA used" in out) == (name != "taming"), out
+    # with embeddings: the per-unit report of the module built from the checkpoint
+    np.save(tmp_path / "emb.npy", torch.randn(64, module.dim, generator=torch.Generator().manual_seed(2)).numpy())
+    code, out, err = run_cli([str(path), "--embeddings", str(tmp_path / "emb.npy"), "--no-plot"], capsys)
+    assert code == 0, err
+    assert "On 64 embeddings" in out and "variance ratio" in out
+    if len(labels) > 1:
+        assert len(rows_of(out, "ckpt.pt ")) == len(labels) + 1, out
 
 
 def test_embeddings_give_the_report_per_stage_and_the_png(tmp_path, capsys):

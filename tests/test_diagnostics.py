@@ -278,3 +278,22 @@ def test_per_stage_codebook_sizes_count_only_each_stages_codes():
     health = dg.codebook_health(rq)
     assert [health[f"stage {q}"]["codebook_size"] for q in range(3)] == [4, 8, 16]
     assert health["stage 0"]["duplicate_codes"] == 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ResidualQuantizer(6, 3, 8, metric="cosine", init="kmeans"),
+    lambda: GroupedResidualQuantizer(6, 2, 2, 8, codebook_dim=4, init="kmeans"),
+    lambda: Quantizer(6, 8, heads=3, separate_codebook_per_head=True, metric="cosine", init="kmeans"),
+    lambda: Quantizer(6, 8, heads=2, codebook_dim=4, init="kmeans"),
+], ids=["residual cosine", "grouped projected", "heads cosine", "shared heads projected"])
+def test_unit_inputs_reproduce_the_modules_own_codes(make):
+    """What each unit quantizes, recomputed from the module's inputs, picks the module's own codes."""
+    torch.manual_seed(6)
+    x = torch.randn(200, 6)
+    module = _trained(make(), x)
+    _, idx, _ = module(x)
+    units = dg.units_of(module)
+    inputs, nearest = dg.unit_inputs(module, x)
+    assert torch.equal(nearest, dg.unit_indices(units, idx))
+    if module.metric == "cosine":
+        assert torch.allclose(inputs.norm(dim=-1), torch.ones(()), atol=1e-5)
