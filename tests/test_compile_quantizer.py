@@ -91,18 +91,28 @@ def test_training_fullgraph_no_graph_breaks_matches_eager(kwargs):
     batches = _batches(4, "cpu")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
     _compare_steps(eager, compiled, batches, atol=1e-6)
-    # check_finite stays on under compile (inside an op, so no graph break) and touches nothing
+    # the default non-finite policy under compile: the batch is skipped (device-side flag, no
+    # graph break) and touches nothing but the step counters
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, mask = batches[0]
     x = x.clone()
     x[1, 3, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"NaN or Inf \(rows \[13\]\)"):
-        compiled(x, mask.clone().fill_(True))
+    compiled(x, mask.clone().fill_(True))
     for k, v in model.state_dict().items():
+        assert k.endswith("steps") or torch.equal(v, before[k]), f"{k} changed by a skipped batch"
+    assert int(model.vq.nonfinite_batches) == 1
+    # check_finite="strict" stays on under compile (inside an op, so no graph break)
+    strict = TinyTokenizer(check_finite="strict", **kwargs)
+    strict_compiled = torch.compile(strict, fullgraph=True, backend="aot_eager")
+    strict_compiled(*batches[1])
+    before = {k: v.clone() for k, v in strict.state_dict().items()}
+    with pytest.raises(ValueError, match=r"NaN or Inf \(rows \[13\]\)"):
+        strict_compiled(x, mask.clone().fill_(True))
+    for k, v in strict.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a rejected batch"
     mask = mask.clone()
     mask[1, 3] = False  # a masked NaN row is fine
-    compiled(x, mask)
+    strict_compiled(x, mask)
 
 
 @pytest.fixture

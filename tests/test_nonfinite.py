@@ -1,5 +1,6 @@
-"""The non-finite policy: a training batch with NaN/Inf is rejected before any state (or the
-global RNG) changes; masked non-finite rows are allowed and stay out of every statistic and
+"""The strict non-finite policy (``check_finite="strict"``): a training batch with NaN/Inf is
+rejected before any state (or the global RNG) changes (the default policy, which skips such a
+batch without a host sync, is tested in test_no_sync.py); masked non-finite rows are allowed and stay out of every statistic and
 the loss; eval and check_finite=False give such rows index -1; a codebook that became
 non-finite is reported with its rows."""
 import pytest
@@ -24,7 +25,7 @@ QUANTIZER_CONFIGS = {
 @pytest.mark.parametrize("config", list(QUANTIZER_CONFIGS))
 def test_training_rejects_a_nonfinite_batch_before_touching_state(config):
     torch.manual_seed(0)
-    vq = Quantizer(4, 8, **QUANTIZER_CONFIGS[config])
+    vq = Quantizer(4, 8, check_finite="strict", **QUANTIZER_CONFIGS[config])
     good = randn(24, 4, seed=32)
     if config != "not-yet-initialised":
         vq(good)
@@ -96,7 +97,7 @@ def test_nonfinite_rows_in_eval_and_unchecked_training_get_minus_one(backend, de
 @pytest.mark.parametrize("learning", ["ema", "gradient"])
 def test_a_codebook_that_became_nonfinite_is_reported_with_its_codes(backend, device, learning):
     torch.manual_seed(0)
-    vq = Quantizer(4, 8, learning=learning, backend=backend).to(device)
+    vq = Quantizer(4, 8, learning=learning, backend=backend, check_finite="strict").to(device)
     x = randn(16, 4, seed=34, device=device)
     vq(x)
     with torch.no_grad():  # e.g. an fp16 overflow or a diverged optimiser step

@@ -22,7 +22,13 @@ import torch
 import torch.nn as nn
 
 from . import distributed as _dist
-from .ops import _dispatch, cluster_stats, ema_update_, histogram, kmeans
+from .ops import _dispatch, kmeans
+
+# The Codebook is a trusted caller: it validates once, and the ops it calls skip their
+# argument and value checks (no host sync per step); the names say which op runs.
+from .ops.cluster_stats import cluster_stats_unchecked as cluster_stats
+from .ops.ema_update import ema_update_unchecked as ema_update_
+from .ops.histogram import histogram_unchecked as histogram
 from .ops._metrics import CENTROID_METRICS, normalized
 from .ops._validation import check_codebook_size, check_metric
 
@@ -53,7 +59,9 @@ class Codebook(nn.Module):
     State (buffers, in the state dict; ``[C, ...]`` with the codebook axis): ``embed
     [C, K, D]`` (a Parameter with ``learning="gradient"``), ``embed_avg [C, K, D]`` (EMA),
     ``cluster_size [C, K]``, ``initted``, ``quantizing``, ``steps`` (training calls), and with
-    ``deferred_steps`` ``reservoir [C, R, D]`` and ``reservoir_seen``. Rows are sampled into
+    ``deferred_steps`` ``reservoir [C, R, D]`` and ``reservoir_seen``. Not in the state dict:
+    ``nonfinite_batches``, the training steps skipped by the non-finite policy (see
+    :meth:`update_`'s ``finite``), as ``torch.amp.GradScaler`` counts skipped steps. Rows are sampled into
     the reservoir and re-seeded into dead codes by row, the same rows for every codebook.
 
     Example:
@@ -147,6 +155,8 @@ class Codebook(nn.Module):
         self.register_buffer("initted", torch.tensor(initted))
         self.register_buffer("quantizing", torch.tensor(deferred_steps == 0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training calls
+        # steps skipped for a non-finite batch: a device counter (reading a flag would sync)
+        self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64), persistent=False)
         if deferred_steps:
             self.register_buffer("reservoir", torch.zeros(lead + (reservoir_size, D)))
             self.register_buffer("reservoir_seen", torch.zeros((), dtype=torch.int64))
@@ -245,7 +255,7 @@ class Codebook(nn.Module):
                 rows[c], K, self.kmeans_iters, metric=self.metric, backend=self.backend, distributed=sync.active, group=sync.group
             )
             centroids.append(result.centroids)
-            counts.append(histogram(result.indices, K))
+            counts.append(histogram(result.indices.unsqueeze(0), K, _dispatch.requested_backend(self.backend))[0])
         counts = torch.stack(counts).to(self.cluster_size.dtype)
         sync.all_reduce_sum_(counts)  # every rank's rows under the shared centroids
         n = sync.total(rows.shape[1], rows.device)
@@ -255,7 +265,7 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def update_(
         self, z: torch.Tensor, indices: torch.Tensor, keep: Optional[torch.Tensor], sync: _dist.LocalSync, *,
-        accumulate: bool = False, weight=None,
+        accumulate: bool = False, weight=None, finite: Optional[torch.Tensor] = None,
     ) -> None:
         """One training step: statistics of ``z [C, N, D]`` under ``indices [C, N]`` for all
         codebooks in one op call, summed over ranks by the hook (one collective), then the EMA
@@ -265,21 +275,43 @@ class Codebook(nn.Module):
         ``accumulate``: only add this step's statistics to a pending sum (gradient
         accumulation, vector-quantize-pytorch's ``accum_ema_update``); the next step that does
         not accumulate (or :meth:`apply_pending_`) applies them with its own, in one EMA step and
-        one collective. ``weight``: per-code EMA weight (see :meth:`apply_stats_`)."""
+        one collective. ``weight``: per-code EMA weight (see :meth:`apply_stats_`).
+
+        ``finite``: the non-finite policy without a host sync. A 0-dim bool tensor on the
+        device, False when the batch held a non-finite kept row (or the codes are non-finite):
+        then the step leaves the codes, the statistics, any pending sum and the dead codes
+        exactly as they were (``torch.where`` on the new values; with a group hook every rank
+        skips when any rank's flag is False) and ``nonfinite_batches`` counts it. ``None``: no
+        gating (the caller checked, or does not care).
+
+        The Codebook is the trusted caller of the ops: ``indices`` come from ``assign`` (in
+        ``[0, K)``, -1 for masked or non-finite rows), so the ops run without re-validating
+        their arguments (no value checks, no host sync)."""
         K = self.codebook_size
+        if z.dim() != 3 or tuple(indices.shape) != tuple(z.shape[:2]) or z.shape[0] != self.num_codebooks:
+            raise ValueError(
+                f"update_ needs z [C={self.num_codebooks}, N, D={self.dim}] and indices [C, N]; "
+                f"got z {tuple(z.shape)}, indices {tuple(indices.shape)}"
+            )
+        backend = _dispatch.requested_backend(self.backend)
         if self.learning == "ema":
-            counts, sums = cluster_stats(z, indices, K, deterministic=self.deterministic, codebook_axis=True, backend=self.backend)
+            counts, sums = cluster_stats(z, indices, K, deterministic=self.deterministic, backend=backend)
         else:
-            counts, sums = histogram(indices, K, codebook_axis=True, backend=self.backend).to(self.cluster_size.dtype), None
+            counts, sums = histogram(indices, K, backend).to(self.cluster_size.dtype), None
+        if accumulate and finite is not None:
+            # a skipped batch adds nothing to the pending sum (its kept rows included)
+            self.nonfinite_batches.add_((~finite).to(torch.int64))
+            counts = torch.where(finite, counts, torch.zeros((), dtype=counts.dtype, device=counts.device))
+            sums = None if sums is None else torch.where(finite, sums, torch.zeros((), dtype=sums.dtype, device=sums.device))
         if accumulate:
             if self._pending is not None:
                 counts = counts + self._pending[0]
                 sums = None if sums is None else sums + self._pending[1]
             self._pending = (counts, sums)
         else:
-            self.apply_stats_(counts, sums, sync, weight)
+            finite = self.apply_stats_(counts, sums, sync, weight, finite=finite)
             if self.dead_code_threshold > 0:
-                self.restart_dead_codes_(z, keep, sync)
+                self.restart_dead_codes_(z, keep, sync, finite=finite)
         self.steps.add_(1)
 
     @torch.no_grad()
@@ -295,46 +327,71 @@ class Codebook(nn.Module):
         return True
 
     @torch.no_grad()
-    def apply_stats_(self, counts: torch.Tensor, sums: Optional[torch.Tensor], sync: _dist.LocalSync, weight=None) -> None:
+    def apply_stats_(
+        self, counts: torch.Tensor, sums: Optional[torch.Tensor], sync: _dist.LocalSync, weight=None, *,
+        finite: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
         """The EMA step from this step's ``counts [C, K]`` and ``sums [C, K, D]`` (``None`` with
         gradient learning), plus any pending accumulated statistics, summed over ranks.
 
         ``weight``: vector-quantize-pytorch's ``ema_update_weight``, a per-code weight (a float,
         ``[K]`` or ``[C, K]``, or a callable ``(sums, counts) -> weight``) that scales the EMA
-        step of each code: ``stat <- stat + (1 - decay) * weight * (new - stat)``."""
+        step of each code: ``stat <- stat + (1 - decay) * weight * (new - stat)``.
+
+        ``finite``: see :meth:`update_`; returns it, all-reduced with a group hook (the flag
+        the dead-code restarts must obey), or ``None``."""
         if self._pending is not None:
             counts = counts + self._pending[0]
             sums = None if sums is None else sums + self._pending[1]
             self._pending = None
-        if sums is None:
-            sync.all_reduce_sum_(counts)  # usage of all ranks, so every rank sees the same dead codes
+        stats = (counts,) if sums is None else (counts, sums)
+        if finite is not None and sync.active:
+            # every rank skips when any rank's batch was bad: the flag rides in the same packed
+            # all-reduce as the statistics (same dtype, one collective)
+            bad = (~finite).to(counts.dtype).reshape(1)
+            sync.all_reduce_sum_(*stats, bad)
+            finite = bad[0] == 0
         else:
-            sync.all_reduce_sum_(counts, sums)  # the statistics of all ranks' rows, packed
+            sync.all_reduce_sum_(*stats)  # the statistics (usage) of all ranks' rows, packed
         if weight is not None:
             counts, sums = self._weighted(counts, sums, weight)
-        if self.learning == "ema":
-            counts, sums = counts.view(self.cluster_size.shape), sums.view(self.embed.shape)
-            if torch.compiler.is_compiling():
-                # Inductor (torch 2.13) may compute this step's output (the gather of the codes,
-                # fused into a later kernel) AFTER an op that overwrites the codebook buffer in
-                # place, and return the next step's codes. So the op writes fresh codes into a
-                # scratch tensor, and a plain copy_ (a buffer mutation inductor orders after
-                # every read) stores them.
-                codes = self.embed.new_empty(self.embed.shape)
-                ema_update_(self.cluster_size, self.embed_avg, codes, counts, sums, self.decay, self.eps, backend=self.backend)
-                self.embed.copy_(codes)
-            else:
-                previous = self.embed.clone() if self.decay == 0.0 else None
-                ema_update_(self.cluster_size, self.embed_avg, self.embed, counts, sums, self.decay, self.eps, backend=self.backend)
-                if previous is not None:
-                    # decay 0 keeps only this batch's statistics: a codebook without kept rows
-                    # has every size 0 and its smoothed codes 0/0, so it keeps its old codes
-                    alive = self.cluster_size.sum(-1, keepdim=True).unsqueeze(-1) > 0
-                    self.embed.copy_(torch.where(alive, self.embed, previous))
+        if finite is not None:
+            self.nonfinite_batches.add_((~finite).to(torch.int64))
+        if self.learning != "ema":
+            usage = self.cluster_size.mul(self.decay).add_(counts.view(self.cluster_size.shape), alpha=1.0 - self.decay)
+            self.cluster_size.copy_(usage if finite is None else torch.where(finite, usage, self.cluster_size))
+            return finite
+        counts, sums = counts.view(self.cluster_size.shape), sums.view(self.embed.shape)
+        backend = _dispatch.requested_backend(self.backend)
+        if finite is None and self.decay != 0.0 and not torch.compiler.is_compiling():
+            # the ungated eager step: in place, no copies
+            ema_update_(self.cluster_size, self.embed_avg, self.embed, counts, sums, self.decay, self.eps, backend)
             if self.metric == "cosine":
                 self.embed.copy_(normalized(self.embed, self.metric))
-        else:
-            self.cluster_size.mul_(self.decay).add_(counts.view(self.cluster_size.shape), alpha=1.0 - self.decay)
+            return finite
+        # Otherwise the op writes into scratch tensors, and the buffers take them by copy_:
+        # * a gated step keeps the old values where finite is False (no host sync);
+        # * under torch.compile, Inductor (torch 2.13) may compute this step's output (the gather
+        #   of the codes, fused into a later kernel) AFTER an op that overwrites the codebook
+        #   buffer in place, and return the next step's codes; a plain copy_ (a buffer mutation
+        #   inductor orders after every read) is safe;
+        # * decay 0 keeps only this batch's statistics: a codebook without kept rows has every
+        #   size 0 and its smoothed codes 0/0, so it keeps its old codes.
+        size, avg = self.cluster_size.clone(), self.embed_avg.clone()
+        codes = self.embed.new_empty(self.embed.shape)
+        ema_update_(size, avg, codes, counts, sums, self.decay, self.eps, backend)
+        if self.decay == 0.0:
+            codes = torch.where(size.sum(-1, keepdim=True).unsqueeze(-1) > 0, codes, self.embed)
+        if self.metric == "cosine":
+            codes = normalized(codes, self.metric)
+        if finite is not None:
+            size = torch.where(finite, size, self.cluster_size)
+            avg = torch.where(finite, avg, self.embed_avg)
+            codes = torch.where(finite, codes, self.embed)
+        self.cluster_size.copy_(size)
+        self.embed_avg.copy_(avg)
+        self.embed.copy_(codes)
+        return finite
 
     def _weighted(self, counts, sums, weight):
         """Statistics that give the weighted EMA step through the plain one:
@@ -354,19 +411,24 @@ class Codebook(nn.Module):
         return counts, sums
 
     @torch.no_grad()
-    def restart_dead_codes_(self, z: torch.Tensor, keep: Optional[torch.Tensor], sync: _dist.LocalSync) -> None:
+    def restart_dead_codes_(
+        self, z: torch.Tensor, keep: Optional[torch.Tensor], sync: _dist.LocalSync, *, finite: Optional[torch.Tensor] = None
+    ) -> None:
         """Re-seed the codes whose EMA size is below the threshold from distinct random kept
         rows (of ``z [C, N, D]``; all ranks' with a group hook) and reset their statistics.
 
         The r-th dead code of a codebook takes the r-th row of one random order of the kept
         rows; with more dead codes than rows, the first ones (by index) are re-seeded now and
         the rest at later steps, so no two share a row. Locally all on device with
-        ``torch.where``: no host sync, whether or not anything is dead."""
+        ``torch.where``: no host sync, whether or not anything is dead. ``finite`` False (a 0-dim
+        device flag, see :meth:`update_`): nothing is re-seeded."""
         dead = self._c(self.cluster_size) < self.dead_code_threshold  # [C, K]
         want = torch.where(dead, dead.to(torch.int64).cumsum(-1) - 1, torch.full_like(dead, -1, dtype=torch.int64))
         sample, found = sync.random_rows(z, keep, want)
         sample = normalized(sample.to(self.embed.dtype), self.metric)
         replace = found.view(self.cluster_size.shape)
+        if finite is not None:
+            replace = replace & finite
         sample = sample.view(self.embed.shape)
         self.embed.data.copy_(torch.where(replace.unsqueeze(-1), sample, self.embed.data))
         reset = torch.full_like(self.cluster_size, self.reset_cluster_size)

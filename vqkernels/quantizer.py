@@ -134,10 +134,16 @@ class Quantizer(nn.Module):
             is the identity in eval too, with indices -1.
         reservoir_size: rows kept for the deferred initialisation (default ``4 * K``).
         deterministic: bitwise-reproducible statistics (see :func:`vqkernels.cluster_stats`).
-        check_finite: in training, raise a ``ValueError`` naming the rows when an unmasked input
-            row holds NaN/Inf, before any buffer is touched, so one bad batch never poisons the
-            EMA statistics (costs one host sync per training call; eval never checks). Under
-            ``torch.compile`` the check runs inside an op, so it causes no graph break.
+        check_finite: the non-finite policy of training. ``True`` (default): a batch with a
+            NaN/Inf unmasked row (or non-finite codes) is skipped, without a host sync: the
+            codes, the EMA statistics and the dead codes stay exactly as they were (the update
+            is gated on a device-side flag, as ``torch.amp.GradScaler`` skips steps) and the
+            buffer ``nonfinite_batches`` counts it; such rows get index -1 and pass through,
+            and the loss is non-finite. The first (initialising) batch is checked strictly.
+            ``"strict"``: raise a ``ValueError`` naming the rows at once, before any buffer is
+            touched (one host sync per training call; under ``torch.compile`` inside an op,
+            so no graph break). ``False``: no policy (non-finite rows get -1 and stay out of
+            the statistics). Eval never checks.
         sync_codebook: ``None`` (default) or ``True``: when ``torch.distributed`` is initialised
             with world size > 1, keep one codebook across ranks (one all-reduce of the packed
             counts and sums per training step; initialisation, dead-code restarts and the
@@ -217,6 +223,8 @@ class Quantizer(nn.Module):
                 raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
         if commitment_weight < 0 or codebook_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got commitment_weight={commitment_weight}, codebook_weight={codebook_weight}")
+        if check_finite not in (True, False, "strict"):
+            raise ValueError(f"check_finite must be True, False or 'strict', got {check_finite!r}")
         if sync_codebook not in (None, True, False):
             raise ValueError(f"sync_codebook must be None, True or False, got {sync_codebook!r}")
         check_codebook_size("heads", heads)
@@ -436,12 +444,16 @@ class Quantizer(nn.Module):
                 raise ValueError(f"mask has shape {tuple(mask.shape)}; expected the leading shape of x {tuple(lead)}")
             keep = mask.reshape(-1)
         flat = xl.reshape(-1, self.dim)
-        if self.training and self.check_finite:
+        strict = self.training and self.check_finite == "strict"
+        book = self.codebook_state
+        if self.training and self.check_finite and not book.is_initialised and book.is_quantizing:
+            strict = True  # the initialising batch: a one-off host sync anyway
+        if strict:
             if torch.compiler.is_compiling():
                 keep = _checked_keep(flat.detach(), keep)
             else:
                 check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
-        book = self.codebook_state
+        gated = self.training and self.check_finite is True and not strict  # skip, without a sync
         sync = self._sync() if self.training else _dist.LOCAL
         book.broadcast_(sync)  # once, on the first synced call
 
@@ -449,7 +461,7 @@ class Quantizer(nn.Module):
             if self.training and book.switch_due:
                 book.start_quantization_(sync)  # call T + 1 of Deferred Quantization
             else:
-                return self._continuous_forward(x, flat, keep, lead, return_loss_breakdown)
+                return self._continuous_forward(x, flat, keep, lead, return_loss_breakdown, gated)
 
         n = flat.shape[0]
         z = self._head_rows(self.to_codebook_space(flat))  # [C, N', D]: C = heads (separate) or 1
@@ -459,8 +471,12 @@ class Quantizer(nn.Module):
         codes = book.codes()  # [C, K, D]
         q, indices = quantize(
             z, codes.detach(), head_keep, gradient=self.gradient, metric=self.metric, backend=self.backend,
-            check_codebook=self.training,
+            check_codebook=strict,
         )
+        finite = None
+        if gated:  # assign read x once and gave its non-finite kept rows -1: no second pass over x
+            ok = indices >= 0 if head_keep is None else (indices >= 0) | ~head_keep
+            finite = ok.all() & torch.isfinite(codes.detach()).all()
 
         zero = z.new_zeros(())
         commitment = codebook_loss = zero
@@ -472,7 +488,7 @@ class Quantizer(nn.Module):
                 codebook_loss = _masked_mse(gather_codes(codes, indices.clamp_min(0)), z.detach(), head_keep)
                 loss = loss + codebook_loss * self.codebook_weight
             if not freeze:
-                book.update_(z.detach(), indices, head_keep, sync, accumulate=accum_ema_update, weight=ema_update_weight)
+                book.update_(z.detach(), indices, head_keep, sync, accumulate=accum_ema_update, weight=ema_update_weight, finite=finite)
 
         out = self.project_out(self._from_head_rows(q, n).reshape(n, self.heads * self.codebook_dim)).to(x.dtype)
         if keep is not None:
@@ -503,10 +519,16 @@ class Quantizer(nn.Module):
         """Indices are ``[...]`` for one head, ``[..., heads]`` for several (as VectorQuantize's)."""
         return tuple(lead) + ((self.heads,) if self.heads > 1 else ())
 
-    def _continuous_forward(self, x, flat, keep, lead, return_loss_breakdown):
-        """Deferred Quantization's continuous phase: identity, plus a reservoir sample in training."""
+    def _continuous_forward(self, x, flat, keep, lead, return_loss_breakdown, gated=False):
+        """Deferred Quantization's continuous phase: identity, plus a reservoir sample in training
+        (``gated``: a batch with a non-finite kept row adds no row, without a host sync)."""
         if self.training:
             with torch.no_grad():
+                if gated:
+                    ok = torch.isfinite(flat.detach()).all(-1)
+                    finite = (ok if keep is None else ok | ~keep).all()
+                    self.codebook_state.nonfinite_batches.add_((~finite).to(torch.int64))
+                    keep = finite.expand(flat.shape[0]) if keep is None else keep & finite
                 self.codebook_state.observe_(self._head_rows(self.to_codebook_space(flat.detach())), self._head_keep(keep))
         zero = flat.new_zeros((), dtype=torch.float32)
         indices = torch.full(self._index_shape(lead), -1, dtype=torch.int64, device=x.device)
@@ -606,7 +628,7 @@ for _name in ("codebook_size", "metric", "learning", "decay", "eps", "init", "km
               # the Python mirrors of the state flags, as the single module had them
               "_initted", "_quantizing", "_deferred_calls", "_state_broadcast"):
     setattr(Quantizer, _name, _codebook_setting(_name))
-for _name in Codebook.STATE_KEYS:
+for _name in Codebook.STATE_KEYS + ("nonfinite_batches",):
     setattr(Quantizer, _name, _codebook_tensor(_name))
 del _name
 

@@ -12,10 +12,11 @@ from typing import List, NamedTuple, Optional
 import torch
 
 from .. import distributed as _dist
+from . import _dispatch
 from ._metrics import CENTROID_METRICS, normalized, paired_distance
 from ._validation import check_codebook_size, check_metric, check_tensor, compute_dtype, check_finite
 from .assign import assign
-from .cluster_stats import cluster_stats
+from .cluster_stats import cluster_stats_unchecked
 
 INITS = ("kmeans++", "random")
 
@@ -166,16 +167,22 @@ def kmeans(
         sync.broadcast_(centroids)
     centroids = normalized(centroids, metric)
 
-    indices, dist = assign(data, centroids, metric, backend=backend)
+    # The data were checked once above, and centroids are means of those rows: the loop runs
+    # the ops without their per-call value checks (each was a pass over x and a host sync).
+    requested = _dispatch.requested_backend(backend)
+    indices, dist = assign(data, centroids, metric, backend=backend, check_codebook=False)
     history: List[float] = []
     bar = _progress_bar(iters) if progress and sync.rank == 0 else None
     n_iter = 0
     for it in range(iters + 1):
         # Statistics of the current assignment and its inertia, in one packed all-reduce.
-        counts, sums = cluster_stats(data, indices, K, deterministic=deterministic, backend=backend)
+        counts, sums = cluster_stats_unchecked(data.unsqueeze(0), indices.unsqueeze(0), K, deterministic, requested)
+        counts, sums = counts[0], sums[0]
         inertia = dist.sum().reshape(1).to(counts.dtype)
         sync.all_reduce_sum_(counts, sums, inertia)
-        history.append(float(inertia))
+        # the iteration's one host read: the inertia (history, tol) and the empty clusters
+        value, n_empty = torch.cat([inertia, (counts == 0).sum().reshape(1).to(counts.dtype)]).tolist()
+        history.append(value)
         if it > 0:
             if bar is not None:
                 bar.update(1)
@@ -185,20 +192,20 @@ def kmeans(
         if it == iters:
             break
         n_iter = it + 1
-        centroids = _update(data, centroids, indices, counts, sums, metric, sync)
-        indices, dist = assign(data, centroids, metric, backend=backend)
+        centroids = _update(data, centroids, indices, counts, sums, metric, sync, int(n_empty))
+        indices, dist = assign(data, centroids, metric, backend=backend, check_codebook=False)
     if bar is not None:
         bar.close()
     return KMeansResult(centroids, indices, history[-1], n_iter, history)
 
 
-def _update(data, centroids, indices, counts, sums, metric, sync):
-    """Means from the (all-reduced) statistics; empty clusters take the rows farthest from
-    their new centroid, among all ranks' rows, so the inertia never increases."""
+def _update(data, centroids, indices, counts, sums, metric, sync, n_empty):
+    """Means from the (all-reduced) statistics; empty clusters (``n_empty`` of them, the same
+    on every rank) take the rows farthest from their new centroid, among all ranks' rows, so
+    the inertia never increases."""
     filled = counts > 0
     means = normalized(sums / counts.clamp_min(1).unsqueeze(1), metric)
     new = torch.where(filled.unsqueeze(1), means, centroids)
-    n_empty = int((~filled).sum())  # the same on every rank (all-reduced counts)
     if n_empty:
         far = paired_distance(data, new[indices], metric, normalized_inputs=True) if data.shape[0] else data.new_zeros(0)
         top = torch.topk(far, min(n_empty, far.shape[0]))  # distinct rows, farthest first

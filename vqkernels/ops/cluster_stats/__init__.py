@@ -32,13 +32,14 @@ class ClusterStats(NamedTuple):
 
 @torch.library.custom_op("vqkernels::cluster_stats", mutates_args=())
 def _cluster_stats_op(
-    x: torch.Tensor, indices: torch.Tensor, K: int, deterministic: bool, backend: str
+    x: torch.Tensor, indices: torch.Tensor, K: int, deterministic: bool, backend: str, check: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [C, N, D]`` (or ``[N, D]``), ``indices [C, N]`` (or ``[N]``) -> ``[C, K]``, ``[C, K, D]``
-    (or ``[K]``, ``[K, D]``)."""
-    check_indices_in_range("indices", indices, K)
+    (or ``[K]``, ``[K, D]``). ``check``: the value checks (host syncs); off for trusted callers."""
     D = x.shape[-1]
-    check_finite("x", x.reshape(-1, D), ignore_rows=indices.reshape(-1) < 0)
+    if check:
+        check_indices_in_range("indices", indices, K)
+        check_finite("x", x.reshape(-1, D), ignore_rows=indices.reshape(-1) < 0)
     squeeze = x.dim() == 2
     if squeeze:
         x, indices = x.unsqueeze(0), indices.unsqueeze(0)
@@ -52,7 +53,7 @@ def _cluster_stats_op(
 
 
 @_cluster_stats_op.register_fake
-def _(x, indices, K, deterministic, backend):
+def _(x, indices, K, deterministic, backend, check=True):
     dtype = compute_dtype(x.dtype)
     lead = tuple(x.shape[:-2])
     return x.new_empty(*lead, K, dtype=dtype), x.new_empty(*lead, K, x.shape[-1], dtype=dtype)
@@ -110,15 +111,23 @@ def cluster_stats(
     x = x.detach()
     if not (codebook_axis or heads):
         counts, sums = _cluster_stats_op(
-            x.reshape(-1, D).contiguous(), indices.reshape(-1).contiguous(), K, deterministic, requested
+            x.reshape(-1, D).contiguous(), indices.reshape(-1).contiguous(), K, deterministic, requested, True
         )
         return ClusterStats(counts, sums)
     check_codebook_axis("x", x, "heads" if heads and not codebook_axis else "codebook_axis", extra_dims=1)
     C, N, _ = leading_axis_shape(x, extra_dims=1)
     counts, sums = _cluster_stats_op(
-        x.reshape(C, N, D).contiguous(), indices.reshape(C, N).contiguous(), K, deterministic, requested
+        x.reshape(C, N, D).contiguous(), indices.reshape(C, N).contiguous(), K, deterministic, requested, True
     )
     return ClusterStats(counts, sums)
+
+
+def cluster_stats_unchecked(x: torch.Tensor, indices: torch.Tensor, K: int, deterministic: bool, backend: str) -> ClusterStats:
+    """The op for a trusted caller (the :class:`~vqkernels.codebook.Codebook`, which validated
+    its inputs once): ``x [C, N, D]`` and ``indices [C, N]`` (< K, or negative; rows of x with a
+    non-negative index finite) straight to the backend, with no argument or value checks, so no
+    host sync. ``backend``: a name from :func:`~vqkernels.ops._dispatch.requested_backend`."""
+    return ClusterStats(*_cluster_stats_op(x.detach().contiguous(), indices.contiguous(), K, deterministic, backend, False))
 
 
 __all__ = ["cluster_stats", "ClusterStats"]

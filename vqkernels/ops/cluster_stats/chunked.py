@@ -3,6 +3,7 @@ codebooks at once on the flat ``C * K`` bins (see :mod:`..._indices`)."""
 import torch
 
 from .._indices import flat_bins
+from ..histogram.chunked import bin_counts
 from .._validation import compute_dtype
 
 _ROW_TILE_ELEMENTS = 1 << 22  # bound the fp32 copy of x made for the scatter
@@ -15,7 +16,7 @@ def cluster_stats(x, indices, K, deterministic):
     dtype = compute_dtype(x.dtype)
     binned = flat_bins(indices, K)  # [C*N]; masked rows in the extra bin C*K, dropped below
     rows = x.reshape(C * N, D)
-    lengths = torch.bincount(binned, minlength=bins_total + 1)
+    lengths = bin_counts(binned, bins_total + 1)
     counts = lengths[:bins_total].to(dtype).view(C, K)
     if deterministic:
         # Stable sort keeps rows of a code in input order; each code is one segment summed

@@ -30,15 +30,17 @@ def _ema_update_op(
     decay: float,
     eps: float,
     backend: str,
+    check: bool = True,
 ) -> None:
-    check_finite("counts", counts.reshape(-1, 1))
-    check_finite("sums", sums.reshape(-1, sums.shape[-1]))
+    if check:  # value checks read the data (host syncs); off for trusted callers
+        check_finite("counts", counts.reshape(-1, 1))
+        check_finite("sums", sums.reshape(-1, sums.shape[-1]))
     args = (cluster_size, embed_avg, codebook, counts, sums, decay, eps)
     _dispatch.call("ema_update", backend, codebook.device, codebook.dtype, *args)
 
 
 @_ema_update_op.register_fake
-def _(cluster_size, embed_avg, codebook, counts, sums, decay, eps, backend):
+def _(cluster_size, embed_avg, codebook, counts, sums, decay, eps, backend, check=True):
     return None
 
 
@@ -114,8 +116,21 @@ def ema_update_(
         float(decay),
         float(eps),
         requested,
+        True,
     )
     return codebook
+
+
+def ema_update_unchecked(cluster_size, embed_avg, codebook, counts, sums, decay: float, eps: float, backend: str) -> None:
+    """The op for a trusted caller (the :class:`~vqkernels.codebook.Codebook`, whose buffers are
+    ``[K]`` / ``[K, D]`` or ``[C, K]`` / ``[C, K, D]``, contiguous, and whose statistics come from
+    :func:`~vqkernels.ops.cluster_stats.cluster_stats_unchecked`): no argument or value checks,
+    so no host sync. ``backend``: a name from :func:`~vqkernels.ops._dispatch.requested_backend`."""
+    K, D = codebook.shape[-2], codebook.shape[-1]
+    _ema_update_op(
+        cluster_size.view(-1, K), embed_avg.view(-1, K, D), codebook.view(-1, K, D),
+        counts.reshape(-1, K).contiguous(), sums.reshape(-1, K, D).contiguous(), decay, eps, backend, False,
+    )
 
 
 __all__ = ["ema_update_"]

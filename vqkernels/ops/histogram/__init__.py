@@ -23,11 +23,13 @@ from .._validation import (
 
 
 @torch.library.custom_op("vqkernels::histogram", mutates_args=())
-def _histogram_op(indices: torch.Tensor, K: int, weights: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    """``indices [C, N]`` (or ``[N]``), ``weights`` alike or None -> ``counts [C, K]`` (or ``[K]``)."""
-    check_indices_in_range("indices", indices, K)
-    if weights is not None:
-        check_finite("weights", weights.reshape(-1))
+def _histogram_op(indices: torch.Tensor, K: int, weights: Optional[torch.Tensor], backend: str, check: bool = True) -> torch.Tensor:
+    """``indices [C, N]`` (or ``[N]``), ``weights`` alike or None -> ``counts [C, K]`` (or ``[K]``).
+    ``check``: the value checks (host syncs); off for trusted callers."""
+    if check:
+        check_indices_in_range("indices", indices, K)
+        if weights is not None:
+            check_finite("weights", weights.reshape(-1))
     squeeze = indices.dim() == 1
     if squeeze:
         indices = indices.unsqueeze(0)
@@ -42,7 +44,7 @@ def _histogram_op(indices: torch.Tensor, K: int, weights: Optional[torch.Tensor]
 
 
 @_histogram_op.register_fake
-def _(indices, K, weights, backend):
+def _(indices, K, weights, backend, check=True):
     return indices.new_empty(*indices.shape[:-1], K, dtype=torch.int64 if weights is None else torch.float32)
 
 
@@ -92,11 +94,18 @@ def histogram(
     requested = _dispatch.requested_backend(backend) if backend is not None else ""
     if not (codebook_axis or heads):
         flat_w = None if weights is None else weights.detach().reshape(-1).contiguous()
-        return _histogram_op(indices.reshape(-1).contiguous(), K, flat_w, requested)
+        return _histogram_op(indices.reshape(-1).contiguous(), K, flat_w, requested, True)
     check_codebook_axis("indices", indices, "heads" if heads and not codebook_axis else "codebook_axis")
     shape = leading_axis_shape(indices)  # [C, N]: dims after C flattened
     flat_w = None if weights is None else weights.detach().reshape(shape).contiguous()
-    return _histogram_op(indices.reshape(shape).contiguous(), K, flat_w, requested)
+    return _histogram_op(indices.reshape(shape).contiguous(), K, flat_w, requested, True)
+
+
+
+def histogram_unchecked(indices: torch.Tensor, K: int, backend: str) -> torch.Tensor:
+    """Counts ``[C, K]`` of ``indices [C, N]`` (< K, or negative) for a trusted caller (the
+    :class:`~vqkernels.codebook.Codebook`): no argument or value checks, so no host sync."""
+    return _histogram_op(indices.contiguous(), K, None, backend, False)
 
 
 __all__ = ["histogram", "offset_heads"]
