@@ -177,3 +177,18 @@ def test_cpu_assign_is_a_view_of_the_harness(tmp_path, monkeypatch, capsys):
     assert all(e["agrees"] and e["repeats"] == 3 for e in ran.values())
     assert doc["machine"]["uptime"] and doc["uptime_after"]
     assert "== targets" in capsys.readouterr().out or "faiss.IndexFlat" not in ran
+
+
+def test_a_backend_without_the_op_is_skipped_with_the_reason(monkeypatch):
+    from vqkernels.errors import BackendUnavailableError
+    from vqkernels.ops.assign import chunked
+
+    def missing(*args):
+        raise BackendUnavailableError("the 'chunked' backend has no implementation of assign")
+
+    monkeypatch.setattr(chunked, "assign", missing)
+    row = bench.run_case(bench.Case("assign", 64, 16, 4), bench.Options(repeats=1, memory="off"),
+                         only=["vqkernels[chunked]", "torch.cdist+argmin"])
+    ran = {e["contender"]: e for e in row["results"]}
+    assert ran["vqkernels[chunked]"]["status"] == "skipped" and "no implementation" in ran["vqkernels[chunked]"]["reason"]
+    assert ran["torch.cdist+argmin"]["status"] == "ok" and ran["torch.cdist+argmin"]["agrees"]

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..errors import BackendUnavailableError
 from .specs import Case, Skip, SPECS, make_inputs
 
 # GPU roofline: the floor of a row is max(flops / peak rate, bytes / bandwidth). 790 TFLOP/s
@@ -254,8 +255,9 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
                 continue
             t = time_call([p.fn for p in prepared], repeats=opts.repeats, warmup=max(0, opts.warmup - 1),
                           device=device, max_seconds=max_s, target_s=opts.target_s, max_repeats=opts.max_repeats)
-        except Exception as exc:
-            entry.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a backend without this op (BackendUnavailableError) is skipped, with why
+            entry.update(status="skipped" if isinstance(exc, BackendUnavailableError) else "error",
+                         reason=f"{type(exc).__name__}: {exc}")
             outputs.pop(contender.name, None)
             continue
         finally:
