@@ -139,6 +139,10 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
 from vqkernels.residual import GroupedResidualQuantizer, ResidualQuantizer  # noqa: E402
 
 
+def rows_of_table(text, first):
+    return [line for line in text.splitlines() if line.startswith(first)]
+
+
 def _trained(module, x, steps=3):
     for _ in range(steps):
         module(x)
@@ -183,6 +187,9 @@ def test_grouped_report_labels_and_index_layout(capsys):
         for q in range(2):
             assert r["units"][f"group {g} stage {q}"]["used_codes"] == dg.usage(idx[g, :, q], 8).used_codes
     assert "group 1 stage 1" in out and "overall" in out and "classes" in out
+    assert rows_of_table(out, "grq")[0].split()[:4] == ["grq", "group", "0", "stage"]
+    untitled = dg.format_unit_table({"": r}).splitlines()
+    assert untitled[0].split()[:2] == ["unit", "util"] and untitled[2].startswith("group 0 stage 0")
     # without indices: the nearest codes stage by stage are the module's own
     inputs, nearest = dg.unit_inputs(grq, x)
     assert torch.equal(nearest, idx.permute(0, 2, 1).reshape(4, -1))

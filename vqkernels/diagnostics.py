@@ -605,12 +605,14 @@ def format_unit_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
             rows.append((name, label, unit))
         rows.append((name, "overall", r))
     columns = [c for c in _UNIT_COLUMNS if any(c[0] in r for _, _, r in rows)]
-    cells = [[name, label] + [_cell(r.get(key), fmt) for key, _, fmt in columns] for name, label, r in rows]
-    header = ["run", "unit"] + [head for _, head, _ in columns]
+    named = any(reports)  # one unnamed report: no run column
+    cells = [([name] if named else []) + [label] + [_cell(r.get(key), fmt) for key, _, fmt in columns] for name, label, r in rows]
+    header = (["run"] if named else []) + ["unit"] + [head for _, head, _ in columns]
     widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(len(header))]
+    left = 2 if named else 1
 
     def line(values):
-        return "   ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(values, widths)))
+        return "   ".join(f"{v:<{w}}" if i < left else f"{v:>{w}}" for i, (v, w) in enumerate(zip(values, widths)))
 
     out = [line(header), "-" * len(line(header))]
     out += [line(c) for c in cells]
