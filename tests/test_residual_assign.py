@@ -18,18 +18,6 @@ from conftest import backend_cases, dtypes_for, interpreted
 METRICS = ("l2", "cosine", "dot")
 
 
-def _cases():
-    """backend_cases(), the backends whose residual_assign module is not written yet skipped by name."""
-    import importlib.util
-
-    cases = []
-    for case in backend_cases():
-        if importlib.util.find_spec(f"vqkernels.ops.residual_assign.{case.values[0]}") is None:
-            case = pytest.param(*case.values, id=case.id, marks=[*case.marks, pytest.mark.skip(reason="not written yet")])
-        cases.append(case)
-    return cases
-
-
 def fp64_loop(x, codebooks, metric):
     """The definition, in fp64: indices [N, Q], quantized [N, D], distances [N, Q]."""
     residual, codes = x.double(), codebooks.double()
@@ -73,7 +61,7 @@ def _shapes(backend, device):
     return [(300, 4, 37, 13), (1, 1, 1, 3), (64, 1, 16, 8), (50, 3, 1, 7), (200, 8, 64, 32)]
 
 
-@pytest.mark.parametrize("backend,device", _cases())
+@pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("metric", METRICS)
 def test_random_inputs_every_dtype(backend, device, metric):
     g = torch.Generator().manual_seed(1)
@@ -94,13 +82,13 @@ def test_random_inputs_every_dtype(backend, device, metric):
                 assert torch.equal(result[0], want[0])
 
 
-@pytest.mark.parametrize("backend,device", _cases())
+@pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("metric", METRICS)
 def test_ties_at_every_stage_go_to_the_lowest_index(backend, device, metric):
     """Every codebook holds each code twice (an exact tie at every stage, whatever the
     rounding); for l2 and dot, integer grids add ties between distinct codes, exact in every dtype."""
     g = torch.Generator().manual_seed(2)
-    N, Q, D, half = (17, 3, 3, 4) if interpreted(backend, device) else (200, 5, 6, 12)
+    N, Q, D, half = (17, 3, 3, 12) if interpreted(backend, device) else (200, 5, 6, 40)  # duplicates span code tiles
     for dtype in dtypes_for(backend, device):
         x = torch.randint(-4, 5, (N, D), generator=g).to(dtype)
         if metric == "cosine":
@@ -118,7 +106,7 @@ def test_ties_at_every_stage_go_to_the_lowest_index(backend, device, metric):
             assert torch.equal(quantized.double(), want[1]), f"{dtype}: quantized differs"
 
 
-@pytest.mark.parametrize("backend,device", _cases())
+@pytest.mark.parametrize("backend,device", backend_cases())
 def test_non_finite_rows_get_minus_one_at_every_stage(backend, device):
     g = torch.Generator().manual_seed(3)
     N, Q, K, D = (9, 2, 5, 3) if interpreted(backend, device) else (40, 3, 11, 6)
@@ -138,7 +126,7 @@ def test_non_finite_rows_get_minus_one_at_every_stage(backend, device):
         torch.testing.assert_close(got[2][~bad], clean[2])
 
 
-@pytest.mark.parametrize("backend,device", _cases())
+@pytest.mark.parametrize("backend,device", backend_cases())
 def test_empty_input(backend, device):
     x, codebooks = torch.randn(0, 4), torch.randn(2, 3, 4)
     indices, quantized, distances = vqkernels.residual_assign(x.to(device), codebooks.to(device), backend=backend)
@@ -205,3 +193,43 @@ def test_opcheck_and_compile():
         assert torch.equal(want[0], got[0])
         torch.testing.assert_close(want[1], got[1])
         torch.testing.assert_close(want[2], got[2])
+
+
+# --------------------------------------------------------------------------- CUDA compile check
+# (tests/test_cuda_build.py's nvcc build also compiles csrc/residual_assign.cu with every
+# other translation unit; here its kernels and the glue of csrc/residual_assign_ops.cpp,
+# which that file's link check does not include.)
+
+def _tcb():
+    import test_cuda_build
+
+    if test_cuda_build.NVCC is None:
+        pytest.skip("nvcc is not on PATH: the CUDA sources cannot be compile-checked on this machine")
+    return test_cuda_build
+
+
+def test_cuda_kernel_compiles_for_every_arch_without_spills(tmp_path):
+    tcb = _tcb()
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in tcb.ARCHS]
+    res = tcb._run([tcb.NVCC, *tcb.NVCC_FLAGS, *gencode, "-Xptxas", "-v", "-c", str(tcb.CSRC / "residual_assign.cu"),
+                    "-o", str(tmp_path / "residual_assign.o")])
+    assert res["rc"] == 0, tcb._fail_message(res)
+    table = tcb.parse_ptxas(res["out"])
+    names = tcb._demangle(sorted({n for n, _ in table}))
+    found = {(names[n], arch): v for (n, arch), v in table.items()}
+    for t in ("__half", "__nv_bfloat16", "float"):
+        for a in tcb.ARCHS:
+            v = found.get((f"vqk::residual_assign_kernel<{t}>", f"sm_{a}"))
+            assert v is not None, f"residual_assign_kernel<{t}> missing for sm_{a}: {sorted(found)}"
+            assert v["spill_stores"] == 0 and v["spill_loads"] == 0, (t, a, v)
+            assert v["smem"] == 0, "the kernel's shared memory is dynamic (sized by D)"
+
+
+def test_cuda_glue_compiles(tmp_path):
+    tcb = _tcb()
+    cmd, why = tcb._glue_command(tmp_path / "residual_assign_ops.o")
+    if cmd is None:
+        pytest.skip(why)
+    cmd[cmd.index(str(tcb.CSRC / "vq_ops.cpp"))] = str(tcb.CSRC / "residual_assign_ops.cpp")
+    res = tcb._run(cmd)
+    assert res["rc"] == 0, tcb._fail_message(res)

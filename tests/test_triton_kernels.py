@@ -726,7 +726,7 @@ def test_every_dispatchable_variant_fits_sm90(tmp_path):
     # every kernel of every op was compiled, and every assign config is offered somewhere
     want = {"_assign_kernel", "_code_norms_kernel", "_exact_distance_kernel", "_hist_small_kernel",
             "_hist_sort_kernel", "_stats_atomic_kernel", "_segment_sum_kernel", "_combine_pieces_kernel",
-            "_ema_sizes_kernel", "_ema_codebook_kernel"}
+            "_ema_sizes_kernel", "_ema_codebook_kernel", "_residual_assign_kernel"}
     assert {r["kernel"] for r in rows} == want
     assert all(r["regs"] is not None for r in rows), "no cuobjdump: registers and spills were not checked"
     for cfg in tassign._CONFIGS:

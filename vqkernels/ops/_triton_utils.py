@@ -209,8 +209,10 @@ def all_compile_cases() -> list:
     from .cluster_stats import triton as stats_t
     from .ema_update import triton as ema_t
     from .histogram import triton as hist_t
+    from .residual_assign import triton as rassign_t
 
-    return [*assign_t.compile_cases(), *hist_t.compile_cases(), *stats_t.compile_cases(), *ema_t.compile_cases()]
+    return [*assign_t.compile_cases(), *hist_t.compile_cases(), *stats_t.compile_cases(), *ema_t.compile_cases(),
+            *rassign_t.compile_cases()]
 
 
 def _describe(case: dict) -> str:
