@@ -6,15 +6,13 @@
 N = 2^20 rows, K in {1024, 16384, 65536}, D in {8, 32, 256}, bf16 and fp32; then
 ``histogram``, ``cluster_stats`` (atomic and deterministic) and ``ema_update_`` at the same N.
 
-A thin view of :mod:`vqkernels.bench` (contenders, checks, timer, peak memory, machine; JSON
-fields documented there) that adds the plan, the matmul / copy ceilings and one JSON row per
-provider. The backends' own calls (``--via-op``: the public ops), CUDA events, warm-up first,
-rotating input sets (together larger than L2), medians with 20th/80th percentiles, outputs
-checked against each other first. Per row: median ms, TFLOP/s (2NKD / t for assign), the floor
-``max(2NKD / peak, bytes / 4.3e12)`` (peak 790e12 bf16, or the tf32 rate), t / floor, and the
-fraction of the matmul rate measured on this card. Rows that would not fit in memory or in the
-time budget are skipped. ``--device cpu`` runs the same code on tiny sizes (the CPU test of the
-plumbing); ``--dry-run`` writes the planned rows only.
+A thin view of :mod:`vqkernels.bench` (contenders, checks, timer, peak memory, machine) that
+adds the plan, the matmul / copy ceilings measured on this card and one JSON row per provider
+(fields: docs/bench.md): the backends' own calls (``--via-op``: the public ops), CUDA events,
+warm-up first, rotating input sets larger than L2, medians, outputs checked against each other
+first, and t / floor with floor = ``max(2NKD / peak, bytes / 4.3e12)``. Rows that would not fit
+in memory or the time budget are skipped. ``--device cpu`` runs the plumbing on tiny sizes;
+``--dry-run`` writes the planned rows only.
 
     python benchmarks/gpu_bench.py --out benchmarks/results --time-budget 240
     python benchmarks/gpu_bench.py --device cpu --n 512 --ks 16,32 --ds 4 --dtypes fp32 --backends chunked
