@@ -22,6 +22,7 @@ CLI_CASES = [
     (["diagnose", "x.pt", "--dead-threshold", "low"], ["--dead-threshold", "invalid float value", "low"]),
     (["diagnose", "x.pt", "--dead-threshold", "-1"], ["--dead-threshold must be >= 0, got -1.0"]),
     (["diagnose", "x.pt", "--groups", "0"], ["--groups must be >= 1, got 0"]),
+    (["diagnose", "x.pt", "--plot", "x.png"], ["--plot needs --embeddings"]),
     (["bench", "--ops", "matmul"], ["--ops", "unknown op 'matmul'"]),
     (["bench", "--ops", ","], ["--ops", "empty"]),
     (["bench", "--quick", "--smoke"], ["--smoke", "not allowed with argument --quick"]),

@@ -318,6 +318,8 @@ def _prefix_label(prefix: str) -> str:
 
 def diagnose(args: argparse.Namespace, out=None) -> int:
     out = sys.stdout if out is None else out
+    if args.plot is not None and args.embeddings is None:
+        raise DiagnoseError("--plot needs --embeddings (the PNG shows the embeddings with the codes)")
     if not args.dead_threshold >= 0:
         raise DiagnoseError(f"--dead-threshold must be >= 0, got {args.dead_threshold}")
     sizes = None
