@@ -19,7 +19,7 @@ import torch.nn as nn
 from . import distributed as _dist
 from .codebook import Codebook
 from .estimators import ESTIMATORS, gather_codes, quantize
-from .ops import histogram, kmeans
+from .ops import assign, histogram, kmeans
 from .ops.residual_assign import residual_assign
 from .ops._metrics import normalized
 from .ops._validation import check_codebook_size, check_finite, check_indices_in_range, check_same_device, check_tensor
@@ -427,14 +427,21 @@ def _read_rvq(state, prefix: str, num_quantizers: Optional[int]):
     stages = []
     while f"{prefix}layers.{len(stages)}._codebook.embed" in state:
         stages.append(f"{prefix}layers.{len(stages)}._codebook.")
-    expected = f"'{prefix}layers.<q>._codebook.embed' [1, K, D] for q = 0 .. num_quantizers-1"
+    expected = (f"'{prefix}layers.<q>._codebook.embed' [1, K, D] (ResidualVQ) or [K, D] (EnCodec, under 'vq.') "
+                "for q = 0 .. num_quantizers-1")
     if not stages:
         raise _layout_error(state, prefix, expected)
     if num_quantizers is not None and len(stages) != num_quantizers:
         raise _layout_error(state, prefix, f"{num_quantizers} stages ({expected}), the state dict has {len(stages)}")
+    per_stage_proj = sorted(k for k in state if k.startswith(f"{prefix}layers.") and ".project_" in k)
+    if per_stage_proj:
+        raise _layout_error(state, prefix, f"{expected} with projections around the whole stack, not per stage "
+                                           f"(per-stage projections {per_stage_proj[:4]} are DAC's layout: read_dac_state)")
+    # [1, K, D] (ResidualVQ), or [K, D] (EnCodec's EuclideanCodebook, older vector-quantize-pytorch)
     embeds = [state[s + "embed"] for s in stages]
+    embeds = [e.unsqueeze(0) if e.dim() == 2 else e for e in embeds]
     if any(e.dim() != 3 or e.shape[0] != 1 or e.shape[2] != embeds[0].shape[2] for e in embeds):
-        raise _layout_error(state, prefix, f"{expected}, one head, equal D; got {[tuple(e.shape) for e in embeds]}")
+        raise _layout_error(state, prefix, f"{expected} (or [K, D]), one head, equal D; got {[tuple(e.shape) for e in embeds]}")
     ks = tuple(e.shape[1] for e in embeds)  # per-stage codebook sizes (ResidualVQ(codebook_size=(...)))
     K = max(ks)
 
@@ -442,10 +449,11 @@ def _read_rvq(state, prefix: str, num_quantizers: Optional[int]):
         return torch.cat([t, t.new_zeros((K - t.shape[0],) + tuple(t.shape[1:]))]) if t.shape[0] < K else t
 
     codes = torch.stack([pad(e[0]) for e in embeds])
-    sizes = torch.stack([pad(state[s + "cluster_size"][0]) if s + "cluster_size" in state else pad(torch.ones(k)) for s, k in zip(stages, ks)])
+    sizes = torch.stack([pad(state[s + "cluster_size"].reshape(k)) if s + "cluster_size" in state else pad(torch.ones(k))
+                         for s, k in zip(stages, ks)])
     avgs = None
     if all(s + "embed_avg" in state for s in stages):
-        avgs = torch.stack([pad(state[s + "embed_avg"][0]) for s in stages])
+        avgs = torch.stack([pad(state[s + "embed_avg"].reshape(k, -1)) for s, k in zip(stages, ks)])
     proj = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix + "project_")}
     return codes, sizes, avgs, proj, ks
 
@@ -478,7 +486,16 @@ def _rvq_shapes(state, prefix):
 
 def _residual_from_pretrained_state(cls, state, prefix: str = "", **kwargs):
     """A ResidualQuantizer from a vector-quantize-pytorch ``ResidualVQ`` state dict (one head per
-    stage); ``num_quantizers`` in kwargs is checked against the stages found; kwargs override."""
+    stage), or EnCodec's ``ResidualVectorQuantizer`` (``vq.layers.<q>._codebook.embed [K, D]``,
+    ``embed_avg``, ``cluster_size``, ``inited``; its EMA decay 0.99 and dead-code threshold 2
+    become the defaults); ``num_quantizers`` in kwargs is checked against the stages found;
+    kwargs override. DAC's layout: :func:`read_dac_state`."""
+    if f"{prefix}layers.0._codebook.embed" not in state and f"{prefix}vq.layers.0._codebook.embed" in state:
+        prefix += "vq."  # EnCodec's ResidualVectorQuantizer wraps its ResidualVectorQuantization as .vq
+    if f"{prefix}layers.0._codebook.inited" in state:
+        from .checkpoints import ENCODEC, SOURCE_DEFAULTS
+
+        kwargs = {**SOURCE_DEFAULTS[ENCODEC], **kwargs}
     Q, K, D, dim = _rvq_shapes(state, prefix)
     part = _read_rvq(state, prefix, kwargs.pop("num_quantizers", None))
     module = cls(dim, Q, K, codebook_dim=D, **kwargs)
@@ -502,8 +519,144 @@ def _grouped_from_pretrained_state(cls, state, prefix: str = "", **kwargs):
     return module.eval()
 
 
+class FactorizedResidualQuantizer(nn.Module):
+    """DAC's residual quantizer (descript-audio-codec's ``ResidualVectorQuantize``): every stage
+    has its own projections ``in_proj [dim -> codebook_dim]`` / ``out_proj [codebook_dim -> dim]``
+    and codebook; the residual lives in the input space. Stage ``q``: ``z_e = in_proj_q(r)``,
+    the nearest code by cosine (l2-normalised ``z_e`` against l2-normalised codes, ties to the
+    lowest index), ``z_q = out_proj_q(codebook_q[idx])`` (the code as stored, not normalised),
+    ``r <- r - z_q``. Codebooks are learned by gradient (DAC's codebook and commitment losses,
+    both returned per stage); channel-last ``[..., dim]`` input.
+
+    Returns (forward): ``ResidualOutput(quantized [..., dim], indices [..., Q], losses [Q])``
+    with ``losses = commitment_weight * commitment + codebook_weight * codebook``.
+    Build from a DAC checkpoint with :meth:`from_pretrained_state`.
+    """
+
+    def __init__(self, dim: int, num_quantizers: int, codebook_size: int, codebook_dim: int = 8, *,
+                 commitment_weight: float = 0.25, codebook_weight: float = 1.0, backend: Optional[str] = None):
+        super().__init__()
+        for name, value in (("dim", dim), ("num_quantizers", num_quantizers), ("codebook_size", codebook_size),
+                            ("codebook_dim", codebook_dim)):
+            check_codebook_size(name, value)
+        self.dim, self.num_quantizers, self.codebook_size, self.codebook_dim = dim, num_quantizers, codebook_size, codebook_dim
+        self.commitment_weight, self.codebook_weight, self.backend = float(commitment_weight), float(codebook_weight), backend
+        self.in_proj = nn.ModuleList(nn.Linear(dim, codebook_dim) for _ in range(num_quantizers))
+        self.out_proj = nn.ModuleList(nn.Linear(codebook_dim, dim) for _ in range(num_quantizers))
+        self.codebook = nn.Parameter(torch.randn(num_quantizers, codebook_size, codebook_dim))  # nn.Embedding's init
+
+    def _nearest(self, z_e: torch.Tensor, q: int) -> torch.Tensor:
+        return assign(normalized(z_e.detach(), "cosine"), normalized(self.codebook[q].detach(), "cosine"), "cosine",
+                      backend=self.backend).indices
+
+    def forward(self, x: torch.Tensor) -> ResidualOutput:
+        check_tensor("x", x, floating=True, min_dim=1)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}); expected [..., dim={self.dim}]")
+        check_same_device(x=x, codebook=self.codebook)
+        lead, flat = x.shape[:-1], x.reshape(-1, self.dim)
+        residual, out, indices, losses = flat, torch.zeros_like(flat), [], []
+        for q in range(self.num_quantizers):
+            z_e = self.in_proj[q](residual)
+            idx = self._nearest(z_e, q)
+            code = self.codebook[q][idx]
+            commitment = (z_e - code.detach()).pow(2).mean()
+            codebook_loss = (code - z_e.detach()).pow(2).mean()
+            losses.append(self.commitment_weight * commitment + self.codebook_weight * codebook_loss)
+            z_q = self.out_proj[q](z_e + (code - z_e).detach())  # straight-through, as DAC
+            out = out + z_q
+            residual = residual - z_q
+            indices.append(idx)
+        Q = self.num_quantizers
+        return ResidualOutput(out.reshape(*lead, self.dim), torch.stack(indices, -1).reshape(*lead, Q), torch.stack(losses))
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices [..., Q]`` -> ``[..., dim]``: the stages' projected codes summed."""
+        check_tensor("indices", indices, integer=True, min_dim=1)
+        if indices.shape[-1] != self.num_quantizers:
+            raise ValueError(f"indices has shape {tuple(indices.shape)}; expected [..., num_quantizers={self.num_quantizers}]")
+        check_indices_in_range("indices", indices, self.codebook_size)
+        if bool((indices < 0).any()):
+            raise ValueError("indices must be in [0, codebook_size): this quantizer has no dropped stages (-1)")
+        return sum(self.out_proj[q](self.codebook[q][indices[..., q]]) for q in range(self.num_quantizers))
+
+    get_output_from_indices = decode
+
+    @classmethod
+    def from_pretrained_state(cls, state, prefix: str = "", **kwargs) -> "FactorizedResidualQuantizer":
+        """From a DAC ``ResidualVectorQuantize`` state dict (``quantizers.<q>.in_proj`` / ``out_proj``
+        weight-normed 1x1 convolutions, ``weight_g``/``weight_v`` or torch's
+        ``parametrizations.weight.original0/1``, + ``bias``; ``quantizers.<q>.codebook.weight
+        [K, codebook_dim]``), in eval mode. The weight norm is folded into plain weights."""
+        stages = read_dac_state(state, prefix)
+        Q = len(stages)
+        if "num_quantizers" in kwargs and kwargs.pop("num_quantizers") != Q:
+            raise _layout_error(state, prefix, f"the requested number of stages; the state dict has {Q}")
+        K, d = stages[0]["codebook"].shape
+        dim = stages[0]["in_weight"].shape[1]
+        module = cls(dim, Q, K, d, **kwargs)
+        with torch.no_grad():
+            for q, st in enumerate(stages):
+                module.in_proj[q].weight.copy_(st["in_weight"])
+                module.in_proj[q].bias.copy_(st["in_bias"])
+                module.out_proj[q].weight.copy_(st["out_weight"])
+                module.out_proj[q].bias.copy_(st["out_bias"])
+                module.codebook[q].copy_(st["codebook"])
+        return module.eval()
+
+
+def _weight_normed(state, key: str, expected: str, prefix: str) -> torch.Tensor:
+    """A 1x1 conv's weight ``[out, in, 1]`` as a Linear's ``[out, in]``, weight norm folded in
+    (``g * v / ||v||``, the norm over every axis but the first, as ``weight_norm(dim=0)``)."""
+    for g_key, v_key in ((key + "_g", key + "_v"),
+                         (key.rsplit(".", 1)[0] + ".parametrizations.weight.original0",
+                          key.rsplit(".", 1)[0] + ".parametrizations.weight.original1")):
+        if g_key in state and v_key in state:
+            g, v = state[g_key], state[v_key]
+            norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (v.dim() - 1))
+            w = v * (g / norm)
+            break
+    else:
+        if key not in state:
+            raise _layout_error(state, prefix, expected)
+        w = state[key]
+    if w.dim() == 3:
+        if w.shape[-1] != 1:
+            raise _layout_error(state, prefix, f"{expected} (kernel size 1); got {key} of shape {tuple(w.shape)}")
+        w = w[..., 0]
+    return w
+
+
+def read_dac_state(state, prefix: str = "") -> list:
+    """DAC's ``ResidualVectorQuantize`` layout -> one dict per stage: ``in_weight [d, dim]``,
+    ``in_bias``, ``out_weight [dim, d]``, ``out_bias``, ``codebook [K, d]``."""
+    expected = (f"'{prefix}quantizers.<q>.in_proj.weight_g/weight_v/bias', '{prefix}quantizers.<q>.out_proj.*' "
+                f"(or parametrizations.weight.original0/1, or a plain weight) and '{prefix}quantizers.<q>.codebook.weight' [K, d] "
+                "for q = 0 .. num_quantizers-1")
+    stages = []
+    while f"{prefix}quantizers.{len(stages)}.codebook.weight" in state:
+        base = f"{prefix}quantizers.{len(stages)}."
+        st = {"codebook": state[base + "codebook.weight"]}
+        for side in ("in", "out"):
+            st[f"{side}_weight"] = _weight_normed(state, f"{base}{side}_proj.weight", expected, prefix)
+            if f"{base}{side}_proj.bias" not in state:
+                raise _layout_error(state, prefix, expected)
+            st[f"{side}_bias"] = state[f"{base}{side}_proj.bias"]
+        stages.append(st)
+    if not stages:
+        raise _layout_error(state, prefix, expected)
+    K, d = stages[0]["codebook"].shape
+    dim = stages[0]["in_weight"].shape[1]
+    for q, st in enumerate(stages):
+        shapes = {k: tuple(v.shape) for k, v in st.items()}
+        want = {"codebook": (K, d), "in_weight": (d, dim), "in_bias": (d,), "out_weight": (dim, d), "out_bias": (dim,)}
+        if shapes != want:
+            raise _layout_error(state, prefix, f"{expected} with equal shapes {want}; stage {q} has {shapes}")
+    return stages
+
+
 ResidualQuantizer.from_pretrained_state = classmethod(_residual_from_pretrained_state)
 GroupedResidualQuantizer.from_pretrained_state = classmethod(_grouped_from_pretrained_state)
 
 
-__all__ = ["ResidualQuantizer", "GroupedResidualQuantizer", "ResidualOutput"]
+__all__ = ["ResidualQuantizer", "GroupedResidualQuantizer", "FactorizedResidualQuantizer", "ResidualOutput", "read_dac_state"]
