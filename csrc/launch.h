@@ -25,6 +25,8 @@ enum class AssignKernel : int { kAuto = 0, kMma = 1, kSimt = 2 };
 constexpr int64_t kSimtMaxD = 32;
 // The largest K: code indices travel in 32 bits next to a "no code" sentinel (0x7FFFFFFF).
 constexpr int64_t kMaxCodes = 0x7FFFFFFE;
+// Rows per chunk of the deterministic cluster_stats sums (kernels/stats.cuh kSegChunkRows).
+constexpr int64_t kSegmentChunkRows = 256;
 // The largest C (independent codebooks in one call): the codebook axis is a grid y/z
 // dimension of the assign and histogram kernels.
 constexpr int64_t kMaxCodebooks = 65535;
@@ -97,6 +99,7 @@ struct ClusterStatsArgs {
   const int64_t* sorted_keys;   // [C * N] keys, stably sorted
   const int64_t* order;         // [C * N] sorted position -> flattened row of x
   int64_t* starts;              // [C * (K + 1) + 1] workspace
+  float* chunk_sums;            // [max(1, C * N / kSegmentChunkRows) * D] workspace
   DeviceInfo dev;
   cudaStream_t stream;
 };

@@ -10,6 +10,7 @@
 #include "launch.h"
 
 namespace vqk {
+static_assert(kSegChunkRows == kSegmentChunkRows, "the glue sizes the chunk-sums workspace with launch.h's constant");
 namespace {
 
 // Static shared-memory budget of the privatised histogram (no opt-in needed on any arch):
@@ -178,9 +179,15 @@ cudaError_t cluster_stats_sorted(const ClusterStatsArgs& a) {
                                                                                                 bins, a.starts);
   return with_float_type(a.x_kind, [&](auto t) {
     using T = typename decltype(t)::type;
+    const int64_t chunks = rows / kSegChunkRows;
+    if (chunks > 0) {
+      segment_chunk_sums_kernel<T><<<capped_blocks(chunks, 16, a.dev), kSegWarps * 32, 0, a.stream>>>(
+          static_cast<const T*>(a.x), a.order, a.sorted_keys, rows, static_cast<int>(a.K), static_cast<int>(a.D),
+          a.chunk_sums);
+    }
     segment_sums_kernel<T><<<capped_blocks(bins, 16, a.dev), kSegWarps * 32, 0, a.stream>>>(
-        static_cast<const T*>(a.x), a.order, a.starts, bins, static_cast<int>(a.K), static_cast<int>(a.D), a.counts,
-        a.sums);
+        static_cast<const T*>(a.x), a.order, a.starts, a.chunk_sums, bins, static_cast<int>(a.K),
+        static_cast<int>(a.D), a.counts, a.sums);
     return cudaGetLastError();
   });
 }

@@ -361,11 +361,15 @@ std::tuple<Tensor, Tensor> cluster_stats_cuda(const Tensor& x, const Tensor& ind
   const Tensor& sorted_keys = std::get<0>(sorted);
   const Tensor& order = std::get<1>(sorted);
   Tensor starts = at::empty({C * (K + 1) + 1}, x.options().dtype(at::kLong));
+  // sums of the whole chunks of long runs (see kernels/stats.cuh): a collapsed code is summed
+  // by many blocks
+  Tensor chunk_sums = at::empty({std::max<int64_t>(1, C * N / vqk::kSegmentChunkRows) * D}, f32);
   Tensor counts = at::empty({C, K}, f32);
   Tensor sums = at::empty({C, K, D}, f32);
   a.sorted_keys = sorted_keys.data_ptr<int64_t>();
   a.order = order.data_ptr<int64_t>();
   a.starts = starts.data_ptr<int64_t>();
+  a.chunk_sums = chunk_sums.data_ptr<float>();
   a.counts = counts.data_ptr<float>();
   a.sums = sums.data_ptr<float>();
   check_launch(vqk::cluster_stats_sorted(a), "cluster_stats_cuda");

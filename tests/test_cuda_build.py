@@ -86,7 +86,8 @@ EXPECTED_KERNELS = (
        for t in ("__half", "__nv_bfloat16", "float") for i in ("int", "long")]
     + [f"vqk::segment_keys_kernel<{i}>" for i in ("int", "long")]
     + ["vqk::segment_starts_kernel"]
-    + [f"vqk::segment_sums_kernel<{t}>" for t in ("__half", "__nv_bfloat16", "float")]
+    + [f"vqk::{k}<{t}>" for k in ("segment_chunk_sums_kernel", "segment_sums_kernel")
+       for t in ("__half", "__nv_bfloat16", "float")]
     + [f"vqk::ema_sizes_kernel<{s}>" for s in ("float", "double")]
     + [f"vqk::ema_embed_kernel<{s}, {t}>" for s in ("float", "double") for t in ("__half", "__nv_bfloat16", "float")]
 )

@@ -15,6 +15,8 @@
 //                    segment_starts_kernel finds where each bin's run begins, and
 //                    segment_sums_kernel sums each run in a fixed order and writes each
 //                    sums[c, k, d] exactly once: no float atomics, bitwise reproducible.
+//                    Long runs are summed in fixed chunks by segment_chunk_sums_kernel
+//                    first, so a collapsed codebook does not serialise on one block.
 // ema_update (per codebook c of C, K codes, D features):
 //     cluster_size = decay * cluster_size + (1 - decay) * counts
 //     embed_avg    = decay * embed_avg    + (1 - decay) * sums
@@ -84,20 +86,71 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// One block (8 warps) per code, grid-stride over the C * (K + 1) bins of the sort keys
-// (bin b is code b % (K + 1) of codebook b / (K + 1); the last bin of each codebook holds
-// its masked rows and is skipped). For each 32-wide slice of D, warp w sums the rows at
-// run positions start + w, start + w + 8, ... in that order (lane = feature), then warp 0
-// adds the 8 partials in warp order and writes sums[c, k, d] once. The partition depends
-// only on the data, never on scheduling: the result is bitwise reproducible.
-// `order` maps sorted position -> flattened row of x [C * N, D]. counts/sums need not be
-// initialised. (min 4 blocks/SM: without it ptxas picked 32 registers and spilled on sm_80.)
+// The deterministic sums of long runs do not serialise on one block: the sorted positions
+// are cut into fixed chunks of kSegChunkRows, segment_chunk_sums_kernel sums every chunk
+// that lies within one code's run (many blocks in parallel), and segment_sums_kernel's block
+// for that code adds the chunk sums in chunk order to the < 2 * kSegChunkRows rows of its
+// run's ragged ends. A code that took most of a batch (codebook collapse) costs one block
+// about L / kSegChunkRows additions per feature instead of L row reads.
 constexpr int kSegWarps = 8;
+constexpr int kSegChunkRows = 256;
 
+// Pass 1, one block per chunk j of sorted positions [j * kSegChunkRows, +kSegChunkRows)
+// (whole chunks only): where all its keys are one unmasked code, chunk_sums[j, d] = the sum
+// of its rows (warp w sums positions w, w + 8, ... of the chunk, then warp 0 adds the 8
+// partials in warp order). Other chunks are skipped: pass 2 never reads them. Keys are
+// sorted, so the first and last key decide.
 template <typename T>
 __global__ void __launch_bounds__(kSegWarps * 32, 4)
+    segment_chunk_sums_kernel(const T* __restrict__ x, const int64_t* __restrict__ order,
+                              const int64_t* __restrict__ sorted, int64_t rows, int K, int D,
+                              float* __restrict__ chunk_sums) {
+  __shared__ float part[kSegWarps][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t chunks = rows / kSegChunkRows;
+  for (int64_t j = blockIdx.x; j < chunks; j += gridDim.x) {
+    const int64_t p0 = j * kSegChunkRows;
+    const int64_t key = sorted[p0];
+    if (sorted[p0 + kSegChunkRows - 1] != key || key % (K + 1) == K) continue;  // block-uniform
+    for (int d0 = 0; d0 < D; d0 += 32) {
+      const int d = d0 + lane;
+      float acc = 0.f;
+      if (d < D) {
+        for (int r = warp; r < kSegChunkRows; r += kSegWarps) {
+          acc += to_f32(x[order[p0 + r] * static_cast<int64_t>(D) + d]);
+        }
+      }
+      part[warp][lane] = acc;
+      __syncthreads();
+      if (warp == 0 && d < D) {
+        float s = part[0][lane];
+#pragma unroll
+        for (int w = 1; w < kSegWarps; ++w) s += part[w][lane];
+        chunk_sums[j * D + d] = s;
+      }
+      __syncthreads();  // part[] is rewritten by the next slice / chunk
+    }
+  }
+}
+
+// Pass 2, one block (8 warps) per code, grid-stride over the C * (K + 1) bins of the sort
+// keys (bin b is code b % (K + 1) of codebook b / (K + 1); the last bin of each codebook
+// holds its masked rows and is skipped). A run [begin, end) holds the whole chunks
+// [first, last) (pass 1's sums) and its ragged ends [begin, first * R) and [last * R, end)
+// (R = kSegChunkRows; a run with no whole chunk is all ragged end). For each 32-wide slice of
+// D (lane = feature), warp w sums the ragged-end rows at positions w, w + 8, ... of each end,
+// then the chunk sums first + w, first + w + 8, ...; warp 0 adds the 8 partials in warp order
+// and writes sums[c, k, d] once. The partition depends only on the data, never on
+// scheduling: the result is bitwise reproducible. `order` maps sorted position -> flattened
+// row of x [C * N, D]. counts/sums need not be initialised. (min 3 blocks/SM: with no
+// minimum ptxas picked 32 registers and spilled on sm_80, and at 4 (64 registers) the
+// ragged-end bounds spill 16 / 28 bytes there.)
+template <typename T>
+__global__ void __launch_bounds__(kSegWarps * 32, 3)
     segment_sums_kernel(const T* __restrict__ x, const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
-                        int64_t bins, int K, int D, float* __restrict__ counts, float* __restrict__ sums) {
+                        const float* __restrict__ chunk_sums, int64_t bins, int K, int D, float* __restrict__ counts,
+                        float* __restrict__ sums) {
   __shared__ float part[kSegWarps][32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -108,13 +161,23 @@ __global__ void __launch_bounds__(kSegWarps * 32, 4)
     const int64_t begin = starts[b];
     const int64_t end = starts[b + 1];
     if (threadIdx.x == 0) counts[out] = static_cast<float>(end - begin);
+    int64_t first = (begin + kSegChunkRows - 1) / kSegChunkRows;
+    int64_t last = end / kSegChunkRows;
+    const bool chunked = first < last;  // else no whole chunk: all of [begin, end) is read directly
+    const int64_t head_end = chunked ? first * kSegChunkRows : end;
+    const int64_t tail_begin = chunked ? last * kSegChunkRows : end;
+    if (!chunked) last = first;
     for (int d0 = 0; d0 < D; d0 += 32) {
       const int d = d0 + lane;
       float acc = 0.f;
       if (d < D) {
-        for (int64_t p = begin + warp; p < end; p += kSegWarps) {
+        for (int64_t p = begin + warp; p < head_end; p += kSegWarps) {
           acc += to_f32(x[order[p] * static_cast<int64_t>(D) + d]);
         }
+        for (int64_t p = tail_begin + warp; p < end; p += kSegWarps) {
+          acc += to_f32(x[order[p] * static_cast<int64_t>(D) + d]);
+        }
+        for (int64_t j = first + warp; j < last; j += kSegWarps) acc += chunk_sums[j * D + d];
       }
       part[warp][lane] = acc;
       __syncthreads();
