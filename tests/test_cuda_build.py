@@ -526,8 +526,11 @@ def test_histogram(runtime, index_dtype, K):
         torch.testing.assert_close(got_w.cpu(), want_w, rtol=1e-5, atol=1e-4)
 
 
-# (N, K, D, index dtype): one row and code; D off the 32-wide slices; many codes, short rows.
-STATS_CASES = [(1, 1, 1, torch.int64), (500, 7, 33, torch.int32), (3000, 300, 8, torch.int64)]
+# (N, K, D, index dtype, collapsed): one row and code; D off the 32-wide slices; many codes,
+# short rows; a collapsed codebook (most rows on code 1: its run spans many 256-row chunks
+# of the deterministic CUDA path plus ragged ends, which other codes' rows break up).
+STATS_CASES = [(1, 1, 1, torch.int64, False), (500, 7, 33, torch.int32, False), (3000, 300, 8, torch.int64, False),
+               (2900, 5, 40, torch.int64, True)]
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -535,9 +538,11 @@ STATS_CASES = [(1, 1, 1, torch.int64), (500, 7, 33, torch.int32), (3000, 300, 8,
 def test_cluster_stats(runtime, deterministic, dtype):
     backend, device, _ = runtime
     gen = torch.Generator().manual_seed(3)
-    for N, K, D, index_dtype in STATS_CASES:
+    for N, K, D, index_dtype, collapsed in STATS_CASES:
         x = torch.randn(N, D, generator=gen).to(dtype)
         idx = torch.randint(-1, K, (N,), generator=gen).to(index_dtype)
+        if collapsed:
+            idx = torch.where(torch.rand(N, generator=gen) < 0.9, torch.ones_like(idx), idx)
         want_c, want_s = stats_reference.cluster_stats(x, idx, K, deterministic)
         c, s = vqkernels.cluster_stats(x.to(device), idx.to(device), K, deterministic=deterministic, backend=backend)
         assert c.dtype == torch.float32 and s.shape == (K, D)
