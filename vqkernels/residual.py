@@ -11,6 +11,7 @@ inputs, its quantization subtracted, stage 2 on those residuals, and so on.
 from __future__ import annotations
 
 import random
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -82,6 +83,43 @@ class _PaddedCodebook(Codebook):
         self._zero_padding_()
 
 
+# From this codebook size on, k-means seeds with K random rows instead of k-means++ (K
+# sequential passes over its sample) and the stage-wise initialisation reports progress.
+_KMEANS_PLUS_PLUS_MAX_K = 8192
+_PROGRESS_K = 65536
+
+
+class _InitProgress:
+    """Progress of the stage-wise initialisation: a tqdm bar over the G*Q k-means runs when tqdm
+    is importable (and k-means' own bar over its iterations), else one stderr line per run."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar, self.enabled, self.total, self.done = None, enabled, total, 0
+        self.tqdm = False
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.tqdm = True
+                self.bar = tqdm(total=total, desc="residual k-means init", unit="stage", file=sys.stderr)
+
+    def step(self, what: str) -> None:
+        if not self.enabled:
+            return
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
+            self.bar.update(1)
+        else:
+            print(f"vqkernels: residual k-means init {self.done}/{self.total} ({what})", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class ResidualOutput(NamedTuple):
     quantized: torch.Tensor
     indices: torch.Tensor
@@ -94,7 +132,7 @@ class _ResidualStacks(nn.Module):
     def __init__(self, dim, groups, num_quantizers, codebook_size, *, codebook_dim=None, shared_codebook=False,
                  quantize_dropout=False, quantize_dropout_cutoff_index=0, commitment_weight=1.0, codebook_weight=1.0,
                  gradient="ste", init="uniform", deferred_steps=0, reservoir_size=None, check_finite=True,
-                 sync_codebook=None, **codebook_kwargs):
+                 sync_codebook=None, kmeans_max_rows=None, progress=None, **codebook_kwargs):
         super().__init__()
         for name, value in (("dim", dim), ("groups", groups), ("num_quantizers", num_quantizers)):
             check_codebook_size(name, value)
@@ -126,6 +164,15 @@ class _ResidualStacks(nn.Module):
         self.learning = codebook_kwargs.get("learning", "ema")
         self.backend = codebook_kwargs.get("backend")
         self.init = init
+        # k-means initialisation sees at most kmeans_max_rows rows (all ranks together), a
+        # uniform sample: at K = 262144 a whole first batch or reservoir would cost N*K*D per
+        # Lloyd iteration
+        K_max = max(sizes)
+        self.kmeans_max_rows = max(4 * K_max, 65536) if kmeans_max_rows is None else kmeans_max_rows
+        if not isinstance(self.kmeans_max_rows, int) or self.kmeans_max_rows < K_max:
+            raise ValueError(f"kmeans_max_rows must be an int >= codebook_size={K_max} (k-means needs K rows), got {kmeans_max_rows!r}")
+        # progress of the stage-wise initialisation: None = only for large codebooks
+        self.progress = K_max >= _PROGRESS_K if progress is None else bool(progress)
         needs_projection = codebook_dim != group_dim
         # one projection per group (as each ResidualVQ of a GroupedResidualVQ)
         self.project_in = nn.ModuleList(nn.Linear(group_dim, codebook_dim) if needs_projection else nn.Identity() for _ in range(G))
@@ -199,6 +246,16 @@ class _ResidualStacks(nn.Module):
         G, Q, K = self.groups, self.num_quantizers, self.codebook_size
         n = sync.total(rows.shape[1], rows.device)
         where = " (all ranks together)" if sync.active else ""
+        if use_kmeans and n > self.kmeans_max_rows:
+            # a uniform sample of all ranks' rows, the same on every rank: rank 0 holds it and
+            # the others none, so k-means over "all ranks' rows" sees it once
+            m = self.kmeans_max_rows
+            flat = rows.transpose(0, 1).reshape(rows.shape[1], -1)  # the same rows for every group
+            picked = sync.sample_rows(flat, m)
+            picked = picked if sync.rank == 0 else picked[:0]
+            rows = picked.reshape(-1, G, rows.shape[-1]).transpose(0, 1)
+            batch_rows = n if batch_rows is None else batch_rows  # sizes in units of the real batch
+            n = m
         if use_kmeans and n < K:  # K: the largest stage
             raise ValueError(
                 f"k-means initialisation of a residual stack needs at least codebook_size={K} rows{where}, got {n}; "
@@ -210,20 +267,24 @@ class _ResidualStacks(nn.Module):
         residual = normalized(rows, self.metric) if self.metric == "cosine" else rows.clone()
         codes = torch.zeros(G, stages, K, self.codebook_dim, dtype=self.codebook_state.embed.dtype, device=z.device)
         counts = torch.zeros(G, stages, K, dtype=self.codebook_state.cluster_size.dtype, device=z.device)
+        report = _InitProgress(stages * G, use_kmeans and self.progress and sync.rank == 0)
         for q in range(stages):
             stage_in = normalized(residual, self.metric)
             Kq = self.codebook_sizes[q]
             for g in range(G):
                 if use_kmeans:
                     result = kmeans(stage_in[g], Kq, self.codebook_state.kmeans_iters, metric=self.metric, backend=self.backend,
-                                    distributed=sync.active, group=sync.group)
+                                    init="kmeans++" if Kq <= _KMEANS_PLUS_PLUS_MAX_K else "random",
+                                    progress=report.tqdm, distributed=sync.active, group=sync.group)
                     codes[g, q, :Kq] = result.centroids.to(codes.dtype)
+                    report.step(f"group {g} stage {q}: K={Kq}, {n} rows" if G > 1 else f"stage {q}: K={Kq}, {n} rows")
                 else:
                     picked = sync.sample_rows(stage_in[g], Kq, replacement=True)
                     codes[g, q, :Kq] = normalized(picked.to(codes.dtype), self.metric)
             q_out, idx = quantize(stage_in, codes[:, q, :Kq], None, gradient="ste", metric=self.metric, backend=self.backend)
             counts[:, q] = histogram(idx, K, codebook_axis=True).to(counts.dtype)
             residual = residual - q_out
+        report.close()
         sync.all_reduce_sum_(counts)
         scale = (n if batch_rows is None else batch_rows) / n
         self.codebook_state.load_codes_(codes.reshape(-1, K, self.codebook_dim), counts.reshape(-1, K) * scale)
