@@ -20,9 +20,12 @@ constexpr int kMetricDot = 2;
 
 enum class AssignKernel : int { kAuto = 0, kMma = 1, kSimt = 2 };
 
-// fp16/bf16 inputs with D <= this use the SIMT kernel: with so few features per code the
-// per-code argmin, not the dot product, bounds the time, and the SIMT tile is simpler.
-constexpr int64_t kSimtMaxD = 32;
+// fp16/bf16 inputs with D <= this use the SIMT kernel: with at most 8 features a score costs
+// the SIMT tile no more FMAs than its argmin epilogue, while one m16n8k16 step would pad D to
+// 16 (to 32 in the chunk). Above it, up to D = 32 included, the tensor-core kernel wins: the
+// same 64 scores per thread and epilogue, the dot products on tensor cores, and two blocks
+// per SM where the SIMT tile (~200 registers) runs one.
+constexpr int64_t kSimtMaxD = 8;
 // The largest K: code indices travel in 32 bits next to a "no code" sentinel (0x7FFFFFFF).
 constexpr int64_t kMaxCodes = 0x7FFFFFFE;
 // Rows per chunk of the deterministic cluster_stats sums (kernels/stats.cuh kSegChunkRows).

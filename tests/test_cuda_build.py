@@ -300,6 +300,45 @@ def test_kernels_compile_for_sm80_sm90_without_spills(build, record_property):
     assert not over, f"kernels above the shared-memory budget (kernel, arch, bytes, budget): {over}"
 
 
+_RESOLVE_PROGRAM = r"""
+#include <cstdio>
+#include <initializer_list>
+#include "launch.h"
+int main() {
+  using namespace vqk;
+  const Scalar kinds[] = {Scalar::kHalf, Scalar::kBFloat16, Scalar::kFloat};
+  const char* names[] = {"f16", "bf16", "f32"};
+  for (int t = 0; t < 3; ++t)
+    for (int cc : {7, 8, 9})
+      for (long D : {1L, 8L, 9L, 16L, 32L, 33L, 256L})
+        std::printf("%s %d %ld %d\n", names[t], cc, D,
+                    static_cast<int>(resolve_assign_kernel(kinds[t], D, cc, AssignKernel::kAuto)));
+  return 0;
+}
+"""
+
+
+def test_assign_kernel_choice_by_dtype_and_d(tmp_path):
+    """launch.h's automatic choice, compiled and run on the host: fp16/bf16 with D > 8 on
+    sm_80+ take the tensor-core kernel (8 < D <= 32 included); fp32, D <= 8 and pre-sm_80 the
+    SIMT kernel."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    cuda_inc = _cuda_include_dir()
+    if cxx is None or cuda_inc is None:
+        pytest.skip("needs a host C++ compiler and cuda_runtime_api.h")
+    src, exe = tmp_path / "resolve.cpp", tmp_path / "resolve"
+    src.write_text(_RESOLVE_PROGRAM)
+    build = subprocess.run([cxx, CXX_STD, str(src), "-o", str(exe), f"-I{CSRC}", f"-isystem{cuda_inc}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert build.returncode == 0, build.stdout
+    out = subprocess.run([str(exe)], stdout=subprocess.PIPE, text=True, check=True).stdout.split("\n")
+    got = {(t, int(cc), int(D)): int(k) for t, cc, D, k in (line.split() for line in out if line)}
+    mma, simt = 1, 2
+    want = {(t, cc, D): mma if t != "f32" and cc >= 8 and D > 8 else simt
+            for t in ("f16", "bf16", "f32") for cc in (7, 8, 9) for D in (1, 8, 9, 16, 32, 33, 256)}
+    assert got == want, {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+
+
 @needs_nvcc
 def test_glue_compiles_and_links_with_the_launchers(build):
     if build["glue_skip"]:

@@ -18,8 +18,8 @@
 //   * assign_mma_kernel (fp16/bf16, sm_80+): mma.sync m16n8k16 tensor-core fragments loaded
 //     with ldmatrix, fp32 accumulation.
 //   * assign_simt_kernel (any dtype, converted to fp32 in the loader): 8x8 register tile
-//     per thread of plain FMAs: exact IEEE fp32 dots, and the path for small D, where the
-//     per-code argmin, not the dot product, bounds the time.
+//     per thread of plain FMAs: exact IEEE fp32 dots, and the 16-bit path for D <= 8
+//     (launch.h kSimtMaxD), where the per-code argmin, not the dot product, bounds the time.
 // assign_finalize_kernel then unpacks the winner and recomputes its exact fp32 distance by
 // direct difference (l2 ||x-c||^2, cosine 1 - <x/|x|, c/|c|>, dot -<x,c>).
 //

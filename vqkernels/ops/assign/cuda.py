@@ -5,8 +5,8 @@ Backend contract: ``x [C, N, D]``, ``codebook [C, K, D]`` (contiguous, same dtyp
 per kernel (grid.z of the main kernels; the per-code and per-row kernels run over all
 C * K codes / C * N rows).
 
-fp16/bf16 with D > 32 run on tensor cores (mma.sync m16n8k16, fp32 accumulation); fp32,
-and fp16/bf16 with D <= 32, run a register-tiled SIMT kernel in IEEE fp32 (so fp32 inputs
+fp16/bf16 with D > 8 run on tensor cores (mma.sync m16n8k16, fp32 accumulation); fp32,
+and fp16/bf16 with D <= 8, run a register-tiled SIMT kernel in IEEE fp32 (so fp32 inputs
 are exact whatever torch.get_float32_matmul_precision() says). Both keep a running
 (min, argmin) per row in registers, never an N x K matrix, merge partial minima with ties
 to the lowest index, and recompute the winner's distance exactly in fp32.
