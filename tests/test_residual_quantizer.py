@@ -271,6 +271,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         torch.manual_seed(100 + rank)  # ranks build different random codes: the first call broadcasts rank 0's
         results = {}
         for name, kw in (("deferred", dict(deferred_steps=2, reservoir_size=32)), ("kmeans", dict(init="kmeans")),
+                         ("kmeans_sampled", dict(init="kmeans", kmeans_max_rows=8)),
                          ("grouped", dict(init="random"))):
             if name == "grouped":
                 m = GroupedResidualQuantizer(6, 2, 2, 4, dead_code_threshold=0.5, **kw)
