@@ -7,6 +7,11 @@ groups); the statistics and EMA update of all stages then run as ONE ``cluster_s
 ONE ``ema_update_`` call (and, under DDP, one collective). Initialisation (``init="kmeans"``
 or ``"random"``, and the switch of Deferred Quantization) is stage-wise: stage 1 on the
 inputs, its quantization subtracted, stage 2 on those residuals, and so on.
+
+Stages of different sizes (``codebook_size=(5, 128, 256)``) are stored ``max K`` wide with
+zero padding that is never assigned (each stage assigns against its own codes). Also here:
+the readers of ResidualVQ / GroupedResidualVQ / EnCodec checkpoints, and DAC's factorised
+quantizer (:class:`FactorizedResidualQuantizer`, per-stage projections) with its reader.
 """
 from __future__ import annotations
 
@@ -422,7 +427,12 @@ class ResidualQuantizer(_ResidualStacks):
     option, applied per stage (``metric``, ``learning``, ``decay``, ``eps``,
     ``commitment_weight``, ``codebook_weight``, ``gradient``, ``init``, ``kmeans_iters``,
     ``dead_code_threshold``, ``reset_cluster_size``, ``deferred_steps``, ``reservoir_size``,
-    ``deterministic``, ``check_finite``, ``sync_codebook``, ``backend``).
+    ``deterministic``, ``check_finite``, ``sync_codebook``, ``backend``), plus
+    ``kmeans_max_rows`` (the k-means init's bounded sample, default ``max(4K, 65536)``) and
+    ``progress`` (report the stage-wise k-means init; default: from K = 65536 on).
+
+    In eval without gradients, masks or per-stage sizes the forward is one
+    :func:`vqkernels.residual_assign` call per group; otherwise the stage loop.
 
     Returns (forward): ``ResidualOutput(quantized [..., dim], indices [..., Q], losses [Q])``.
     """
