@@ -183,6 +183,38 @@ def call(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtyp
     return implementation(op, name)(*args)
 
 
+def _traced(args) -> bool:
+    """The call must go through the registered custom op: torch.compile / export is tracing,
+    a fake or functional mode is active, or a tensor is a subclass or on the meta device."""
+    if torch.compiler.is_compiling():
+        return True
+    for key in (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.FUNCTIONAL):
+        if torch._C._get_dispatch_mode(key) is not None:
+            return True
+    return any(isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta) for a in args)
+
+
+def custom_op(name: str, mutates_args):
+    """``torch.library.custom_op`` for an op's implementation, returning a caller that runs the
+    implementation directly in plain eager calls. The custom op (what torch.compile, export and
+    fake tensors see) costs tens of microseconds per call in torch.library's Python machinery,
+    which is the whole cost of an op at small sizes; eager it adds nothing, since the buffers
+    need no autograd and the implementation is the op's. ``caller.op`` is the registered op."""
+
+    def wrap(impl: Callable) -> Callable:
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(impl)
+
+        def caller(*args):
+            return op(*args) if _traced(args) else impl(*args)
+
+        caller.op = op
+        caller.register_fake = op.register_fake
+        caller.__doc__, caller.__name__ = impl.__doc__, impl.__name__
+        return caller
+
+    return wrap
+
+
 def availability(device_type: str) -> dict:
     """{backend: None | reason} for a device type; used by ``vqkernels info``."""
     return {name: b.unavailable(device_type) for name, b in BACKENDS.items()}

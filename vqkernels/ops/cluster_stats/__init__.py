@@ -30,7 +30,7 @@ class ClusterStats(NamedTuple):
     sums: torch.Tensor  #: float32 ``[K, D]`` or ``[C, K, D]`` (fp64 for fp64 x): sum of the rows per code
 
 
-@torch.library.custom_op("vqkernels::cluster_stats", mutates_args=())
+@_dispatch.custom_op("vqkernels::cluster_stats", mutates_args=())
 def _cluster_stats_op(
     x: torch.Tensor, indices: torch.Tensor, K: int, deterministic: bool, backend: str, check: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 
 from .. import _dispatch
-from .._validation import check_finite, check_same_device, check_tensor
+from .._validation import all_finite, check_finite, check_same_device, check_tensor
 
 
-@torch.library.custom_op("vqkernels::ema_update_", mutates_args=("cluster_size", "embed_avg", "codebook"))
+@_dispatch.custom_op("vqkernels::ema_update_", mutates_args=("cluster_size", "embed_avg", "codebook"))
 def _ema_update_op(
     cluster_size: torch.Tensor,
     embed_avg: torch.Tensor,
@@ -32,7 +32,7 @@ def _ema_update_op(
     backend: str,
     check: bool = True,
 ) -> None:
-    if check:  # value checks read the data (host syncs); off for trusted callers
+    if check and not all_finite(counts, sums):  # one host read when all is well; off for trusted callers
         check_finite("counts", counts.reshape(-1, 1))
         check_finite("sums", sums.reshape(-1, sums.shape[-1]))
     args = (cluster_size, embed_avg, codebook, counts, sums, decay, eps)

@@ -22,7 +22,7 @@ from .._validation import (
 )
 
 
-@torch.library.custom_op("vqkernels::histogram", mutates_args=())
+@_dispatch.custom_op("vqkernels::histogram", mutates_args=())
 def _histogram_op(indices: torch.Tensor, K: int, weights: Optional[torch.Tensor], backend: str, check: bool = True) -> torch.Tensor:
     """``indices [C, N]`` (or ``[N]``), ``weights`` alike or None -> ``counts [C, K]`` (or ``[K]``).
     ``check``: the value checks (host syncs); off for trusted callers."""
