@@ -769,12 +769,13 @@ def _rvq_eval(case, inp, device, opts):
     return Prepared(torch.no_grad()(lambda: rvq(inp["x"].unsqueeze(0))[1].reshape(-1, case.Q)))
 
 
-_RBIG = [Case("", 4096, 262144, 8, Q=4)]  # IBQ-size codebooks (issue #13)
+# IBQ-size codebooks (issue #13); on CPU the D = 256 row is small (N = 512, Q = 2): 137 GFLOP a call
+_RBIG = [Case("", 4096, 262144, 8, Q=4), Case("", 512, 262144, 256, Q=2)]
 _residual_spec(
     "residual_encode", "residual encode (eval: Q stages of nearest codes)",
     ours("vqkernels.RQ(eval)[{}]", _rq_eval) + ours("vqkernels.residual_assign[{}]", _fused)
     + ours("vqkernels.assign xQ[{}]", _separate) + [Contender("vqp.ResidualVQ(eval)", "peer", _rvq_eval)],
-    {"cpu-full": _RBIG, "cuda-full": [replace(c, N=65536) for c in _RBIG] + [Case("", 65536, 262144, 256, Q=4)]},
+    {"cpu-full": _RBIG, "cuda-full": [replace(c, N=65536, Q=4) for c in _RBIG]},
     aliases=("rvq_encode", "residual_assign"), targets=lambda row: _ratio_targets(row, [
         ("vqkernels.residual_assign", "vqkernels.assign xQ", "residual_assign / Q separate assigns", lambda r: 1.0),
         ("vqkernels.RQ(eval)", "vqp.", "residual encode ours / ResidualVQ", lambda r: None)]))
