@@ -476,7 +476,9 @@ class Quantizer(nn.Module):
         finite = None
         if gated:  # assign read x once and gave its non-finite kept rows -1: no second pass over x
             ok = indices >= 0 if head_keep is None else (indices >= 0) | ~head_keep
-            finite = ok.all() & torch.isfinite(codes.detach()).all()
+            # the codes: one sum (a NaN/Inf code makes it non-finite; cheaper than isfinite)
+            code_sum = codes.detach().sum(dtype=torch.float64 if codes.dtype == torch.float64 else torch.float32)
+            finite = ok.all() & torch.isfinite(code_sum)
 
         zero = z.new_zeros(())
         commitment = codebook_loss = zero
