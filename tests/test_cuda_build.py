@@ -672,9 +672,11 @@ def test_codebook_axis_histogram(runtime, index_dtype, K):
 def test_codebook_axis_cluster_stats(runtime, deterministic, dtype):
     backend, device, _ = runtime
     gen = torch.Generator().manual_seed(7)
-    for N, K, D, index_dtype in STATS_CASES:
+    for N, K, D, index_dtype, collapsed in STATS_CASES:
         x = torch.randn(C_AXIS, N, D, generator=gen).to(dtype)
         idx = torch.randint(-1, K, (C_AXIS, N), generator=gen).to(index_dtype)
+        if collapsed:  # every codebook's long run of code 1 crosses chunks of the flat sorted keys
+            idx = torch.where(torch.rand(C_AXIS, N, generator=gen) < 0.9, torch.ones_like(idx), idx)
         idx[0] = -1  # a codebook whose rows are all masked: zero counts and sums
         c_got, s_got = vqkernels.cluster_stats(x.to(device), idx.to(device), K, deterministic=deterministic,
                                                codebook_axis=True, backend=backend)
