@@ -60,3 +60,27 @@ def test_stage_loop_when_gradients_masks_or_per_stage_sizes(monkeypatch):
         rq(x, mask=torch.rand(20) > 0.5)
         ResidualQuantizer(8, 3, (3, 6, 6)).eval()(x)
     assert calls.count("residual_assign") == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_fused_eval_dtypes_and_non_finite_rows_match_stage_loop(dtype):
+    rq = ResidualQuantizer(6, 3, 8).eval()
+    x = randn(9, 6, seed=3).to(dtype)
+    x[4, 1] = float("nan")
+    x[6, 0] = float("inf")
+    with torch.no_grad():
+        fused, loop = rq(x), rq(x, mask=torch.ones(9, dtype=torch.bool))
+    assert fused.quantized.dtype == dtype and torch.equal(fused.indices, loop.indices)
+    assert (fused.indices[[4, 6]] == -1).all() and (fused.indices[[0, 1, 2, 3, 5, 7, 8]] >= 0).all()
+    # non-finite rows pass through unchanged, as the stage loop does
+    torch.testing.assert_close(fused.quantized, loop.quantized, equal_nan=True)
+    assert torch.equal(fused.quantized[4].isnan(), x[4].isnan()) and fused.quantized[6, 0] == float("inf")
+
+
+def test_fused_eval_fp64_module():
+    rq = ResidualQuantizer(5, 2, 6).double().eval()
+    x = randn(11, 5, seed=4).double()
+    with torch.no_grad():
+        fused, loop = rq(x), rq(x, mask=torch.ones(11, dtype=torch.bool))
+    assert torch.equal(fused.indices, loop.indices)
+    torch.testing.assert_close(fused.quantized, loop.quantized, atol=1e-12, rtol=1e-12)

@@ -365,6 +365,9 @@ class _ResidualStacks(nn.Module):
             out = out + qz
             residual = residual - qz.detach()
         indices = torch.stack(stage_indices, 1)  # [G, Q, N]
+        # rows without a code at stage 0 (non-finite; masked ones are handled below) pass
+        # through unchanged: the stage loop would turn an Inf into NaN (inf - inf)
+        out = torch.where(indices[:, 0].unsqueeze(-1) < 0, z, out)
         if self.training:
             zs = torch.stack(stage_inputs, 1)  # [G, Q, N, D]
             if self.shared_codebook:
@@ -390,7 +393,9 @@ class _ResidualStacks(nn.Module):
         outs, indices = [], []
         for g in range(G):
             r = residual_assign(z[g], codes[g], self.metric, backend=self.backend, check_codebook=False)
-            outs.append(self.project_out[g](r.quantized))
+            # non-finite rows (-1 at every stage) pass through, as in the stage loop
+            quantized = torch.where(r.indices[:, :1] < 0, z[g], r.quantized)
+            outs.append(self.project_out[g](quantized))
             indices.append(r.indices.t())
         return torch.stack(outs).to(xg.dtype), torch.stack(indices), xg.new_zeros((G, Q), dtype=torch.float32)
 
