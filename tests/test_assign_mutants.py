@@ -42,6 +42,13 @@ def test_positive_score_ties_go_to_the_lowest_index_one_row_per_call(budget, mon
         got = vqkernels.assign(x, codebook, backend="chunked")
         if int(got.indices) != a or float(got.distances) != 9.0:
             wrong.append((seed, a, int(got.indices), float(got.distances)))
+        # the same query first, then rows ON the tied codes: each row's own best must not
+        # hide another row's runner-up (the tie of row 0 stays ambiguous)
+        b = int((d[0] == 9.0).nonzero()[-1])
+        rows = torch.cat([x, codebook[[a, b]]])
+        got = vqkernels.assign(rows, codebook, backend="chunked")
+        if got.indices.tolist() != [a, a, b]:
+            wrong.append((seed, [a, a, b], got.indices.tolist()))
     assert not wrong, wrong
 
 

@@ -230,7 +230,8 @@ def test_first_synced_call_broadcasts_the_state_once(learning):
 def _algorithm_r(batches, R, seed):
     """Sequential Algorithm R over the kept rows, fed the same uniform draws as the module
     (one float64 ``torch.rand(N)`` per batch): stream position p goes to slot p while p < R,
-    else to slot floor(u (p + 1)) when that is < R."""
+    else to slot floor(u (p + 1)) when that is < R. Yields (slot -> row, rows seen) after
+    each batch."""
     g = torch.Generator().manual_seed(seed)
     reservoir, seen = {}, 0
     for rows, keep in batches:
@@ -242,7 +243,7 @@ def _algorithm_r(batches, R, seed):
             if slot < R:
                 reservoir[slot] = rows[:, i].clone()
             seen += 1
-    return reservoir, seen
+        yield dict(reservoir), seen
 
 
 @pytest.mark.parametrize("C", [1, 2])
@@ -255,13 +256,15 @@ def test_reservoir_is_algorithm_r_with_the_latest_row_winning(C):
         batches.append((rows, keep))
     book = Codebook(K, D, num_codebooks=C, deferred_steps=100, reservoir_size=R)
     torch.manual_seed(11)
-    for rows, keep in batches:
+    # after every batch: a row placed and later overwritten is checked too
+    for b, ((rows, keep), (expected, seen)) in enumerate(zip(batches, _algorithm_r(batches, R, 11))):
         book.observe_(rows, keep)
-    expected, seen = _algorithm_r(batches, R, 11)
-    assert int(book.reservoir_seen) == seen and book._deferred_calls == len(batches)
+        assert int(book.reservoir_seen) == seen and book._deferred_calls == b + 1
+        want = torch.zeros(C, R, D)
+        for slot, row in expected.items():
+            want[:, slot] = row
+        assert torch.equal(book.reservoir, want), f"after batch {b}"
     assert sorted(expected) == list(range(R))
-    want = torch.stack([expected[s] for s in range(R)], 1)  # [C, R, D]
-    assert torch.equal(book.reservoir, want)
 
 
 def test_single_row_batches_enter_the_reservoir():
