@@ -170,7 +170,7 @@ def kmeans(
     # The data were checked once above, and centroids are means of those rows: the loop runs
     # the ops without their per-call value checks (each was a pass over x and a host sync).
     requested = _dispatch.requested_backend(backend)
-    indices, dist = assign(data, centroids, metric, backend=backend, check_codebook=False)
+    indices, dist = _assign_trusted(data, centroids, metric, requested)
     history: List[float] = []
     bar = _progress_bar(iters) if progress and sync.rank == 0 else None
     n_iter = 0
@@ -193,10 +193,19 @@ def kmeans(
             break
         n_iter = it + 1
         centroids = _update(data, centroids, indices, counts, sums, metric, sync, int(n_empty))
-        indices, dist = assign(data, centroids, metric, backend=backend, check_codebook=False)
+        indices, dist = _assign_trusted(data, centroids, metric, requested)
     if bar is not None:
         bar.close()
     return KMeansResult(centroids, indices, history[-1], n_iter, history)
+
+
+def _assign_trusted(data, centroids, metric, backend):
+    """``assign`` of finite rows to finite centroids: the backend directly, without the public
+    op's checks and its non-finite pass over the rows (both settled once before the loop)."""
+    if data.shape[0] == 0:
+        return assign(data, centroids, metric, backend=backend or None, check_codebook=False)
+    indices, dist = _dispatch.call("assign", backend, data.device, data.dtype, data.unsqueeze(0), centroids.unsqueeze(0).contiguous(), metric)
+    return indices[0], dist[0]
 
 
 def _update(data, centroids, indices, counts, sums, metric, sync, n_empty):
