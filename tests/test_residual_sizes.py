@@ -91,3 +91,20 @@ def test_grouped_per_stage_sizes_and_decode_range():
     bad[0, 0, 0] = 4  # valid for the stored width (6), not for stage 0 (3 codes)
     with pytest.raises(ValueError, match=r"codebook_sizes=\(3, 6\)"):
         grq.decode(bad)
+
+
+def test_diagnostics_count_each_stage_over_its_own_codes():
+    from vqkernels import diagnostics as dg
+
+    rq = ResidualQuantizer(6, 3, SIZES, decay=0.5)
+    for step in range(3):
+        rq(randn(300, 6, seed=20 + step))
+    rq.eval()
+    monitor = dg.CodebookMonitor(rq)
+    monitor.update(rq(randn(400, 6, seed=30)).indices)
+    usage = monitor.unit_usage()
+    assert [usage[f"stage {q}"].codebook_size for q in range(3)] == list(SIZES)
+    assert all(usage[f"stage {q}"].used_codes + usage[f"stage {q}"].dead_codes == k for q, k in enumerate(SIZES))
+    assert monitor.usage().codebook_size == sum(SIZES)
+    health = dg.codebook_health(rq)
+    assert [health[f"stage {q}"]["codebook_size"] for q in range(3)] == list(SIZES)
