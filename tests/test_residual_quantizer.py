@@ -272,9 +272,12 @@ def _ddp_worker(rank, world, init_file, out_dir):
         results = {}
         for name, kw in (("deferred", dict(deferred_steps=2, reservoir_size=32)), ("kmeans", dict(init="kmeans")),
                          ("kmeans_sampled", dict(init="kmeans", kmeans_max_rows=8)),
+                         ("sizes", dict(init="kmeans")),
                          ("grouped", dict(init="random"))):
             if name == "grouped":
                 m = GroupedResidualQuantizer(6, 2, 2, 4, dead_code_threshold=0.5, **kw)
+            elif name == "sizes":  # per-stage sizes: padded stages on the codebook axis
+                m = ResidualQuantizer(6, 2, (3, 4), dead_code_threshold=0.5, **kw)
             else:
                 m = ResidualQuantizer(6, 2, 4, dead_code_threshold=0.5, **kw)
             g = torch.Generator().manual_seed(7 + rank)
