@@ -185,8 +185,32 @@ def scenario_codebooks(rank, world):
     return {"ema": train_codebooks(ema, data[:3], sync), "restart": train_codebooks(restart, data, sync)}
 
 
+def scenario_nonfinite(rank, world):
+    """The default non-finite policy under the group hook: at step 2 the last rank's batch
+    holds a NaN kept row; every rank skips that step (the flag rides in the statistics'
+    all-reduce), with restarts on, so the codebooks stay identical and equal to a run that
+    never saw step 2."""
+    data = restart_data(world, rank, steps=5)
+    out = {}
+    for name, poison in (("poisoned", True), ("clean", False)):
+        torch.manual_seed(6000)  # the same codes everywhere; restarts draw the same rows
+        vq = Quantizer(DIM, 8, decay=0.5, dead_code_threshold=1.0)
+        for s, (x, _) in enumerate(data):
+            if s == 2:
+                if not poison:
+                    continue
+                if rank == world - 1:
+                    x = x.clone()
+                    x[3, 1] = float("nan")
+            vq(x)
+        out[name] = {k: v.clone() for k, v in vq.state_dict().items()}
+        out[name]["nonfinite_batches"] = vq.nonfinite_batches.clone()
+    return out
+
+
 SCENARIOS = {
     "ema": scenario_ema,
+    "nonfinite": scenario_nonfinite,
     "restart": scenario_restart,
     "deferred": scenario_deferred,
     "kmeans": scenario_kmeans,
@@ -285,6 +309,16 @@ def test_init_and_dead_code_restart_identical_with_a_masked_out_rank(world_resul
         moved = (embed.mean(1) > 3).sum()
         assert int(moved) >= 8, f"{name}: only {int(moved)} codes were re-seeded from the moved data"
         assert bool(states[0]["initted"])
+
+
+def test_a_nonfinite_batch_on_one_rank_is_skipped_by_every_rank(world_results):
+    world, results = world_results
+    poisoned = [r["nonfinite"]["poisoned"] for r in results]
+    assert_same_across_ranks(poisoned, "nonfinite")
+    clean = results[0]["nonfinite"]["clean"]
+    for k in ("embed", "embed_avg", "cluster_size"):
+        assert torch.equal(poisoned[0][k], clean[k]), f"{k}: the skipped step changed the codebook"
+    assert all(int(p["nonfinite_batches"]) == 1 for p in poisoned) and int(clean["nonfinite_batches"]) == 0
 
 
 def test_deferred_switch_uses_all_ranks_reservoirs(world_results):
