@@ -10,7 +10,7 @@ import torch
 
 import vqkernels
 from vqkernels.errors import BackendUnavailableError
-from vqkernels.ops import _metrics
+from vqkernels.ops import _dispatch, _metrics
 from vqkernels.ops.assign import tolerance
 
 from conftest import backend_cases, dtypes_for, interpreted
@@ -57,8 +57,8 @@ def check_along_own_residual(result, x, codebooks, metric):
 
 def _shapes(backend, device):
     if interpreted(backend, device):
-        return [(23, 3, 9, 5), (1, 1, 1, 3)]
-    return [(300, 4, 37, 13), (1, 1, 1, 3), (64, 1, 16, 8), (50, 3, 1, 7), (200, 8, 64, 32)]
+        return [(23, 3, 9, 5), (1, 1, 1, 3), (5, 2, 3, 257)]  # D > 256: the stages through Triton's assign
+    return [(300, 4, 37, 13), (1, 1, 1, 3), (64, 1, 16, 8), (50, 3, 1, 7), (200, 8, 64, 32), (40, 2, 20, 1300)]
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
@@ -233,3 +233,26 @@ def test_cuda_glue_compiles(tmp_path):
     cmd[cmd.index(str(tcb.CSRC / "vq_ops.cpp"))] = str(tcb.CSRC / "residual_assign_ops.cpp")
     res = tcb._run(cmd)
     assert res["rc"] == 0, tcb._fail_message(res)
+
+
+def test_triton_runs_all_stages_in_one_launch(monkeypatch):
+    """D <= MAX_RESIDENT_D: one kernel launch for all Q stages, never the per-stage assign."""
+    triton_ra = pytest.importorskip("vqkernels.ops.residual_assign.triton")
+    if _dispatch.BACKENDS["triton"].unavailable("cpu") is not None and not torch.cuda.is_available():
+        pytest.skip("the triton backend cannot run here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    launches = []
+    kernel = triton_ra._residual_assign_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_ra, "_residual_assign_kernel", Counting())
+    monkeypatch.setattr(triton_ra._assign_triton, "assign", lambda *a: pytest.fail("per-stage assign called"))
+    x, codebooks = torch.randn(20, 6, device=device), torch.randn(4, 18, 6, device=device)
+    got = vqkernels.residual_assign(x, codebooks, backend="triton")
+    assert len(launches) == 1
+    want = vqkernels.residual_assign(x, codebooks, backend="reference")
+    assert torch.equal(got.indices, want.indices)
