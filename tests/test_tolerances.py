@@ -102,3 +102,100 @@ def test_chunked_tile_budget_follows_the_environment(monkeypatch):
     assert chunked.tile_sizes(64, 1000, 8, "cpu") == (64, 16)  # ... also when N is exactly 64
     assert chunked.tile_sizes(100, 50, 2**17, "cpu") == (64, 16)  # 64 rows of 2**17 fill the row tile exactly
     assert chunked.tile_sizes(100, 50, 2**17 + 1, "cpu") == (4, 16)  # past it: the budget's 4 rows
+
+
+# --------------------------------------------------------------------------- precision claims
+# Which arithmetic each fast assign path claims, and the tolerance key its picks are judged
+# by: (backend, input dtype, torch.get_float32_matmul_precision()) -> (claim, key). The
+# Triton claims are checked against the launcher's choice here and against the sm_90 PTX
+# the GPU will run (below); the CUDA ones against the kernels' own instructions.
+CLAIMS = {
+    ("triton", torch.float32, "highest"): ("ieee: fp32 products and sums, no tensor cores", torch.float32),
+    ("triton", torch.float32, "high"): ("tf32x3: three tf32 tensor-core products per pair", "tf32"),
+    ("triton", torch.float32, "medium"): ("tf32: one tf32 tensor-core product (10-bit mantissas)", "tf32"),
+    ("triton", torch.float16, "any"): ("f16 tensor-core products (exact), fp32 accumulation", torch.float32),
+    ("triton", torch.bfloat16, "any"): ("bf16 tensor-core products (exact), fp32 accumulation", torch.float32),
+    ("cuda", torch.float32, "any"): ("SIMT fp32 FMAs, whatever the matmul setting", torch.float32),
+    ("cuda", torch.float16, "any"): ("mma.sync f16 products (exact), fp32 accumulation; SIMT fp32 for D <= 8",
+                                     torch.float32),
+    ("cuda", torch.bfloat16, "any"): ("mma.sync bf16 products (exact), fp32 accumulation; SIMT fp32 for D <= 8",
+                                      torch.float32),
+}
+_TRITON_DOT = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("setting", ["highest", "high", "medium"])
+def test_triton_launcher_makes_the_claimed_precision(dtype, setting):
+    """The Triton launcher's tl.dot input_precision and its tolerance key, per matmul setting."""
+    pytest.importorskip("triton")
+    from vqkernels.ops import _triton_utils as tu
+
+    claim, key = CLAIMS[("triton", dtype, setting if dtype == torch.float32 else "any")]
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        precision, tf32 = tu.dot_precision(dtype), tu.uses_tf32(dtype)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert precision == (_TRITON_DOT[setting] if dtype == torch.float32 else "ieee"), claim
+    assert tf32 == (key == "tf32"), f"{claim}: judged by {key!r}, but uses_tf32 says {tf32}"
+
+
+_PTX_SCRIPT = r"""
+import re, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vqkernels.ops.assign import triton as A
+for name, prec in [("float32", "ieee"), ("float32", "tf32"), ("float32", "tf32x3"), ("bfloat16", "ieee"),
+                   ("float16", "ieee")]:
+    sig = A._assign_signature(getattr(torch, name))
+    consts = dict(PRECISION=prec, BLOCK_D=32, ONE_CHUNK=True, EVEN_D=False, TWO_PART=False, SPLIT=False, EPI_D=16,
+                  INTERP=False, BLOCK_N=64, BLOCK_K=32)
+    fn = A._assign_kernel
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
+    k = triton.compile(ASTSource(fn, dict(sig, **{c: "constexpr" for c in consts}), constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+    ops = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+\.(\w+)\.(\w+)\.(\w+)", k.asm["ptx"])
+    types = sorted({".".join(o) for o in ops})
+    print(f"RESULT {name} {prec} {len(ops)} {','.join(types) or '-'}")
+"""
+
+
+def test_triton_sm90_ptx_makes_the_claimed_precision():
+    """Compiled for sm_90 (BLOCK_D = 32: 4 k8 / 2 k16 steps per tile), the fp32 "highest" kernel
+    has no tensor-core instruction, tf32 one tf32 wgmma per k-step, tf32x3 three, and the 16-bit
+    kernels their own type, all accumulating in fp32: the interpreter cannot show this."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    from test_triton_kernels import _sm90_compile_env
+
+    proc = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=_sm90_compile_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = {tuple(line.split()[1:3]): tuple(line.split()[3:5]) for line in proc.stdout.splitlines()
+           if line.startswith("RESULT")}
+    assert got == {
+        ("float32", "ieee"): ("0", "-"),
+        ("float32", "tf32"): ("4", "f32.tf32.tf32"),
+        ("float32", "tf32x3"): ("12", "f32.tf32.tf32"),
+        ("bfloat16", "ieee"): ("2", "f32.bf16.bf16"),
+        ("float16", "ieee"): ("2", "f32.f16.f16"),
+    }, got
+
+
+def test_cuda_kernels_make_the_claimed_precision():
+    """The CUDA assign kernels' arithmetic, read from their source: 16-bit tensor-core
+    fragments accumulate in fp32, the SIMT tile is fp32 FMAs (no tf32 anywhere), the 16-bit
+    inputs switch to tensor cores above D = 8 (compiled and run: test_cuda_build)."""
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    assign = (csrc / "kernels" / "assign.cuh").read_text()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in assign, CLAIMS[("cuda", torch.float16, "any")]
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in assign, CLAIMS[("cuda", torch.bfloat16, "any")]
+    assert "tf32" not in assign, CLAIMS[("cuda", torch.float32, "any")]
+    assert "acc[i][j] = fmaf(a[i], b[j], acc[i][j])" in assign, CLAIMS[("cuda", torch.float32, "any")]
+    assert "constexpr int64_t kSimtMaxD = 8;" in (csrc / "launch.h").read_text()
