@@ -84,3 +84,21 @@ def test_fused_eval_fp64_module():
         fused, loop = rq(x), rq(x, mask=torch.ones(11, dtype=torch.bool))
     assert torch.equal(fused.indices, loop.indices)
     torch.testing.assert_close(fused.quantized, loop.quantized, atol=1e-12, rtol=1e-12)
+
+
+def test_backend_without_residual_assign_takes_the_stage_loop(monkeypatch):
+    import vqkernels.residual as residual_mod
+
+    rq = ResidualQuantizer(6, 3, 8, backend="reference").eval()
+    x = randn(15, 6, seed=8)
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        fused = rq(x)
+    assert calls == ["residual_assign"]  # the requested backend implements it
+    calls.clear()
+    # a backend (e.g. a GPU one not yet written) without residual_assign: its assign, stage by stage
+    monkeypatch.setattr(residual_mod, "_has_backend", lambda op, name: False)
+    with torch.no_grad():
+        loop = rq(x)
+    assert calls == ["assign"] * 3
+    assert torch.equal(fused.indices, loop.indices)

@@ -15,6 +15,8 @@ quantizer (:class:`FactorizedResidualQuantizer`, per-stage projections) with its
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import random
 import sys
 from typing import NamedTuple, Optional
@@ -25,7 +27,7 @@ import torch.nn as nn
 from . import distributed as _dist
 from .codebook import Codebook
 from .estimators import ESTIMATORS, gather_codes, quantize
-from .ops import assign, histogram, kmeans
+from .ops import _dispatch, assign, histogram, kmeans
 from .ops.residual_assign import residual_assign
 from .ops._metrics import normalized
 from .ops._validation import check_codebook_size, check_finite, check_indices_in_range, check_same_device, check_tensor
@@ -123,6 +125,11 @@ class _InitProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _has_backend(op: str, name: str) -> bool:
+    return importlib.util.find_spec(f"vqkernels.ops.{op}.{name}") is not None
 
 
 class ResidualOutput(NamedTuple):
@@ -381,9 +388,15 @@ class _ResidualStacks(nn.Module):
         return outg, indices, torch.stack(losses, 1).float()
 
     def _fused_eval_applies(self, z: torch.Tensor, keep) -> bool:
-        """Eval without gradients, masks or per-stage sizes: all stages in one residual_assign call."""
-        return (not self.training and keep is None and len(set(self.codebook_sizes)) == 1
-                and not (torch.is_grad_enabled() and z.requires_grad))
+        """Eval without gradients, masks or per-stage sizes, on a backend that implements
+        residual_assign: all stages in one call. Otherwise the stage loop, whose assign runs on
+        the same backend (no change of backend either way)."""
+        if self.training or keep is not None or len(set(self.codebook_sizes)) > 1:
+            return False
+        if torch.is_grad_enabled() and z.requires_grad:
+            return False
+        name = _dispatch.select("residual_assign", z.device, z.dtype, self.backend)
+        return _has_backend("residual_assign", name)
 
     def _fused_eval(self, xg: torch.Tensor, z: torch.Tensor):
         """The eval forward as ``residual_assign`` per group (the stage loop's picks; the output is
