@@ -108,3 +108,24 @@ def test_diagnostics_count_each_stage_over_its_own_codes():
     assert monitor.usage().codebook_size == sum(SIZES)
     health = dg.codebook_health(rq)
     assert [health[f"stage {q}"]["codebook_size"] for q in range(3)] == list(SIZES)
+
+
+@pytest.mark.parametrize("learning", ["ema", "gradient"])
+def test_freeze_codebook_quantizes_without_updating(learning):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(1)
+    ref = vqp.ResidualVQ(dim=6, num_quantizers=3, codebook_size=SIZES)
+    rq = ResidualQuantizer.from_pretrained_state(ref.state_dict(), learning=learning).train()
+    ref.train()
+    before = {k: v.clone() for k, v in rq.state_dict().items()}
+    x = randn(40, 6, seed=7)
+    out = rq(x, freeze_codebook=True)
+    q_ref, i_ref, l_ref = ref(x.unsqueeze(0), freeze_codebook=True)
+    assert torch.equal(out.indices, i_ref[0])
+    torch.testing.assert_close(out.quantized, q_ref[0], atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(out.losses, l_ref.reshape(-1), atol=1e-5, rtol=1e-5)  # commitment only
+    for k, v in rq.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed under freeze_codebook"
+    unfrozen = rq(x)  # the same step unfrozen: same output, and the codebooks move
+    assert torch.equal(unfrozen.indices, out.indices)
+    assert not torch.equal(rq.codebook_state.cluster_size, before["codebook_state.cluster_size"])

@@ -319,8 +319,10 @@ class _ResidualStacks(nn.Module):
         book.reservoir = book.reservoir.new_zeros(book.reservoir.shape[:-2] + (0, self.codebook_dim))
 
     # ------------------------------------------------------------------ forward
-    def _forward(self, xg: torch.Tensor, keep: Optional[torch.Tensor]):
-        """``xg [G, N, group_dim]`` -> (out [G, N, group_dim], indices [G, Q, N], losses [G, Q])."""
+    def _forward(self, xg: torch.Tensor, keep: Optional[torch.Tensor], freeze: bool = False):
+        """``xg [G, N, group_dim]`` -> (out [G, N, group_dim], indices [G, Q, N], losses [G, Q]).
+        ``freeze``: training without touching the codebooks (no EMA/usage update, no restarts,
+        no codebook loss; a first-batch initialisation still runs)."""
         G, Q, K, D = self.groups, self.num_quantizers, self.codebook_size, self.codebook_dim
         N = xg.shape[1]
         book = self.codebook_state
@@ -361,7 +363,7 @@ class _ResidualStacks(nn.Module):
                                backend=self.backend, check_codebook=self.training)
             if self.training:
                 loss = torch.stack([_masked_mse(stage_in[g:g + 1], qz[g:g + 1].detach(), keep) for g in range(G)]) * self.commitment_weight
-                if self.learning == "gradient":
+                if self.learning == "gradient" and not freeze:
                     picked = gather_codes(stage_codes, idx.clamp_min(0))
                     loss = loss + torch.stack([_masked_mse(picked[g:g + 1], stage_in[g:g + 1].detach(), keep) for g in range(G)]) * self.codebook_weight
                 losses.append(loss)
@@ -375,7 +377,7 @@ class _ResidualStacks(nn.Module):
         # rows without a code at stage 0 (non-finite; masked ones are handled below) pass
         # through unchanged: the stage loop would turn an Inf into NaN (inf - inf)
         out = torch.where(indices[:, 0].unsqueeze(-1) < 0, z, out)
-        if self.training:
+        if self.training and not freeze:
             zs = torch.stack(stage_inputs, 1)  # [G, Q, N, D]
             if self.shared_codebook:
                 # one codebook per group: all its stages' rows together
@@ -458,9 +460,11 @@ class ResidualQuantizer(_ResidualStacks):
     def __init__(self, dim: int, num_quantizers: int, codebook_size: int, **kwargs):
         super().__init__(dim, 1, num_quantizers, codebook_size, **kwargs)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> ResidualOutput:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: bool = False) -> ResidualOutput:
+        """``freeze_codebook``: quantize (and return the commitment losses) without updating the
+        codebooks, as ResidualVQ's ``freeze_codebook``."""
         lead, keep, xg = self._prepare(x, mask)
-        out, indices, losses = self._forward(xg, keep)
+        out, indices, losses = self._forward(xg, keep, freeze_codebook)
         Q = self.num_quantizers
         return ResidualOutput(out[0].reshape(*lead, self.dim), indices[0].transpose(0, 1).reshape(*lead, Q), losses[0])
 
@@ -485,9 +489,9 @@ class GroupedResidualQuantizer(_ResidualStacks):
     def __init__(self, dim: int, groups: int, num_quantizers: int, codebook_size: int, **kwargs):
         super().__init__(dim, groups, num_quantizers, codebook_size, **kwargs)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> ResidualOutput:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: bool = False) -> ResidualOutput:
         lead, keep, xg = self._prepare(x, mask)
-        out, indices, losses = self._forward(xg, keep)
+        out, indices, losses = self._forward(xg, keep, freeze_codebook)
         G, Q = self.groups, self.num_quantizers
         quantized = out.transpose(0, 1).reshape(*lead, self.dim)
         return ResidualOutput(quantized, indices.transpose(1, 2).reshape(G, *lead, Q), losses)
