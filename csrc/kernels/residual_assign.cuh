@@ -11,7 +11,8 @@
 // increasing order, so the lowest of equal codes stays), and the warp merges the lanes'
 // (distance, index) minima lexicographically: ties go to the lowest index at every stage
 // and no N x K matrix exists. Then r -= c_winner and sum += c_winner. A row holding NaN/Inf
-// scores NaN everywhere, never enters a minimum, and takes code 0 (the op masks it to -1).
+// scores NaN everywhere, never enters a minimum, and takes code 0 (the op masks it to -1);
+// a finite row whose distances all overflow to +inf takes code 0 as well, as the reference does.
 //
 // Plain CUDA C++ on raw pointers (no torch headers), as every header under csrc/kernels/.
 #pragma once
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(kRAWarps * 32) residual_assign_kernel(
       const int64_t code = best_i == kNoCode ? 0 : static_cast<int64_t>(best_i);
       if (lane == 0) {
         indices[row * Q + q] = code;
-        distances[row * Q + q] = best_i == kNoCode ? __int_as_float(0x7fc00000) : best;
+        distances[row * Q + q] = best;  // +inf when every distance overflowed (code 0, as the reference)
       }
       __syncwarp();  // every lane has read res (norm, scores) before it changes
       for (int64_t d = lane; d < D; d += 32) {
