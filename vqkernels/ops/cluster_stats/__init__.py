@@ -14,6 +14,7 @@ import torch
 
 from .. import _dispatch
 from .._validation import (
+    all_finite,
     check_codebook_axis,
     check_codebook_size,
     check_finite,
@@ -39,7 +40,6 @@ def _cluster_stats_op(
     D = x.shape[-1]
     if check:
         check_indices_in_range("indices", indices, K)
-        check_finite("x", x.reshape(-1, D), ignore_rows=indices.reshape(-1) < 0)
     squeeze = x.dim() == 2
     if squeeze:
         x, indices = x.unsqueeze(0), indices.unsqueeze(0)
@@ -49,6 +49,10 @@ def _cluster_stats_op(
         counts, sums = x.new_zeros(C, K, dtype=dtype), x.new_zeros(C, K, D, dtype=dtype)
     else:
         counts, sums = _dispatch.call("cluster_stats", backend, x.device, x.dtype, x, indices, K, deterministic)
+        # A NaN/Inf in a row with an index reaches its code's sum: checking the [C, K, D] sums
+        # reads far less than x [C, N, D]; the exact pass over x runs only to name the rows.
+        if check and not all_finite(sums):
+            check_finite("x", x.reshape(-1, D), ignore_rows=indices.reshape(-1) < 0)
     return (counts[0], sums[0]) if squeeze else (counts, sums)
 
 

@@ -2,7 +2,7 @@
 codebooks at once on the flat ``C * K`` bins (see :mod:`..._indices`)."""
 import torch
 
-from .._indices import flat_bins
+from .._indices import binned_indices, flat_bins
 from ..histogram.chunked import bin_counts
 from .._validation import compute_dtype
 
@@ -14,7 +14,8 @@ def cluster_stats(x, indices, K, deterministic):
     C, N, D = x.shape
     bins_total = C * K
     dtype = compute_dtype(x.dtype)
-    binned = flat_bins(indices, K)  # [C*N]; masked rows in the extra bin C*K, dropped below
+    # [C*N]; masked rows in the extra bin C*K, dropped below (C = 1 needs no offsets)
+    binned = flat_bins(indices, K) if C > 1 else binned_indices(indices.reshape(-1), K)
     rows = x.reshape(C * N, D)
     lengths = bin_counts(binned, bins_total + 1)
     counts = lengths[:bins_total].to(dtype).view(C, K)

@@ -2,7 +2,7 @@
 codebooks (see :mod:`..._indices`), no one-hot and no loop over C."""
 import torch
 
-from .._indices import flat_bins
+from .._indices import binned_indices, flat_bins
 
 
 def bin_counts(bins, size):
@@ -15,7 +15,8 @@ def bin_counts(bins, size):
 def histogram(indices, K, weights):
     """``indices [C, N]``, ``weights [C, N]`` or None -> ``counts [C, K]`` (int64; float32 with weights)."""
     C = indices.shape[0]
-    bins = flat_bins(indices, K)  # masked entries land in the extra bin C*K, dropped below
+    # masked entries land in the extra bin C*K, dropped below (C = 1 needs no offsets)
+    bins = flat_bins(indices, K) if C > 1 else binned_indices(indices.reshape(-1), K)
     if weights is None:
         return bin_counts(bins, C * K + 1)[: C * K].view(C, K)
     counts = torch.zeros(C * K + 1, dtype=torch.float32, device=indices.device)
