@@ -237,8 +237,9 @@ std::tuple<Tensor, Tensor> assign_cuda(const Tensor& x, const Tensor& codebook, 
                 "centre must be a float32 tensor of shape [", C, ", ", D, "], got dtype ", m.scalar_type(),
                 " and shape ", shape_str(m));
     const Tensor rows_m = m.unsqueeze(1);  // [C, 1, D]: fp32 difference, rounded once to the input dtype
-    score_x = at::sub(x.to(at::kFloat), rows_m).to(x.scalar_type()).contiguous();
-    score_codebook = at::sub(codebook.to(at::kFloat), rows_m).to(codebook.scalar_type()).contiguous();
+    // type promotion reads 16-bit inputs as fp32 on the fly: one fp32 temporary each
+    score_x = at::sub(x, rows_m).to(x.scalar_type()).contiguous();
+    score_codebook = at::sub(codebook, rows_m).to(codebook.scalar_type()).contiguous();
   }
 
   vqk::AssignArgs a{};

@@ -71,5 +71,6 @@ def l2_shift(codebook: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def shifted(t: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """``t [C, M, D] - centre [C, D]`` per codebook, computed in fp32 and rounded once to ``t``'s dtype."""
-    return (t.float() - centre.unsqueeze(1)).to(t.dtype).contiguous()
+    """``t [C, M, D] - centre [C, D]`` per codebook, computed in fp32 and rounded once to ``t``'s dtype
+    (type promotion reads 16-bit ``t`` as fp32 on the fly: one fp32 temporary, not two)."""
+    return (t - centre.unsqueeze(1)).to(t.dtype).contiguous()
