@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from helpers import randn
 from vqkernels import ResidualQuantizer
-from vqkernels.residual import FactorizedResidualQuantizer
+from vqkernels import FactorizedResidualQuantizer
 
 
 # --------------------------------------------------------------------------- EnCodec

@@ -25,7 +25,7 @@ from . import checkpoints, diagnostics, distributed
 from .checkpoints import UnknownLayoutError
 from .diagnostics import CodebookMonitor, report
 from .quantizer import LossBreakdown, Quantizer, QuantizerOutput, QuantizerOutputWithBreakdown
-from .residual import GroupedResidualQuantizer, ResidualOutput, ResidualQuantizer
+from .residual import FactorizedResidualQuantizer, GroupedResidualQuantizer, ResidualOutput, ResidualQuantizer
 
 __all__ = [
     "__version__",
@@ -46,6 +46,7 @@ __all__ = [
     "LossBreakdown",
     "ResidualQuantizer",
     "GroupedResidualQuantizer",
+    "FactorizedResidualQuantizer",
     "ResidualOutput",
     "CodebookMonitor",
     "report",
