@@ -256,3 +256,31 @@ def test_triton_runs_all_stages_in_one_launch(monkeypatch):
     assert len(launches) == 1
     want = vqkernels.residual_assign(x, codebooks, backend="reference")
     assert torch.equal(got.indices, want.indices)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_stages_of_different_sizes(backend, device):
+    """A list of [K_q, D] codebooks: picks stay inside each stage's own codes, as the fp64 loop."""
+    g = torch.Generator().manual_seed(6)
+    sizes, N, D = ((3, 9, 5), 11, 4) if interpreted(backend, device) else ((5, 128, 40, 1), 300, 12)
+    x = torch.randint(-4, 5, (N, D), generator=g).float()
+    books = [torch.randint(-3, 4, (k, D), generator=g).float() for k in sizes]
+    got = vqkernels.residual_assign(x.to(device), [b.to(device) for b in books], "l2", backend=backend)
+    indices = got.indices.cpu()
+    for q, k in enumerate(sizes):
+        assert (indices[:, q] < k).all(), f"stage {q} picked a padding copy"
+        residual = x.double() - sum(books[p].double()[indices[:, p]] for p in range(q))
+        d = _metrics.distance_matrix(residual, books[q].double(), "l2")
+        assert torch.equal(indices[:, q], d.argmin(-1)), f"stage {q}"  # integer grid: exact, first minimum
+
+
+def test_stages_of_different_sizes_bad_inputs():
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="empty sequence"):
+        vqkernels.residual_assign(x, [])
+    with pytest.raises(ValueError, match=r"codebooks\[1\] has 3 features"):
+        vqkernels.residual_assign(x, [torch.randn(5, 4), torch.randn(6, 3)])
+    with pytest.raises(ValueError, match=r"codebooks\[1\] must be \[K_q, D\]"):
+        vqkernels.residual_assign(x, [torch.randn(5, 4), torch.randn(2, 6, 4)])
+    with pytest.raises(TypeError, match=r"codebooks\[1\] has dtype"):
+        vqkernels.residual_assign(x, [torch.randn(5, 4), torch.randn(6, 4).double()])

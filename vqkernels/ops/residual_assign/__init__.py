@@ -70,6 +70,29 @@ def _(x, codebooks, metric, backend, check_codebook):
             x.new_empty(N, Q, dtype=compute_dtype(x.dtype)))
 
 
+def _stack_stage_codebooks(books) -> torch.Tensor:
+    """Stages of different sizes ``[K_q, D]`` -> ``[Q, max K_q, D]``, each padded with copies of
+    its own code 0: a copy sits at a higher index than its original, so it loses every tie
+    to it (on every backend: equal codes score bit-identically) and is never picked."""
+    if len(books) == 0:
+        raise ValueError("codebooks is an empty sequence; expected one [K_q, D] codebook per stage")
+    for q, b in enumerate(books):
+        check_tensor(f"codebooks[{q}]", b, floating=True)
+        if b.dim() != 2 or b.shape[0] < 1:
+            raise ValueError(f"codebooks[{q}] must be [K_q, D] with K_q >= 1 (one stage's codes), got shape {tuple(b.shape)}")
+        if b.shape[1] != books[0].shape[1]:
+            raise ValueError(
+                f"codebooks[{q}] has {b.shape[1]} features (shape {tuple(b.shape)}) but codebooks[0] has "
+                f"{books[0].shape[1]}; every stage must have the same D"
+            )
+        check_same_device(**{"codebooks[0]": books[0], f"codebooks[{q}]": b})
+        check_same_dtype(**{"codebooks[0]": books[0], f"codebooks[{q}]": b})
+    K = max(b.shape[0] for b in books)
+    return torch.stack([
+        b if b.shape[0] == K else torch.cat([b, b[:1].expand(K - b.shape[0], -1)]) for b in books
+    ]).detach()
+
+
 def residual_assign(
     x: torch.Tensor,
     codebooks: torch.Tensor,
@@ -87,7 +110,9 @@ def residual_assign(
 
     Args:
         x: ``[N, D]`` vectors (fp16 / bf16 / fp32; fp64 on reference and chunked).
-        codebooks: ``[Q, K, D]``, one codebook per stage, same dtype and device as ``x``.
+        codebooks: ``[Q, K, D]``, one codebook per stage, same dtype and device as ``x``; or a
+            sequence of Q ``[K_q, D]`` codebooks of different sizes (per-stage codebook
+            sizes), padded to ``max K_q`` with copies of each stage's code 0, which never win.
         metric: ``"l2"``, ``"cosine"`` or ``"dot"``.
         backend: force a backend (``"reference"``, ``"chunked"``, ``"cpu"``, ``"triton"``,
             ``"cuda"``); default: ``VQKERNELS_BACKEND`` or the fastest available.
@@ -106,6 +131,8 @@ def residual_assign(
         (torch.Size([1000, 8]), torch.Size([1000, 64]))
     """
     check_tensor("x", x, floating=True)
+    if isinstance(codebooks, (list, tuple)):
+        codebooks = _stack_stage_codebooks(codebooks)
     check_tensor("codebooks", codebooks, floating=True)
     if codebooks.dim() != 3:
         raise ValueError(
