@@ -390,10 +390,10 @@ class _ResidualStacks(nn.Module):
         return outg, indices, torch.stack(losses, 1).float()
 
     def _fused_eval_applies(self, z: torch.Tensor, keep) -> bool:
-        """Eval without gradients, masks or per-stage sizes, on a backend that implements
-        residual_assign: all stages in one call. Otherwise the stage loop, whose assign runs on
-        the same backend (no change of backend either way)."""
-        if self.training or keep is not None or len(set(self.codebook_sizes)) > 1:
+        """Eval without gradients or masks, on a backend that implements residual_assign: all
+        stages in one call. Otherwise the stage loop, whose assign runs on the same backend (no
+        change of backend either way)."""
+        if self.training or keep is not None:
             return False
         if torch.is_grad_enabled() and z.requires_grad:
             return False
@@ -407,7 +407,10 @@ class _ResidualStacks(nn.Module):
         codes = self._stage_codes()
         outs, indices = [], []
         for g in range(G):
-            r = residual_assign(z[g], codes[g], self.metric, backend=self.backend, check_codebook=False)
+            stages = codes[g]
+            if len(set(self.codebook_sizes)) > 1:  # each stage's own codes, not the zero padding
+                stages = [codes[g, q, :k] for q, k in enumerate(self.codebook_sizes)]
+            r = residual_assign(z[g], stages, self.metric, backend=self.backend, check_codebook=False)
             # non-finite rows (-1 at every stage) pass through, as in the stage loop
             quantized = torch.where(r.indices[:, :1] < 0, z[g], r.quantized)
             outs.append(self.project_out[g](quantized))
@@ -451,7 +454,7 @@ class ResidualQuantizer(_ResidualStacks):
     ``kmeans_max_rows`` (the k-means init's bounded sample, default ``max(4K, 65536)``) and
     ``progress`` (report the stage-wise k-means init; default: from K = 65536 on).
 
-    In eval without gradients, masks or per-stage sizes the forward is one
+    In eval without gradients or masks the forward is one
     :func:`vqkernels.residual_assign` call per group; otherwise the stage loop.
 
     Returns (forward): ``ResidualOutput(quantized [..., dim], indices [..., Q], losses [Q])``.
