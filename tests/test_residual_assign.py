@@ -88,7 +88,7 @@ def test_ties_at_every_stage_go_to_the_lowest_index(backend, device, metric):
     """Every codebook holds each code twice (an exact tie at every stage, whatever the
     rounding); for l2 and dot, integer grids add ties between distinct codes, exact in every dtype."""
     g = torch.Generator().manual_seed(2)
-    N, Q, D, half = (17, 3, 3, 12) if interpreted(backend, device) else (200, 5, 6, 40)  # duplicates span code tiles
+    N, Q, D, half = (17, 3, 3, 12) if interpreted(backend, device) else (200, 5, 40, 40)  # duplicates span code tiles
     for dtype in dtypes_for(backend, device):
         x = torch.randint(-4, 5, (N, D), generator=g).to(dtype)
         if metric == "cosine":

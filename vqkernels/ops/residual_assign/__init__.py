@@ -131,7 +131,9 @@ def residual_assign(
         (torch.Size([1000, 8]), torch.Size([1000, 64]))
     """
     check_tensor("x", x, floating=True)
+    sizes = None
     if isinstance(codebooks, (list, tuple)):
+        sizes = [b.shape[0] if isinstance(b, torch.Tensor) else 0 for b in codebooks]
         codebooks = _stack_stage_codebooks(codebooks)
     check_tensor("codebooks", codebooks, floating=True)
     if codebooks.dim() != 3:
@@ -156,6 +158,11 @@ def residual_assign(
     indices, quantized, distances = _residual_assign_op(
         x.detach().contiguous(), codebooks.detach().contiguous(), metric, requested, check_codebook
     )
+    if sizes is not None and min(sizes) < codebooks.shape[1]:
+        # A padding copy equals its stage's code 0, so should a backend ever pick one, code 0 is
+        # the same code at the lower index: the pick the tie rule asks for.
+        limit = torch.tensor(sizes, device=indices.device)
+        indices = torch.where(indices >= limit, torch.zeros_like(indices), indices)
     return ResidualAssignResult(indices, quantized, distances)
 
 
