@@ -53,3 +53,21 @@ def test_residual_training_inductor_matches_eager(unpoisoned_empty):  # noqa: F8
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True)
     _compare_steps(eager, compiled, _batches(3, "cpu", masked=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_eval_fullgraph_runs_residual_assign(monkeypatch, grouped):
+    from vqkernels.ops import _dispatch
+
+    torch.manual_seed(0)
+    rq = (GroupedResidualQuantizer(8, 2, 3, 16, codebook_dim=3) if grouped else ResidualQuantizer(8, 3, (16, 5, 9))).eval()
+    compiled = torch.compile(rq, fullgraph=True, backend="aot_eager")
+    x = torch.randn(30, 8)
+    calls = []
+    real = _dispatch.call
+    monkeypatch.setattr(_dispatch, "call", lambda op, *a: (calls.append(op), real(op, *a))[1])
+    with torch.no_grad():
+        got, want = compiled(x), rq(x)
+    assert calls.count("residual_assign") == 2 * rq.groups and "assign" not in calls, calls
+    assert torch.equal(got.indices, want.indices)
+    torch.testing.assert_close(got.quantized, want.quantized)

@@ -132,6 +132,12 @@ def _has_backend(op: str, name: str) -> bool:
     return importlib.util.find_spec(f"vqkernels.ops.{op}.{name}") is not None
 
 
+@torch.compiler.assume_constant_result  # traced once as a constant: the dispatch probes backends
+def _residual_assign_runs(device_type: str, dtype: torch.dtype, backend: Optional[str]) -> bool:
+    """The backend selected for residual_assign on this device/dtype implements it."""
+    return _has_backend("residual_assign", _dispatch.select("residual_assign", torch.device(device_type), dtype, backend))
+
+
 class ResidualOutput(NamedTuple):
     quantized: torch.Tensor
     indices: torch.Tensor
@@ -397,8 +403,7 @@ class _ResidualStacks(nn.Module):
             return False
         if torch.is_grad_enabled() and z.requires_grad:
             return False
-        name = _dispatch.select("residual_assign", z.device, z.dtype, self.backend)
-        return _has_backend("residual_assign", name)
+        return _residual_assign_runs(z.device.type, z.dtype, self.backend)
 
     def _fused_eval(self, xg: torch.Tensor, z: torch.Tensor):
         """The eval forward as ``residual_assign`` per group (the stage loop's picks; the output is
