@@ -225,14 +225,61 @@ def test_cuda_kernel_compiles_for_every_arch_without_spills(tmp_path):
             assert v["smem"] == 0, "the kernel's shared memory is dynamic (sized by D)"
 
 
-def test_cuda_glue_compiles(tmp_path):
+def test_cuda_glue_compiles_links_and_registers(tmp_path):
+    """csrc/residual_assign_ops.cpp compiles, links with the launcher, and once loaded into
+    this (CPU) torch with libc10_cuda stubbed out, registers residual_assign_cuda with its
+    schema and a CUDA kernel: a schema/signature mismatch would otherwise first fail when
+    the extension loads on a GPU machine."""
+    import shutil
+    import subprocess
+    import sys
+
     tcb = _tcb()
     cmd, why = tcb._glue_command(tmp_path / "residual_assign_ops.o")
     if cmd is None:
         pytest.skip(why)
-    cmd[cmd.index(str(tcb.CSRC / "vq_ops.cpp"))] = str(tcb.CSRC / "residual_assign_ops.cpp")
-    res = tcb._run(cmd)
+    glue = list(cmd)
+    glue[glue.index(str(tcb.CSRC / "vq_ops.cpp"))] = str(tcb.CSRC / "residual_assign_ops.cpp")
+    res = tcb._run(glue)
     assert res["rc"] == 0, tcb._fail_message(res)
+    if torch.version.cuda is not None:
+        pytest.skip("torch is a CUDA build here: the GPU tests load the real extension instead")
+    (tmp_path / "stubs.cpp").write_text(tcb.C10_CUDA_STUBS)
+    stubs = [a for a in cmd if not a.startswith("-DTORCH_EXTENSION_NAME")]
+    stubs[stubs.index(str(tcb.CSRC / "vq_ops.cpp"))] = str(tmp_path / "stubs.cpp")
+    stubs[stubs.index(str(tmp_path / "residual_assign_ops.o"))] = str(tmp_path / "stubs.o")
+    launcher = [tcb.NVCC, *tcb.NVCC_FLAGS, "-gencode=arch=compute_90,code=sm_90", "-c",
+                str(tcb.CSRC / "residual_assign.cu"), "-o", str(tmp_path / "residual_assign.o")]
+    for step in (stubs, launcher):
+        res = tcb._run(step)
+        assert res["rc"] == 0, tcb._fail_message(res)
+    cuda_lib = tcb._cuda_include_dir().parent / "lib64"
+    if not (cuda_lib / "libcudart.so").exists():
+        pytest.skip(f"no libcudart.so in {cuda_lib} to link against")
+    torch_lib = tcb.Path(torch.__file__).parent / "lib"
+    so = tmp_path / "residual_assign_check.so"
+    cxx = shutil.which("c++") or shutil.which("g++")
+    objs = [tmp_path / n for n in ("residual_assign_ops.o", "residual_assign.o", "stubs.o")]
+    link = tcb._run([cxx, "-shared", "-o", str(so), *map(str, objs), f"-L{cuda_lib}", "-lcudart",
+                     f"-Wl,-rpath,{cuda_lib}", f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch",
+                     f"-Wl,-rpath,{torch_lib}"])
+    assert link["rc"] == 0, tcb._fail_message(link)
+    code = f"""
+import torch, vqkernels
+torch.ops.load_library({str(so)!r})
+op = torch.ops.vqkernels.residual_assign_cuda.default
+assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
+print(op._schema)
+try:
+    op(torch.randn(3, 4), torch.randn(2, 5, 4), "l2")
+except NotImplementedError as exc:
+    assert "CPU" in str(exc)
+    print("cpu-refused")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "residual_assign_cuda(Tensor x, Tensor codebooks, str metric) -> (Tensor, Tensor, Tensor)" in proc.stdout
+    assert "cpu-refused" in proc.stdout
 
 
 def test_triton_runs_all_stages_in_one_launch(monkeypatch):
