@@ -13,7 +13,7 @@ from vqkernels.errors import BackendUnavailableError
 from vqkernels.ops import _dispatch, _metrics
 from vqkernels.ops.assign import tolerance
 
-from conftest import backend_cases, dtypes_for, interpreted
+from conftest import FAST_BACKEND_CASES, backend_cases, dtypes_for, interpreted
 
 METRICS = ("l2", "cosine", "dot")
 
@@ -331,3 +331,14 @@ def test_stages_of_different_sizes_bad_inputs():
         vqkernels.residual_assign(x, [torch.randn(5, 4), torch.randn(2, 6, 4)])
     with pytest.raises(TypeError, match=r"codebooks\[1\] has dtype"):
         vqkernels.residual_assign(x, [torch.randn(5, 4), torch.randn(6, 4).double()])
+
+
+@pytest.mark.parametrize("backend,device", FAST_BACKEND_CASES)
+def test_ibq_size_codebooks(backend, device):
+    """K = 262,144 (issue #13 item 9) at a small N: tiled over K, no N x K matrix."""
+    if interpreted(backend, device):
+        pytest.skip("the Triton interpreter is too slow for K = 262,144")
+    g = torch.Generator().manual_seed(7)
+    x, codebooks = torch.randn(6, 8, generator=g), torch.randn(2, 262144, 8, generator=g) * 0.5
+    result = [t.cpu() for t in vqkernels.residual_assign(x.to(device), codebooks.to(device), backend=backend)]
+    check_along_own_residual(result, x, codebooks, "l2")
