@@ -384,6 +384,11 @@ class Codebook(nn.Module):
             codes = torch.where(size.sum(-1, keepdim=True).unsqueeze(-1) > 0, codes, self.embed)
         if self.metric == "cosine":
             codes = normalized(codes, self.metric)
+        if finite is not None and not torch.compiler.is_compiling():
+            # eager: where(out=buffer) writes each buffer in one pass, with no temporary
+            for new, buffer in ((size, self.cluster_size), (avg, self.embed_avg), (codes, self.embed)):
+                torch.where(finite, new, buffer, out=buffer)
+            return finite
         if finite is not None:
             size = torch.where(finite, size, self.cluster_size)
             avg = torch.where(finite, avg, self.embed_avg)
