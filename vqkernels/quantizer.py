@@ -453,7 +453,7 @@ class Quantizer(nn.Module):
                 keep = _checked_keep(flat.detach(), keep)
             else:
                 check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
-        gated = self.training and self.check_finite is True and not strict  # skip, without a sync
+        gated = self.training and bool(self.check_finite) and not strict  # skip, without a sync
         sync = self._sync() if self.training else _dist.LOCAL
         book.broadcast_(sync)  # once, on the first synced call
 
