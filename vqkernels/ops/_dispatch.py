@@ -21,6 +21,8 @@ axis is always present, ``C >= 1``, ``N >= 1``, tensors contiguous:
 * ``histogram(indices [C, N], K, weights [C, N] | None) -> counts [C, K]``
 * ``cluster_stats(x [C, N, D], indices [C, N], K, deterministic) -> (counts [C, K], sums [C, K, D])``
 * ``ema_update(cluster_size [C, K], embed_avg [C, K, D], codebook [C, K, D], counts, sums, decay, eps)``
+* ``residual_assign(x [N, D], codebooks [Q, K, D], metric) -> (indices int64 [N, Q], quantized [N, D], distances [N, Q])``
+  (no codebook axis: Q stages in sequence, ``N >= 1``)
 
 Backend modules are imported lazily, so ``import vqkernels`` never imports triton or the
 compiled extension.
