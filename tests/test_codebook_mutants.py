@@ -314,3 +314,31 @@ def test_non_strict_loading_across_deferral_settings():
     book = Codebook(K, D, deferred_steps=3)
     result = book.load_state_dict(_trained().state_dict(), strict=False)
     assert sorted(result.missing_keys) == ["reservoir", "reservoir_seen"]
+
+
+# ---------------------------------------------------------------- per-code EMA weight
+
+
+def test_callable_ema_weight_sees_the_batch_statistics():
+    """A callable ``weight(sums, counts)`` (vector-quantize-pytorch's ema_update_weight) is
+    given this step's summed rows ``[C, K, D]`` and counts ``[C, K]``; weight 1 is the plain step."""
+    C, N = 2, 20
+    z = randn(C, N, D, seed=15)
+    torch.manual_seed(16)
+    book = Codebook(K, D, num_codebooks=C)
+    plain = Codebook(K, D, num_codebooks=C)
+    plain.load_state_dict(book.state_dict())
+    indices = vqkernels.assign(z, book.codes()).indices
+    seen = []
+    book.update_(z, indices, None, LOCAL, weight=lambda sums, counts: seen.append((sums.clone(), counts.clone())) or 1.0)
+    plain.update_(z, indices, None, LOCAL)
+    assert len(seen) == 1
+    sums, counts = seen[0]
+    want_counts = torch.stack([torch.bincount(indices[c], minlength=K) for c in range(C)]).to(counts.dtype)
+    want_sums = torch.zeros(C, K, D)
+    for c in range(C):
+        want_sums[c].index_add_(0, indices[c], z[c])
+    assert torch.equal(counts.view(C, K), want_counts)
+    torch.testing.assert_close(sums.view(C, K, D), want_sums)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(book.state_dict()[key], value, msg=key)
