@@ -126,9 +126,9 @@ def test_assign_large_offset_per_codebook(backend, device, D):
 
 def test_l2_shift_rule():
     """_centre (the Triton and CUDA launchers' rule): a codebook dominated by its offset gets
-    its mean rounded to bf16, the others exactly 0; no codebook needing one -> None (the
-    unshifted launch); 16-bit codebooks need a far larger offset; the copies are x - m
-    rounded once to the input dtype."""
+    its mean rounded to bf16, the others exactly 0 (so their shifted copies are the inputs
+    bit for bit); 16-bit codebooks need a far larger offset; the copies are x - m rounded
+    once to the input dtype."""
     from vqkernels.ops.assign import _centre
 
     x, cb = _offset_problem()
@@ -137,18 +137,23 @@ def test_l2_shift_rule():
     centre = _centre.l2_centre(codebooks)
     assert torch.equal(centre[0], cb.mean(0).bfloat16().float()) and bool(centre[0].ne(0).all())
     assert bool(centre[1:].eq(0).all())
-    assert _centre.l2_shift(codebooks[1:]) is None
-    assert torch.equal(_centre.l2_shift(codebooks), centre)
-    # bf16: the same offset of 1e4 next to a spread of ~32 is dominated past 2^15 too; 1e2 is not
-    assert _centre.l2_shift(torch.stack([cb]).bfloat16()) is not None
-    assert _centre.l2_shift((plain + 10.0).bfloat16().unsqueeze(0)) is None
+    # bf16: the same offset of 1e4 next to a spread of ~32 is dominated past 2^15 too; 10 is not
+    assert bool(_centre.l2_centre(cb.unsqueeze(0).bfloat16()).ne(0).all())
+    assert bool(_centre.l2_centre((plain + 10.0).bfloat16().unsqueeze(0)).eq(0).all())
     xs = _centre.shifted(x.unsqueeze(0).half(), centre[:1])
     assert xs.dtype == torch.float16 and torch.equal(xs[0], (x.half().float() - centre[0]).half())
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # a zero shift changes no bit (-0.0 included)
+        t = torch.cat([_rand(3, 50, 32, dtype=torch.float32, device="cpu", seed=8), torch.full((3, 1, 32), -0.0)], 1)
+        t = t.to(dtype)
+        same = _centre.shifted(t, centre)[1:]
+        assert same.dtype == dtype and torch.equal(same.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                                   t[1:].view(torch.int16 if dtype != torch.float32 else torch.int32))
 
 
 def test_cuda_launcher_passes_the_l2_shift(monkeypatch):
-    """The cuda backend's Python side hands the op the shift for l2 at an offset, None for an
-    unshifted l2 codebook and for the other metrics (the C++ op applies it; GPU-tested)."""
+    """The cuda backend's Python side hands the op the shift for every l2 call (zeros where no
+    offset dominates: no host sync to decide), None for the other metrics (the C++ op applies
+    it; GPU-tested)."""
     from vqkernels import _extension
     from vqkernels.ops.assign import cuda as cuda_assign
 
@@ -164,7 +169,8 @@ def test_cuda_launcher_passes_the_l2_shift(monkeypatch):
     cuda_assign.assign(x.unsqueeze(0), cb.unsqueeze(0), "l2")
     cuda_assign.assign(x.unsqueeze(0), cb.unsqueeze(0), "cosine")
     cuda_assign.assign(x.unsqueeze(0) - cb.mean(0), (cb - cb.mean(0)).unsqueeze(0), "l2")
-    assert seen[0] is not None and seen[0].shape == (1, 32) and seen[1] is None and seen[2] is None
+    assert seen[0].shape == (1, 32) and bool(seen[0].ne(0).all()) and seen[1] is None
+    assert seen[2].shape == (1, 32) and bool(seen[2].eq(0).all())
 
 
 def test_large_norm_check_rejects_wrong_picks():

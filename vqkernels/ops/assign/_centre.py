@@ -11,13 +11,13 @@ codes.
 
 Why copies and not a shift inside the kernels: the Triton assign variants run at 240-255
 registers and the CUDA mma kernel at its 128-register cap; a shift applied as each tile is
-loaded spilled ~10 Triton variants on sm_90 and the CUDA mma kernel (72 / 36 bytes). A
-copy costs one pass over x and the codebook, and only calls that need it pay.
+loaded spilled ~10 Triton variants on sm_90 and the CUDA mma kernel (72 / 36 bytes).
 
-Deciding needs the data, so :func:`l2_shift` reads one flag back to the host (a sync);
-while a CUDA graph is being captured it cannot, and shifts unconditionally instead (the
-shift is exactly 0 for the codebooks that do not need it, which changes nothing for fp32
-operands and nothing for 16-bit ones either: ``x - 0`` rounds to ``x``).
+Every l2 call shifts, with no host sync (the training step syncs nowhere, issue #14; the
+chunked backend centres the same way): where a codebook's offset does not dominate, its
+shift is exactly 0, and ``x - 0`` rounds to ``x`` in every dtype, so its picks and
+distances are bit for bit the unshifted ones. The price is paid by every l2 call: one pass
+over x and the codebook for the copies, and the split epilogue (docs/gpu_expectations.md).
 
 The shift is the codebook mean rounded to 8 significant bits (bfloat16): it removes all
 but ~2^-9 of the offset (the cancellation shrinks by ~2^16), and data on a coarse grid
@@ -37,8 +37,6 @@ NaN or Inf code fails the comparison and is not shifted.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 _THRESHOLD = {torch.float32: 4.0, torch.float16: 2.0**15, torch.bfloat16: 2.0**15}
@@ -55,19 +53,6 @@ def l2_centre(codebook: torch.Tensor) -> torch.Tensor:
     dominated = (1.0 + threshold) * m_sq > threshold * mean_sq
     rounded = mean.to(torch.bfloat16).float()
     return torch.where(dominated.unsqueeze(-1), rounded, torch.zeros_like(rounded)).contiguous()
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def l2_shift(codebook: torch.Tensor) -> Optional[torch.Tensor]:
-    """The shift ``[C, D]`` float32 when some codebook needs one (always while a CUDA graph
-    is captured), else None: then the launch is exactly the unshifted one."""
-    centre = l2_centre(codebook)
-    if _capturing(codebook) or bool(centre.any()):
-        return centre
-    return None
 
 
 def shifted(t: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:

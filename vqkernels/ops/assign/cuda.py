@@ -12,14 +12,14 @@ are exact whatever torch.get_float32_matmul_precision() says). Both keep a runni
 to the lowest index, and recompute the winner's distance exactly in fp32.
 ``VQKERNELS_CUDA_ASSIGN_KERNEL=mma|simt`` forces one kernel (tests, benchmarks).
 
-For l2, where a common offset dominates a codebook, the op scores shifted copies of x and
-the codes (the rule: :mod:`._centre`, shared with the Triton launcher), so ``||c||^2 - 2 x.c``
-does not cancel; the exact distance still reads the originals.
+For l2 the op scores copies of x and the codes shifted by each codebook's centre (the
+rule: :mod:`._centre`, shared with the Triton launcher; exactly 0 where no offset dominates),
+so ``||c||^2 - 2 x.c`` does not cancel; the exact distance still reads the originals.
 """
 from ... import _extension
 from . import _centre
 
 
 def assign(x, codebook, metric):
-    centre = _centre.l2_shift(codebook) if metric == "l2" else None
+    centre = _centre.l2_centre(codebook) if metric == "l2" else None
     return _extension.ops().assign_cuda(x, codebook, metric, centre)

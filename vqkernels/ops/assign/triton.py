@@ -13,10 +13,11 @@ through ``tl.dot`` in ``BLOCK_K``-code tiles with fp32 accumulation. The score o
 with per-code terms computed once per call in fp32:
 
 * ``l2``:     bias = ||c||^2 (:func:`_code_norms_kernel`, over all C * K codes), mult = -2
-  (||x||^2 is the same for every code of a row, so it is left out). Where a common offset
-  dominates a codebook, the launcher scores shifted copies ``x - m``, ``c - m`` instead
-  (:mod:`._centre`: distances unchanged, no cancellation in ``||c||^2 - 2 x.c``) and takes
-  the split epilogue, whose exact distance reads the original x and codes.
+  (||x||^2 is the same for every code of a row, so it is left out). The launcher scores
+  copies ``x - m``, ``c - m`` shifted by each codebook's centre ``m`` (:mod:`._centre`: the
+  rounded mean where a common offset dominates, else exactly 0; distances unchanged, no
+  cancellation in ``||c||^2 - 2 x.c``) and takes the split epilogue, whose exact distance
+  reads the original x and codes.
 * ``cosine``: the codebook is normalised once per call (``F.normalize``); the score is
   ``-<x, c/||c||>`` with raw x (``1 - cos`` ranks codes the same way for any ||x|| > 0), so
   codes that normalise to the same vector tie exactly. For 16-bit inputs the unit codes
@@ -466,9 +467,10 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
     interp = tu.interpreting()
     x = x.contiguous()
     codebook = codebook.contiguous()
-    # l2 at a dominating offset: score shifted copies (rounded to the input dtype, as the
-    # GPU sees them); the exact distances below read the originals, x_exact / c_exact.
-    centre = _centre.l2_shift(codebook) if metric == "l2" else None
+    # l2: score copies shifted by each codebook's centre (0 where no offset dominates: then
+    # exactly the inputs), rounded to the input dtype as the GPU sees them, with no host sync;
+    # the exact distances below read the originals, x_exact / c_exact.
+    centre = _centre.l2_centre(codebook) if metric == "l2" else None
     x_exact, c_exact = x, codebook
     if centre is not None:
         x, codebook = _centre.shifted(x, centre), _centre.shifted(codebook, centre)
@@ -533,8 +535,8 @@ def assign(x: torch.Tensor, codebook: torch.Tensor, metric: str):
         S = _split_count(C, N, K, device, interp, first.kwargs["BLOCK_N"], first.kwargs["BLOCK_K"])
         k_split = _range_codes(K, S)
         S = tu.cdiv(K, k_split)  # the kernel derives the same S from K and k_split
-        # A shifted launch takes the split epilogue even with one range: the fused one would
-        # compute the exact distance from the shifted x.
+        # A shifted (l2) launch takes the split epilogue even with one range: the fused one
+        # would compute the exact distance from the shifted x.
         split = S > 1 or centre is not None
 
         indices = torch.empty(C, N, dtype=torch.int64, device=device)
