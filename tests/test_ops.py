@@ -173,6 +173,21 @@ def test_cuda_launcher_passes_the_l2_shift(monkeypatch):
     assert seen[2].shape == (1, 32) and bool(seen[2].eq(0).all())
 
 
+@pytest.mark.parametrize("backend,device", [c for c in ALL if c.values[0] == "triton"])
+def test_triton_l2_shift_does_not_sync(backend, device):
+    """Deciding the l2 shift reads nothing back to the host (test_no_sync's counter), for a
+    codebook that shifts and one that does not."""
+    from test_no_sync import SyncCounter
+
+    x, cb = _offset_problem(device)
+    for shift in (0.0, 1.0):
+        counter = SyncCounter()
+        with counter:
+            vqkernels.assign(x - shift * cb.mean(0), cb - shift * cb.mean(0), "l2", backend=backend,
+                             check_codebook=False)
+        assert not counter.hits, list(counter.hits)[:3]
+
+
 def test_large_norm_check_rejects_wrong_picks():
     """The centred check is strict enough to matter: code 0 for every row, or the farthest
     code, both fail it (and both pass the uncentred allowance)."""
