@@ -33,6 +33,7 @@ import traceback
 import torch
 
 from vqkernels import bench
+from vqkernels.bench.report import comma_list
 from vqkernels.bench.runner import GPU_BANDWIDTH, GPU_PEAK_FLOPS
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -43,31 +44,19 @@ SPEC_OF = {"assign": "assign", "histogram": "histogram", "cluster_stats": "stats
 CONTENDER_OF = {"cdist": "torch.cdist+argmin", "flash_kmeans": "flash_kmeans.assign"}  # else vqkernels[backend]
 
 
-def _list(allowed=None):
-    """argparse type: comma-separated positive integers, or names from ``allowed``."""
-    def parse(text):
-        values = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in values if v not in allowed] if allowed else [v for v in values if not (v.isdigit() and int(v))]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(allowed)}" if allowed else
-                                             f"expected comma-separated positive integers, got {text!r}")
-        return values if allowed else [int(v) for v in values]
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--out", default="benchmarks/results", help="output folder for gpu_bench.json / gpu_bench.log")
     add("--device", default="cuda", choices=["cuda", "cpu"])
     add("--n", type=int, default=1 << 20, help="rows N (default 2^20)")
-    add("--ks", type=_list(), default=[1024, 16384, 65536], help="codebook sizes K")
-    add("--ds", type=_list(), default=[8, 32, 256], help="dimensions D")
-    add("--dtypes", type=_list(DTYPES), default=["bf16", "fp32"])
+    add("--ks", type=comma_list(what="k"), default=[1024, 16384, 65536], help="codebook sizes K")
+    add("--ds", type=comma_list(what="d"), default=[8, 32, 256], help="dimensions D")
+    add("--dtypes", type=comma_list(DTYPES, what="dtype"), default=["bf16", "fp32"])
     add("--metric", default="l2", choices=["l2", "cosine", "dot"])
-    add("--ops", type=_list(OPS), default=list(OPS))
-    add("--backends", type=_list(ASSIGN_BACKENDS), default=["triton", "cuda", "chunked"])
-    add("--baselines", type=_list(BASELINES), default=list(BASELINES))
+    add("--ops", type=comma_list(OPS, what="op"), default=list(OPS))
+    add("--backends", type=comma_list(ASSIGN_BACKENDS, what="backend"), default=["triton", "cuda", "chunked"])
+    add("--baselines", type=comma_list(BASELINES, what="baseline"), default=list(BASELINES))
     add("--fp32-precision", default="medium", choices=["highest", "high", "medium"],
         help="torch.set_float32_matmul_precision for the run (medium: tf32, the rate the fp32 floor uses)")
     add("--time-budget", type=float, default=420.0, help="seconds; rows that would overrun are skipped")

@@ -151,23 +151,32 @@ def plot(rows: List[dict], path: Path, title: str = "") -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- CLI
+def comma_list(allowed=None, aliases=None, what="value"):
+    """An argparse type (shared by ``vqkernels bench`` and ``benchmarks/*.py``): comma-separated names
+    from ``allowed`` (``aliases`` mapped to them, ``all`` for every one), or positive integers when
+    ``allowed`` is None; repeats are dropped, the order kept."""
+    def parse(text: str) -> list:
+        values = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if allowed is None and not (part.isdigit() and int(part)):
+                raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+            if part == "all" and allowed is not None:
+                return list(allowed)
+            value = int(part) if allowed is None else (aliases or {}).get(part, part)
+            if allowed is not None and value not in allowed:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {what} {part!r}; expected a comma-separated subset of {','.join(allowed)}")
+            if value not in values:
+                values.append(value)
+        if not values:
+            raise argparse.ArgumentTypeError(f"--{what}s is empty")
+        return values
+    return parse
+
+
 def parse_ops(text: str) -> tuple:
     """``--ops``: a comma-separated subset of the registered ops (or their aliases, or ``all``)."""
-    aliases = {a: spec.name for spec in SPECS.values() for a in spec.aliases}
-    ops = []
-    for part in (p.strip() for p in text.split(",")):
-        if part == "all":
-            return OPS
-        if not part:
-            continue
-        op = aliases.get(part, part)
-        if op not in SPECS:
-            raise argparse.ArgumentTypeError(f"unknown op {part!r}; expected a comma-separated subset of {','.join(OPS)}")
-        if op not in ops:
-            ops.append(op)
-    if not ops:
-        raise argparse.ArgumentTypeError("--ops is empty")
-    return tuple(ops)
+    return tuple(comma_list(tuple(SPECS), {a: spec.name for spec in SPECS.values() for a in spec.aliases}, "op")(text))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
