@@ -89,6 +89,18 @@ def test_kmeans_check_uses_inertia():
     assert checks["same"].ok and checks["also"].ok and not checks["far"].ok
 
 
+def test_per_code_checks_name_the_first_disagreeing_codes():
+    case = bench.Case("histogram", 512, 16, 1)
+    inputs = bench.make_inputs(case, "cpu")
+    good = torch.bincount(inputs["indices"], minlength=case.K)
+    wrong = good.clone()
+    wrong[11] += 1
+    checks = bench.check_outputs(case, inputs, {"good": good, "wrong": wrong})
+    assert checks["good"].ok and checks["good"].agree == 1.0 and checks["good"].detail == ""
+    assert not checks["wrong"].ok and checks["wrong"].agree == pytest.approx(15 / 16)
+    assert checks["wrong"].detail == "first disagreeing codes [11]"
+
+
 def test_one_spec_adds_an_op_benchmark(tmp_path):
     """Registering one OpSpec is all an op's benchmark needs: grid, --ops, checks, table, JSON."""
     case = bench.Case("rowsum", 64, 1, 4)

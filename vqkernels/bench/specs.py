@@ -218,10 +218,11 @@ def pick_distances(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tenso
     return torch.where(valid, d, torch.full_like(d, float("inf")))
 
 
-def _agreement(ok: torch.Tensor, excess=None) -> Check:
+def _agreement(ok: torch.Tensor, excess=None, what: str = "rows") -> Check:
+    """A Check from ``ok [N]`` (which rows, or codes, agree): the fraction, and the first that do not."""
     frac, bad = float(ok.double().mean()) if ok.numel() else 1.0, (~ok).nonzero().flatten()[:3].tolist()
     more = "" if excess is None else f": excess {[float(excess[i]) for i in bad]}"
-    return Check(frac, frac == 1.0, f"first disagreeing rows {bad}{more}" if bad else "")
+    return Check(frac, frac == 1.0, f"first disagreeing {what} {bad}{more}" if bad else "")
 
 
 def assignment_agreement(x, codebook, picks: Dict[str, torch.Tensor], metric: str = "l2") -> Dict[str, Check]:
@@ -353,7 +354,7 @@ register(OpSpec(
 # --------------------------------------------------------------------------- histogram
 def _per_code(outputs: dict, good: Callable[[Any], torch.Tensor]) -> Dict[str, Check]:
     """One Check per contender from ``good(output) -> bool [K]``: which codes agree."""
-    return {name: Check(float(g.double().mean()), bool(g.all())) for name, g in ((n, good(o)) for n, o in outputs.items())}
+    return {name: _agreement(good(out), what="codes") for name, out in outputs.items()}
 
 
 def _plain_torch(what: str, limit: float = 1.2):
