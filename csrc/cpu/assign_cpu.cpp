@@ -8,11 +8,11 @@
 // distance (vqkernels/ops/_metrics.py). Rows holding NaN never crash the kernel and get
 // some index; the public op overwrites them with -1 / NaN.
 //
-// D <= 32: fused distance + running argmin. The codebook is transposed once per tile
+// D <= 16: fused distance + running argmin. The codebook is transposed once per tile
 // ([D][KT], codes along the SIMD lanes), each thread keeps R rows' running (min, argmin)
 // per lane in registers and walks the tiles in order. l2 is the direct difference
 // ||x - c||^2, so exact ties stay ties and large offsets do not cancel.
-// D > 32: tiles of x @ codes^T through the BLAS (at::mm_out into a per-thread buffer sized
+// D > 16: tiles of x @ codes^T through the BLAS (at::mm_out into a per-thread buffer sized
 // for L2), the argmin fused right after each tile while it is in cache (expanded-form l2
 // score on inputs shifted by the codebook mean), then the winner's exact distance.
 #include <Python.h>
@@ -306,12 +306,13 @@ static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor
   });
 }
 
-// Largest D of the fused direct-difference kernel (above: BLAS tiles). 32 by default;
+// Largest D of the fused direct-difference kernel (above: BLAS tiles). 16 by default: at
+// D = 24 and 32 the BLAS tiles (plus the exact tie re-check) ran 1.4-1.6x faster on 1 thread;
 // VQKERNELS_CPU_FUSED_MAX_D overrides it (tests reach both paths at one D, benchmarks tune).
 static int64_t fused_max_d() {
   static const int64_t value = [] {
     const char* env = std::getenv("VQKERNELS_CPU_FUSED_MAX_D");
-    return env && *env ? std::atoll(env) : int64_t{32};
+    return env && *env ? std::atoll(env) : int64_t{16};
   }();
   return value;
 }
