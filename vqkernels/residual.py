@@ -132,10 +132,21 @@ def _has_backend(op: str, name: str) -> bool:
     return importlib.util.find_spec(f"vqkernels.ops.{op}.{name}") is not None
 
 
-@torch.compiler.assume_constant_result  # traced once as a constant: the dispatch probes backends
-def _residual_assign_runs(device_type: str, dtype: torch.dtype, backend: Optional[str]) -> bool:
+def _residual_assign_probe(device_type: str, dtype: torch.dtype, backend: Optional[str]) -> bool:
     """The backend selected for residual_assign on this device/dtype implements it."""
     return _has_backend("residual_assign", _dispatch.select("residual_assign", torch.device(device_type), dtype, backend))
+
+
+_residual_assign_runs = None  # the probe, traced once as a constant under torch.compile (see _constant_probe)
+
+
+def _constant_probe() -> None:
+    """Wrap the probe with assume_constant_result (the dispatch probes backends, which
+    torch.compile cannot trace). Done when the first module is built, not at import:
+    the wrapper imports torch._dynamo, which pulls in triton, too heavy for `import vqkernels`."""
+    global _residual_assign_runs
+    if _residual_assign_runs is None:
+        _residual_assign_runs = torch.compiler.assume_constant_result(_residual_assign_probe)
 
 
 class ResidualOutput(NamedTuple):
@@ -152,6 +163,7 @@ class _ResidualStacks(nn.Module):
                  gradient="ste", init="uniform", deferred_steps=0, reservoir_size=None, check_finite=True,
                  sync_codebook=None, kmeans_max_rows=None, progress=None, **codebook_kwargs):
         super().__init__()
+        _constant_probe()
         for name, value in (("dim", dim), ("groups", groups), ("num_quantizers", num_quantizers)):
             check_codebook_size(name, value)
         sizes = _stage_sizes(codebook_size, num_quantizers)
