@@ -3,6 +3,7 @@ here, independently of the package (fp64 closed forms and plain loops), so that 
 reference implementation cannot hide behind the same bug in the check."""
 import math
 
+import pytest
 import torch
 
 from vqkernels.ops.assign import tolerance
@@ -181,3 +182,35 @@ def check_assign_centred(x, codebook, indices, rtol_key=None):
         f"chosen code not nearest at the codes' scale (excess up to {float((chosen - true_min).max()):.3g}, "
         f"allowed {float(tol.max()):.3g}): " + first_mismatches(bad, indices.reshape(-1).cpu(), chosen, true_min)
     )
+
+
+def run_gloo_ranks(worker, world: int, tmp_path, test_module: str, timeout_s: float = 180) -> list:
+    """Start ``world`` Gloo ranks of ``worker(rank, world, init_dir, out_dir)``, wait at most
+    ``timeout_s`` (kill them on a hang) and load each rank's ``out_dir/rank{r}.pt``.
+
+    "forkserver": a fresh server process (no threads, no OpenMP state inherited from this
+    one, like "spawn") imports torch once; every rank forks from it, so the ranks skip the
+    seconds that importing torch and torch._dynamo costs each process. ``test_module`` (the
+    worker's module) is preloaded there too.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    out_dir = tmp_path / f"world{world}"
+    out_dir.mkdir()
+    mp.set_forkserver_preload(["torch", "torch._dynamo", "vqkernels", test_module])
+    ctx = mp.start_processes(
+        worker, args=(world, str(tmp_path / f"init{world}"), str(out_dir)), nprocs=world, join=False,
+        start_method="forkserver",
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} ranks did not finish within {timeout_s} s (a rank is stuck in a collective)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

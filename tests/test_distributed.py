@@ -6,12 +6,12 @@ with each other and with a single process fed the concatenated batches. A hang (
 missing a collective) fails the test after a timeout instead of blocking CI.
 """
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers import run_gloo_ranks
 
 import vqkernels
 from vqkernels import distributed as vqdist
@@ -231,28 +231,8 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def run_world(world, tmp_path):
-    """Start ``world`` Gloo ranks, wait at most TIMEOUT_S (kill them on a hang), load results.
-
-    "forkserver": a fresh server process (no threads, no OpenMP state inherited from this
-    one, like "spawn") imports torch once; every rank forks from it, so the ranks skip the
-    seconds that importing torch and torch._dynamo costs each process.
-    """
-    out_dir = tmp_path / f"world{world}"
-    out_dir.mkdir()
-    mp.set_forkserver_preload(["torch", "torch._dynamo", "vqkernels", "test_distributed"])
-    ctx = mp.start_processes(
-        _worker, args=(world, str(tmp_path / f"init{world}"), str(out_dir)), nprocs=world, join=False, start_method="forkserver"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s (a rank is stuck in a collective)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    """Start ``world`` Gloo ranks of the scenario worker and load their results."""
+    return run_gloo_ranks(_worker, world, tmp_path, "test_distributed", TIMEOUT_S)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])

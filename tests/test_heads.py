@@ -9,7 +9,7 @@ import torch
 from vqkernels.ops import _dispatch
 from vqkernels.quantizer import Quantizer
 
-from helpers import first_mismatches, randn
+from helpers import first_mismatches, randn, run_gloo_ranks
 
 
 def assert_close(actual, expected, name, atol=1e-5, rtol=1e-5):
@@ -355,22 +355,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
 
 
 def test_two_gloo_ranks_keep_identical_head_codebooks(tmp_path):
-    import time
-    import torch.multiprocessing as mp
-
-    mp.set_forkserver_preload(["torch", "vqkernels", "test_heads"])
-    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="forkserver")
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail("2 ranks did not finish within 180 s (a rank is stuck in a collective)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    r0, r1 = run_gloo_ranks(_ddp_worker, 2, tmp_path, "test_heads")
     for name in r0:
         for k, v in r0[name].items():
             assert torch.equal(v, r1[name][k]), f"{name}: {k} differs between ranks"

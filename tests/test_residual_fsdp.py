@@ -2,12 +2,12 @@
 holds a ResidualQuantizer: the codebooks (buffers, synced by the quantizer's own collective)
 end bitwise identical across ranks although the ranks see different rows."""
 import os
-import time
 
 import pytest
 import torch
 import torch.nn as nn
 
+from helpers import run_gloo_ranks
 from vqkernels import ResidualQuantizer
 
 STEPS = 4
@@ -57,25 +57,11 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def test_fsdp2_two_gloo_ranks_identical_codebooks(tmp_path):
-    import torch.multiprocessing as mp
-
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError as e:  # pragma: no cover - torch without FSDP2
         pytest.skip(f"torch.distributed.fsdp.fully_shard unavailable: {e}")
-    mp.set_forkserver_preload(["torch", "vqkernels", "test_residual_fsdp"])
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="forkserver")
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail("2 ranks did not finish within 180 s (a rank is stuck in a collective)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    r0, r1 = run_gloo_ranks(_worker, 2, tmp_path, "test_residual_fsdp")
     book_keys = [k for k in r0["state"] if "codebook_state" in k]
     assert "vq.codebook_state.embed" in book_keys
     for k, v in r0["state"].items():
