@@ -93,6 +93,14 @@ __global__ void __launch_bounds__(256)
 // run's ragged ends. A code that took most of a batch (codebook collapse) costs one block
 // about L / kSegChunkRows additions per feature instead of L row reads.
 constexpr int kSegWarps = 8;
+
+// One column of the warps' partial sums, added in warp order (a fixed order: bitwise repeatable).
+__device__ __forceinline__ float sum_warp_parts(const float (&part)[kSegWarps][32], int lane) {
+  float s = part[0][lane];
+#pragma unroll
+  for (int w = 1; w < kSegWarps; ++w) s += part[w][lane];
+  return s;
+}
 constexpr int kSegChunkRows = 256;
 
 // Pass 1, one block per chunk j of sorted positions [j * kSegChunkRows, +kSegChunkRows)
@@ -124,10 +132,7 @@ __global__ void __launch_bounds__(kSegWarps * 32, 4)
       part[warp][lane] = acc;
       __syncthreads();
       if (warp == 0 && d < D) {
-        float s = part[0][lane];
-#pragma unroll
-        for (int w = 1; w < kSegWarps; ++w) s += part[w][lane];
-        chunk_sums[j * D + d] = s;
+        chunk_sums[j * D + d] = sum_warp_parts(part, lane);
       }
       __syncthreads();  // part[] is rewritten by the next slice / chunk
     }
@@ -182,10 +187,7 @@ __global__ void __launch_bounds__(kSegWarps * 32, 3)
       part[warp][lane] = acc;
       __syncthreads();
       if (warp == 0 && d < D) {
-        float s = part[0][lane];
-#pragma unroll
-        for (int w = 1; w < kSegWarps; ++w) s += part[w][lane];
-        sums[out * D + d] = s;
+        sums[out * D + d] = sum_warp_parts(part, lane);
       }
       __syncthreads();  // part[] is rewritten by the next slice / code
     }
