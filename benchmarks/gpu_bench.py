@@ -6,13 +6,12 @@
 N = 2^20 rows, K in {1024, 16384, 65536}, D in {8, 32, 256}, bf16 and fp32; then
 ``histogram``, ``cluster_stats`` (atomic and deterministic) and ``ema_update_`` at the same N.
 
-A thin view of :mod:`vqkernels.bench` (contenders, checks, timer, peak memory, machine) that
-adds the plan, the matmul / copy ceilings measured on this card and one JSON row per provider
-(fields: docs/bench.md): the backends' own calls (``--via-op``: the public ops), CUDA events,
-warm-up first, rotating input sets larger than L2, medians, outputs checked against each other
-first, and t / floor with floor = ``max(2NKD / peak, bytes / 4.3e12)``. Rows that would not fit
-in memory or the time budget are skipped. ``--device cpu`` runs the plumbing on tiny sizes;
-``--dry-run`` writes the planned rows only.
+This is ``vqkernels bench`` on its own grid (its table, checks, timer, peak memory and JSON,
+schema ``vqkernels.bench/1``; fields: docs/bench.md) with what a GPU run adds: the backends'
+own calls (``--via-op``: the public ops), repeats that fill ``--target-s`` so short kernels run
+back to back, rotating input sets larger than L2, a time budget (the cheap ops first, then
+assign), and the matmul / copy ceilings measured on this card (``ceilings`` in the JSON).
+``--device cpu`` runs the plumbing on tiny sizes; ``--dry-run`` writes the planned rows only.
 
     python benchmarks/gpu_bench.py --out benchmarks/results --time-budget 240
     python benchmarks/gpu_bench.py --device cpu --n 512 --ks 16,32 --ds 4 --dtypes fp32 --backends chunked
@@ -20,15 +19,13 @@ in memory or the time budget are skipped. ``--device cpu`` runs the plumbing on 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import io
+import dataclasses
 import itertools
 import json
 import math
 import os
 import sys
 import time
-import traceback
 
 import torch
 
@@ -36,18 +33,16 @@ from vqkernels import bench
 from vqkernels.bench.report import comma_list
 from vqkernels.bench.runner import GPU_BANDWIDTH, GPU_PEAK_FLOPS
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = ("bf16", "fp16", "fp32")
 OPS = ("assign", "histogram", "cluster_stats", "ema_update")
 ASSIGN_BACKENDS = ("triton", "cuda", "chunked", "reference")
-BASELINES = ("cdist", "flash_kmeans")
-SPEC_OF = {"assign": "assign", "histogram": "histogram", "cluster_stats": "stats", "ema_update": "ema"}
-CONTENDER_OF = {"cdist": "torch.cdist+argmin", "flash_kmeans": "flash_kmeans.assign"}  # else vqkernels[backend]
+BASELINES = {"cdist": "torch.cdist+argmin", "flash_kmeans": "flash_kmeans.assign"}  # the harness's contender names
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--out", default="benchmarks/results", help="output folder for gpu_bench.json / gpu_bench.log")
+    add("--out", default="benchmarks/results", help="output folder for gpu_bench.json")
     add("--device", default="cuda", choices=["cuda", "cpu"])
     add("--n", type=int, default=1 << 20, help="rows N (default 2^20)")
     add("--ks", type=comma_list(what="k"), default=[1024, 16384, 65536], help="codebook sizes K")
@@ -56,7 +51,7 @@ def parse_args(argv=None):
     add("--metric", default="l2", choices=["l2", "cosine", "dot"])
     add("--ops", type=comma_list(OPS, what="op"), default=list(OPS))
     add("--backends", type=comma_list(ASSIGN_BACKENDS, what="backend"), default=["triton", "cuda", "chunked"])
-    add("--baselines", type=comma_list(BASELINES, what="baseline"), default=list(BASELINES))
+    add("--baselines", type=comma_list(tuple(BASELINES), what="baseline"), default=list(BASELINES))
     add("--fp32-precision", default="medium", choices=["highest", "high", "medium"],
         help="torch.set_float32_matmul_precision for the run (medium: tf32, the rate the fp32 floor uses)")
     add("--time-budget", type=float, default=420.0, help="seconds; rows that would overrun are skipped")
@@ -75,21 +70,22 @@ def parse_args(argv=None):
     return args
 
 
-def plan_rows(args):
+def plan(args) -> list:
     """Every row the run will try, in priority order (cheap ops first, then assign by dtype)."""
-    rows, stats = [], [b for b in args.backends if b != "reference"]
-    plan = {"histogram": [(stats, K, None, "int64", None) for K in args.ks],
-            "cluster_stats": [(stats, K, D, args.dtypes[0], v) for v, K, D in
-                              itertools.product(("atomic", "deterministic"), args.ks, args.ds)],
-            "ema_update": [(stats, K, D, args.dtypes[0], None) for K, D in itertools.product(args.ks, args.ds)],
-            # small K first within a (dtype, D): cheap autotuning
-            "assign": [(list(args.backends) + list(args.baselines), K, D, dt, args.metric)
-                       for dt, D, K in itertools.product(args.dtypes, args.ds, sorted(args.ks))]}
-    for op in (op for op in plan if op in args.ops):
-        for providers, K, D, dtype, variant in plan[op]:
-            rows += [dict(op=op, provider=b, N=args.n, K=K, D=D, dtype=dtype, variant=variant, status="planned",
-                          note="") for b in providers]
-    return rows
+    n, dt = args.n, args.dtypes[0]
+    cases = {"histogram": [bench.Case("histogram", n, K, 1) for K in args.ks],
+             "cluster_stats": [bench.Case("stats", n, K, D, dt, variant=v) for v, K, D in
+                               itertools.product(("atomic", "deterministic"), args.ks, args.ds)],
+             "ema_update": [bench.Case("ema", n, K, D, dt) for K, D in itertools.product(args.ks, args.ds)],
+             # small K first within a (dtype, D): cheap autotuning
+             "assign": [bench.Case("assign", n, K, D, dtype, args.metric)
+                        for dtype, D, K in itertools.product(args.dtypes, args.ds, sorted(args.ks))]}
+    return [case for op in cases if op in args.ops for case in cases[op]]
+
+
+def contenders(args) -> list:
+    """The harness's names of the providers asked for (the baselines run on assign rows only)."""
+    return [f"vqkernels[{b}]" for b in args.backends] + [BASELINES[b] for b in args.baselines]
 
 
 def measure_ceilings(device: str, fp32_precision: str) -> dict:
@@ -113,126 +109,47 @@ def measure_ceilings(device: str, fp32_precision: str) -> dict:
     return out
 
 
-def run_shape(group, args, ceilings, l2_bytes, deadline, table):
-    """Check and time every provider of one shape through :func:`vqkernels.bench.run_case`; fill the rows."""
-    op, N, K, D, dtype, variant = (group[0][k] for k in ("op", "N", "K", "D", "dtype", "variant"))
-    case = bench.Case(SPEC_OF[op], N, K, D or 1, dtype if dtype in DTYPES else "fp32",
-                      metric=variant if op == "assign" else "l2", variant=variant if op == "cluster_stats" else "")
-    work, cuda = case.work(), args.device == "cuda"
-    free = torch.cuda.mem_get_info()[0] if cuda else float("inf")
-    sets = args.rotate or int(min(8, max(2, math.ceil(4 * (l2_bytes or 50 << 20) / max(1, work["bytes"])))))
-    opts = bench.Options(device=args.device, repeats=args.min_reps, warmup=1, memory="inprocess" if cuda else "off",
-                         max_dense_bytes=0.8 * free / 3,  # cdist: the N x K matrix, its mm intermediate, argmin
-                         seed=args.seed + K + (D or 0), kernel_level=not args.via_op, rotate=sets, on_device=True,
-                         target_s=args.target_s, max_repeats=args.max_reps, deadline=deadline)
-    names = {CONTENDER_OF.get(r["provider"], f"vqkernels[{r['provider']}]"): r for r in group}
-    result = bench.run_case(case, opts, only=list(names))
-    table.row(result)
-    ok = [e for e in result["results"] if e["status"] == "ok"]
-    for e in result["results"]:
-        row, t = names[e["contender"]], e.get("median_s")
-        if e["status"] != "ok":
-            row.update(status=e["status"], note=e["reason"])
-            continue
-        row.update(status="ok", median_ms=t * 1e3, p20_ms=e["p20_s"] * 1e3, p80_ms=e["p80_s"] * 1e3,
-                   min_ms=e["min_s"] * 1e3, reps=e["repeats"], bytes_min=work["bytes"],
-                   gbytes_per_s=work["bytes"] / t / 1e9, agrees=e.get("agrees"))
-        if e.get("peak_mem_bytes") is not None and cuda:
-            row["mem_peak_mib"] = round(e["peak_mem_bytes"] / 2**20, 1)
-        if e is not ok[0]:  # the old field names: agreement at this shape, first provider named
-            row.update(agree_with=names[ok[0]["contender"]]["provider"], agree_frac=e.get("agree"))
-        if not e.get("agrees"):
-            row["note"] = f"DISAGREES with the best pick ({e.get('agree', 0):.4f}) {e.get('check_detail', '')}"
-        floor = work["bytes"] / GPU_BANDWIDTH
-        if op == "assign":
-            fp32 = dtype == "fp32"
-            peak = ceilings.get("fp32_mm_flops", GPU_PEAK_FLOPS["fp32"]) if fp32 else GPU_PEAK_FLOPS["bf16"]
-            floor = max(work["flops"] / peak, floor)
-            row.update(flops=work["flops"], tflops=work["flops"] / t / 1e12)
-            measured = ceilings.get("fp32_mm_flops" if fp32 else "bf16_mm_flops")
-            if measured:
-                row["frac_of_measured_mm"] = work["flops"] / t / measured
-        row.update(floor_ms=floor * 1e3, x_floor=t / floor)
-
-
-def write_json(path, payload):
-    payload["load_after"] = bench.load_now()
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    json_path, started = os.path.join(args.out, "gpu_bench.json"), time.monotonic()
-    log_file = open(os.path.join(args.out, "gpu_bench.log"), "w")
-
-    def log(msg):
-        line = f"[gpu_bench {time.monotonic() - started:6.1f}s] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    machine = bench.machine_info()
-    payload = {"schema": 1, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "config": dict(vars(args)), "versions": machine, "machine": machine,
-               "extension": machine["extension"], "rows": plan_rows(args)}
+    json_path, cases, only = os.path.join(args.out, "gpu_bench.json"), plan(args), contenders(args)
+    cuda = args.device == "cuda" and torch.cuda.is_available()
+    if args.dry_run or (args.device == "cuda" and not cuda):
+        error = None if cuda or args.device == "cpu" else "--device cuda but torch sees no CUDA device"
+        rows = [{**dataclasses.asdict(c), "label": c.label(), "contenders": only, "status": "planned"} for c in cases]
+        with open(json_path, "w") as f:
+            json.dump({"schema": "vqkernels.bench/1", "dry_run": args.dry_run, "error": error, "config": vars(args),
+                       "machine": bench.machine_info(), "rows": rows}, f, indent=1, default=str)
+        print(f"gpu_bench: {error or 'dry run'}: {len(rows)} rows planned -> {json_path}", file=sys.stderr)
+        return 2 if error else 0
+    deadline = time.monotonic() + args.time_budget
+    ops_deadline = time.monotonic() + args.ops_share * args.time_budget
     previous_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(args.fp32_precision)
     try:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            payload["error"] = "--device cuda but torch sees no CUDA device"
-        if args.dry_run or "error" in payload:
-            payload["dry_run"] = args.dry_run
-            write_json(json_path, payload)
-            log(payload.get("error") or f"dry run: {len(payload['rows'])} rows planned -> {json_path}")
-            return 2 if "error" in payload else 0
-        torch.set_float32_matmul_precision(args.fp32_precision)
-        deadline = time.monotonic() + args.time_budget
-        ops_deadline = time.monotonic() + args.ops_share * args.time_budget
-        log(f"machine and versions: {machine}")
-        ceilings = payload["ceilings"] = measure_ceilings(args.device, args.fp32_precision)
-        log(f"ceilings: {ceilings}")
-        table = bench.Table(args.device, stream=io.StringIO())  # the package's table, printed at the end
-        shape = lambda r: tuple(r[k] for k in ("op", "K", "D", "dtype", "variant"))  # noqa: E731
-        for _, group in itertools.groupby(payload["rows"], key=shape):
-            group = list(group)
-            end = deadline if group[0]["op"] == "assign" else min(deadline, ops_deadline)
-            try:
-                if time.monotonic() >= end:
-                    raise TimeoutError("time budget")
-                run_shape(group, args, ceilings, machine.get("l2_bytes"), end, table)
-            except Exception as exc:  # one failing shape must not stop the run
-                timeout = isinstance(exc, TimeoutError)
-                for row in group:
-                    row.update(status="skipped" if timeout else "error", note="time budget" if timeout else
-                               f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
-                if timeout:
-                    continue
-                log(traceback.format_exc())
-            if args.device == "cuda":
-                torch.cuda.empty_cache()  # give back a baseline's N x K matrix before the next shape
-            for row in group:
-                log(f"{row['op']} {row['provider']} {row['dtype']} K={row['K']} D={row['D']} {row.get('variant') or ''}: "
-                    f"{row['status']} {row.get('median_ms', float('nan')):.3f} ms {row.get('note', '')}")
-            write_json(json_path, payload)  # keep what we have if the run is killed
-        payload["elapsed_s"] = round(time.monotonic() - started, 1)
-        write_json(json_path, payload)
-        table.close_op()
-        # gpu_check.sh prints the log from "summary (x floor" on
-        log("summary (x floor = median / max(flops / peak, bytes / 4.3e12), in the JSON with TFLOP/s and the fraction "
-            "of the measured torch.mm rate; the table's 'of floor' is its inverse)\n" + table.stream.getvalue())
-        # 1 when a provider failed, or one of ours disagreed with the best pick (a peer's disagreement is reported)
-        return int(any(r["status"] == "error" or (r.get("agrees") is False and r["provider"] in ASSIGN_BACKENDS)
-                       for r in payload["rows"]))
-    except Exception as exc:
-        payload["error"] = f"{type(exc).__name__}: {exc}"
-        log(traceback.format_exc())
-        write_json(json_path, payload)
-        return 2
+        ceilings = measure_ceilings(args.device, args.fp32_precision)
+        print(f"ceilings: {ceilings}", file=sys.stderr)
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size if cuda else 50 << 20
+        # cdist holds the N x K matrix, its matmul intermediate and the argmin's
+        dense_gib = 0.8 * torch.cuda.mem_get_info()[0] / 3 / 2**30 if cuda else float("inf")
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)  # what `vqkernels bench` options this run is; per row: tune below
+        bench_args = parser.parse_args(
+            ["--device", args.device, "--ops", ",".join(args.ops), "--repeats", str(args.min_reps), "--warmup", "1",
+             "--memory", "inprocess" if cuda else "off", "--max-dense-gib", str(dense_gib), "--seed", str(args.seed),
+             "--json", json_path] + ([] if args.via_op else ["--kernel-level"]))
+
+        def tune(case, opts):
+            """Repeats that fill --target-s, input sets that exceed 4x L2, the op's share of the budget."""
+            sets = args.rotate or int(min(8, max(2, math.ceil(4 * l2 / max(1, case.work()["bytes"])))))
+            return dataclasses.replace(
+                opts, rotate=sets, on_device=True, target_s=args.target_s, max_repeats=args.max_reps, max_seconds=None,
+                seed=args.seed + case.K + case.D, deadline=deadline if case.op == "assign" else min(deadline, ops_deadline))
+
+        return bench.run(bench_args, cases, only, extra={"config": vars(args), "ceilings": ceilings},
+                         name="gpu_bench", tune=tune)
     finally:
         torch.set_float32_matmul_precision(previous_precision)
-        log_file.close()
 
 
 if __name__ == "__main__":

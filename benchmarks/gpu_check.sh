@@ -96,6 +96,13 @@ status_of() { case $1 in 0) echo ok ;; 124|137) echo timeout ;; *) echo failed ;
 record_from_log() {
   record "$1" "$(status_of "$2")" $(( $(elapsed) - $3 )) "rc=$2: $(tail -n 1 "$4" | cut -c1-200)"
 }
+# the gpu_bench phases' detail: its "ran N rows in S s" line and the vqkernels contenders that
+# disagreed or failed (else the log's last line)
+bench_detail() {
+  local d
+  d=$({ grep -a -m1 '^ran [0-9]* rows' "$1" | cut -d';' -f1; grep -a -m1 '^vqkernels contenders that' "$1"; } | tr '\n' ' ')
+  echo "${d:-$(tail -n 1 "$1")}" | cut -c1-200
+}
 HAS_GPU=0
 
 say "repository $REPO; output $OUT; budget ${BUDGET}s; python $PY; dry run $DRY"
@@ -198,7 +205,7 @@ else
       --ops assign --n 65536 --ks 16384 --ds 256,8 --dtypes bf16 --backends triton,cuda --time-budget "$T" \
       > "$OUT/bench_core.log" 2>&1
     rc=$?
-    record_from_log bench_core $rc $t0 "$OUT/bench_core.log"
+    record bench_core "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(bench_detail "$OUT/bench_core.log")"
   else
     record bench_core skipped 0 "only ${T}s left"
   fi
@@ -227,7 +234,7 @@ else
     timeout -k 10 $(( T + 10 )) "$PY" benchmarks/gpu_bench.py --out "$OUT/bench_full" --time-budget "$T" \
       > "$OUT/bench_full.log" 2>&1
     rc=$?
-    record_from_log bench_full $rc $t0 "$OUT/bench_full.log"
+    record bench_full "$(status_of $rc)" $(( $(elapsed) - t0 )) "rc=$rc: $(bench_detail "$OUT/bench_full.log")"
   else
     record bench_full skipped 0 "only ${T}s left"
   fi

@@ -47,29 +47,31 @@ def test_bad_arguments_exit_with_usage_error(bench, argv, capsys):
 
 def test_plan_covers_every_op_and_provider(bench):
     args = bench.parse_args(["--ks", "16,32", "--ds", "4", "--dtypes", "bf16,fp32", "--backends", "triton,chunked"])
-    rows = bench.plan_rows(args)
-    assign = [r for r in rows if r["op"] == "assign"]
-    assert len(assign) == 2 * 2 * 1 * (2 + 2)  # dtypes x K x D x (backends + baselines)
-    assert {r["provider"] for r in assign} == {"triton", "chunked", "cdist", "flash_kmeans"}
-    assert [r["K"] for r in assign[:4]] == [16] * 4  # small K first within a (dtype, D)
-    others = [r for r in rows if r["op"] != "assign"]
-    assert rows.index(assign[0]) == len(others)  # the cheap ops run first
-    assert {r["variant"] for r in others if r["op"] == "cluster_stats"} == {"atomic", "deterministic"}
-    assert all(r["status"] == "planned" for r in rows)
+    cases = bench.plan(args)
+    assign = [c for c in cases if c.op == "assign"]
+    assert len(assign) == 2 * 2 * 1  # dtypes x K x D, every provider on each row
+    assert set(bench.contenders(args)) == {"vqkernels[triton]", "vqkernels[chunked]", "torch.cdist+argmin",
+                                           "flash_kmeans.assign"}
+    assert [(c.dtype, c.K) for c in assign] == [("bf16", 16), ("bf16", 32), ("fp32", 16), ("fp32", 32)]  # small K first
+    others = [c for c in cases if c.op != "assign"]
+    assert cases.index(assign[0]) == len(others)  # the cheap ops run first
+    assert [c.op for c in others] == ["histogram"] * 2 + ["stats"] * 4 + ["ema"] * 2
+    assert {c.variant for c in others if c.op == "stats"} == {"atomic", "deterministic"}
 
 
 def test_dry_run_writes_plan_and_environment(bench, tmp_path):
     rc = bench.main(["--dry-run", "--device", "cpu", "--out", str(tmp_path), "--ks", "16", "--ds", "4"])
     assert rc == 0
     payload = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert payload["dry_run"] is True
-    assert payload["versions"]["torch"] == torch.__version__
-    assert "platform" in payload["machine"] and payload["config"]["ks"] == [16]
-    assert all(r["status"] == "planned" for r in payload["rows"])
-    assert (tmp_path / "gpu_bench.log").exists()
+    assert payload["schema"] == "vqkernels.bench/1" and payload["dry_run"] is True
+    assert payload["machine"]["torch"] == torch.__version__ and "platform" in payload["machine"]
+    assert payload["config"]["ks"] == [16]
+    assert payload["rows"] and all(r["status"] == "planned" and r["contenders"] for r in payload["rows"])
 
 
-def test_cpu_run_times_chunked_and_writes_figures(bench, tmp_path):
+def test_cpu_run_times_chunked_and_writes_figures(bench, tmp_path, capsys):
+    """The successor of gpu_bench's schema-1 rows: the `vqkernels bench` document (one row per
+    shape, one result per provider) with gpu_bench's config and ceilings."""
     before = torch.get_float32_matmul_precision()
     argv = [
         "--device", "cpu", "--out", str(tmp_path), "--n", "300", "--ks", "16,40", "--ds", "4", "--dtypes", "fp32",
@@ -80,25 +82,28 @@ def test_cpu_run_times_chunked_and_writes_figures(bench, tmp_path):
     assert torch.get_float32_matmul_precision() == before  # the run restores the global setting
     assert rc == 0
     payload = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert payload["schema"] == "vqkernels.bench/1" and payload["settings"]["kernel_level"] is True
+    assert payload["settings"]["float32_matmul_precision"] == "medium" and payload["config"]["n"] == 300
     rows = payload["rows"]
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert {r["op"] for r in ok} == {"assign", "histogram", "cluster_stats", "ema_update"}
-    for r in ok:
-        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["reps"] >= 1
-        assert r["bytes_min"] > 0 and r["x_floor"] > 0
-    chunked = [r for r in ok if r["op"] == "assign" and r["provider"] == "chunked"]
-    assert len(chunked) == 2
-    for r in chunked:
-        assert r["flops"] == 2 * 300 * r["K"] * 4
-        assert r["tflops"] == pytest.approx(r["flops"] / (r["median_ms"] * 1e-3) / 1e12)
-        assert r["floor_ms"] > 0
-    cdist = [r for r in ok if r["provider"] == "cdist"]
-    assert cdist and all(r["agree_with"] == "chunked" and r["agree_frac"] > 0.99 for r in cdist)
-    fk = [r for r in rows if r["provider"] == "flash_kmeans"]
-    assert fk and all(r["status"] in ("ok", "skipped", "error") and (r["status"] == "ok" or r["note"]) for r in fk)
+    assert {r["op"] for r in rows} == {"assign", "histogram", "stats", "ema"}
+    for row in rows:
+        assert row["work"]["bytes"] > 0
+        ok = [e for e in row["results"] if e["status"] == "ok"]
+        assert ok and {e["contender"] for e in row["results"]} <= set(bench.contenders(bench.parse_args(argv)))
+        for e in ok:
+            assert e["median_s"] > 0 and e["p20_s"] <= e["median_s"] <= e["p80_s"] and e["repeats"] >= 1
+    assign = [r for r in rows if r["op"] == "assign"]
+    assert [r["K"] for r in assign] == [16, 40]
+    for r in assign:
+        assert r["work"]["flops"] == 2 * 300 * r["K"] * 4
+        results = {e["contender"]: e for e in r["results"]}
+        assert results["vqkernels[chunked]"]["status"] == "ok" and results["vqkernels[chunked]"]["agrees"]
+        assert results["torch.cdist+argmin"]["agrees"] and results["torch.cdist+argmin"]["agree"] > 0.99
+        fk = results["flash_kmeans.assign"]
+        assert fk["status"] in ("ok", "skipped", "error") and (fk["status"] == "ok" or fk["reason"])
     assert payload["ceilings"]["fp32_precision"] == "medium" and payload["elapsed_s"] >= 0
-    log = (tmp_path / "gpu_bench.log").read_text()
-    assert "summary" in log and "chunked" in log
+    printed = capsys.readouterr().out
+    assert "== assign" in printed and "vqkernels[chunked]" in printed
 
 
 def test_time_budget_skips_rows_and_says_so(bench, tmp_path):
@@ -106,7 +111,8 @@ def test_time_budget_skips_rows_and_says_so(bench, tmp_path):
                      "--dtypes", "fp32", "--backends", "chunked", "--baselines", "cdist", "--time-budget", "0"])
     assert rc == 0
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
-    assert rows and all(r["status"] == "skipped" and "time budget" in r["note"] for r in rows)
+    results = [e for r in rows for e in r["results"]]
+    assert rows and results and all(e["status"] == "skipped" and "time budget" in e["reason"] for e in results)
 
 
 def test_cli_entry_point_runs_as_a_script(tmp_path):

@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from dataclasses import asdict
 from typing import Dict, List, Optional
 
 import torch
@@ -244,9 +245,11 @@ def document(rows, machine, opts: Options, grid_name: str, ops, elapsed: float, 
     }
 
 
-def run(args, cases=None, only=None, extra: Optional[dict] = None, name: str = "vqkernels bench") -> int:
+def run(args, cases=None, only=None, extra: Optional[dict] = None, name: str = "vqkernels bench", tune=None) -> int:
     """``vqkernels bench``: run the grid (or ``cases``, with the contenders in ``only``), print the
-    table and targets, write JSON (with ``extra``'s fields) and plot.
+    table and targets, write JSON (with ``extra``'s fields; rewritten after every row, so a killed
+    run keeps its rows) and plot. ``tune(case, opts)`` returns a row's own options (gpu_bench's
+    time budgets and input rotation).
 
     Returns 0; 1 when a vqkernels contender disagreed with the best pick or raised (peers'
     failures are only reported); 2 when the device is missing.
@@ -257,7 +260,7 @@ def run(args, cases=None, only=None, extra: Optional[dict] = None, name: str = "
         return 2
     cases = grid(grid_name, opts.device, args.ops) if cases is None else cases
     machine = machine_info()  # imports every installed peer, so their objects exist before the freeze
-    started, table = time.perf_counter(), Table(opts.device)
+    started, table, rows = time.perf_counter(), Table(opts.device), []
     gpu = f", {machine.get('gpu')}" if opts.device == "cuda" else ""
     table.emit(f"{name}: {grid_name} grid on {opts.device}{gpu} | {machine['processor']}, {machine['cpu_count']} cpus, "
                f"torch {machine['torch']} ({machine['torch_threads']} threads) | load average {machine['load_average']}")
@@ -265,15 +268,33 @@ def run(args, cases=None, only=None, extra: Optional[dict] = None, name: str = "
                + (" in alternating rounds" if opts.alternate else "") + f" after {opts.warmup} warm-up (the first is "
                "the checked call)" + (", CUDA events" if opts.device == "cuda" else "")
                + "; /best peer = time / fastest agreeing non-vqkernels contender")
-    rows = []
+
+    def save():  # after every row: a run killed by a time limit keeps the rows it finished
+        after = load_now()
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            doc = document(rows, machine, opts, grid_name, args.ops, time.perf_counter() - started, after,
+                           targets(rows, opts.device))
+            args.json.write_text(json.dumps({**doc, **(extra or {})}, indent=1, default=str))
+        return after
+
     # Objects alive now (torch, the peers' modules) are never garbage: freezing them keeps the
     # gc.collect() before each memory measurement in milliseconds instead of a third of a second.
     gc.freeze()
     try:
         for i, case in enumerate(cases, 1):
             print(f"[{i}/{len(cases)}] {case.op} {case.label()}", file=sys.stderr, flush=True)
-            rows.append(run_case(case, opts, lambda msg: print(msg, file=sys.stderr, flush=True), only))
+            try:
+                rows.append(run_case(case, tune(case, opts) if tune else opts,
+                                     lambda msg: print(msg, file=sys.stderr, flush=True), only))
+            except Exception as exc:  # a row that fails as a whole (its inputs, its check) must not stop the run
+                rows.append({**asdict(case), "label": case.label(), "memory_mode": "off", "check": case.spec.check_text,
+                             "results": [{"contender": "(the row)", "family": "vqkernels", "status": "error",
+                                          "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}]})
+            if opts.device == "cuda":
+                torch.cuda.empty_cache()  # give back a peer's N x K matrix before the next row
             table.row(rows[-1])
+            save()
     finally:
         gc.unfreeze()
     table.close_op()
@@ -282,17 +303,13 @@ def run(args, cases=None, only=None, extra: Optional[dict] = None, name: str = "
         table.emit(line)
     if tgts and grid_name != "full":
         table.emit(f"   (the targets are set for the full grid's shapes; {grid_name} rows are small and only indicative)")
-    elapsed = time.perf_counter() - started
-    after = load_now()
+    elapsed, after = time.perf_counter() - started, save()
     table.emit(f"\nran {len(cases)} rows in {elapsed:.1f} s; before: {machine['uptime'] or machine['load_average']}; "
                f"after: {after['uptime'] or after['load_average']}")
     if args.plot:
         why = plot(rows, args.plot, title=f"vqkernels bench ({grid_name}, {opts.device}, {machine['processor']})")
         table.emit(f"plot: {args.plot}" if why is None else f"no plot: {why}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        doc = {**document(rows, machine, opts, grid_name, args.ops, elapsed, after, tgts), **(extra or {})}
-        args.json.write_text(json.dumps(doc, indent=1, default=str))
         table.emit(f"json: {args.json}")
     bad = [f"{r['label']}: {e['contender']} " + ("disagrees" if e.get("status") == "ok" else f"failed: {e['reason']}")
            for r in rows for e in r["results"] if e["family"] == "vqkernels"

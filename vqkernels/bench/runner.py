@@ -219,51 +219,48 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
     """
     device, spec = opts.device, case.spec
     sets = [make_inputs(case, device, opts.seed + i, opts.on_device) for i in range(max(1, opts.rotate))]
-    inputs, entries, outputs, rounds = sets[0], {}, {}, {}
+    entries, outputs, rounds = {}, {}, {}
     mode = opts.memory if opts.memory != "auto" else "subprocess" if (
         opts.device == "cpu" and spec.memory_subprocess and opts.subprocess_memory) else "inprocess"
     for contender in [c for c in spec.contenders if only is None or c.name in only]:
-        entry = entries.setdefault(contender.name, {"contender": contender.name, "family": contender.family})
+        entry = entries[contender.name] = {"contender": contender.name, "family": contender.family}
+        started = time.perf_counter()
         try:
             if opts.deadline is not None and time.monotonic() >= opts.deadline:
                 raise Skip("time budget")
             prepared = [contender.prepare(case, inp, device, opts) for inp in sets]
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, Skip) else f"{type(exc).__name__}: {exc}"
-            entry.update(status="skipped" if isinstance(exc, Skip) else "error", reason=reason)
-            continue
-        started = time.perf_counter()
-        try:
+            fns, output = [p.fn for p in prepared], prepared[0].output
+            del prepared
             if mode == "inprocess" and opts.memory_on_checked_call:
-                out, extra, method = measure_peak(prepared[0].fn, device)
+                out, extra, method = measure_peak(fns[0], device)
                 entry.update(peak_mem_bytes=extra, mem_method=method + " (first call)")
             else:
-                out = prepared[0].fn()  # first call: warm-up, and the output that is checked
+                out = fns[0]()  # first call: warm-up, and the output that is checked
             _sync(device)
-            outputs[contender.name] = prepared[0].output(out)
+            outputs[contender.name] = output(out)
             del out
             if mode == "inprocess" and not opts.memory_on_checked_call:
-                _, extra, method = measure_peak(prepared[0].fn, device)
+                _, extra, method = measure_peak(fns[0], device)
                 entry.update(peak_mem_bytes=extra, mem_method=method)
+            for i in range(max(0, opts.warmup - 1)):
+                fns[i % len(fns)]()
+            if opts.alternate:
+                rounds[contender.name] = fns  # timed below, every contender once per round
+                continue
             max_s = opts.max_seconds
             if opts.deadline is not None:  # leave time for the rest of the run
                 max_s = min(max_s or float("inf"), max(0.0, opts.deadline - time.monotonic()) / 2)
-            if opts.alternate:
-                for i in range(max(0, opts.warmup - 1)):
-                    prepared[i % len(prepared)].fn()
-                rounds[contender.name] = [p.fn for p in prepared]
-                continue
-            t = time_call([p.fn for p in prepared], repeats=opts.repeats, warmup=max(0, opts.warmup - 1),
-                          device=device, max_seconds=max_s, target_s=opts.target_s, max_repeats=opts.max_repeats)
-        except Exception as exc:  # a backend without this op (BackendUnavailableError) is skipped, with why
-            entry.update(status="skipped" if isinstance(exc, BackendUnavailableError) else "error",
-                         reason=f"{type(exc).__name__}: {exc}")
+            t = time_call(fns, repeats=opts.repeats, warmup=0, device=device, max_seconds=max_s, target_s=opts.target_s,
+                          max_repeats=opts.max_repeats)
+            _timed(entry, t, case, progress, time.perf_counter() - started)
+        except Exception as exc:  # not installed, refused, or a backend without this op: skipped, with why
+            skipped = isinstance(exc, (Skip, BackendUnavailableError))
+            entry.update(status="skipped" if skipped else "error",
+                         reason=str(exc) if isinstance(exc, Skip) else f"{type(exc).__name__}: {exc}")
             outputs.pop(contender.name, None)
-            continue
         finally:
-            del prepared
+            fns = None  # a contender's inputs and modules go before the next one's are made
             gc.collect()
-        _timed(entry, t, case, progress, time.perf_counter() - started)
     times = {name: [] for name in rounds}
     for i in range(opts.repeats if rounds else 0):
         for name, fns in list(rounds.items()):
@@ -275,9 +272,9 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
     for name, ts in times.items():
         _timed(entries[name], _summary(ts), case, progress, sum(ts))
     rounds.clear()
-    for name, chk in spec.check(case, inputs, outputs).items():
+    for name, chk in spec.check(case, sets[0], outputs).items():
         entries[name].update(agree=chk.agree, agrees=chk.ok, check_detail=chk.detail)
-    del inputs, sets, outputs
+    del sets, outputs
     gc.collect()
     if mode == "subprocess":
         for name, entry in entries.items():
@@ -287,9 +284,8 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
     _compare(case, entries, device)
     # the rows of the original grid keep their fields
     row = {k: v for k, v in asdict(case).items() if k not in ("variant", "Q", "cdim") or v}
-    row.update(label=case.label(), results=list(entries.values()), memory_mode=mode, check=spec.check_text)
-    if device == "cuda":
-        row.update(work=case.work())
+    row.update(label=case.label(), results=list(entries.values()), memory_mode=mode, check=spec.check_text,
+               work=case.work())
     return row
 
 

@@ -4,6 +4,7 @@ Adding an op's benchmark means adding one spec here with :func:`register`; the r
 the table, the JSON, the plot and the CLI pick it up by name. A contender is one
 declaration: ``ours(name, build)`` for one per vqkernels backend, ``Contender(name, "peer",
 build)`` for a peer; ``build(case, inputs, device|backend, opts)`` returns the timed call.
+The shared builders (peers, guards, checks, targets) come first, then one section per op.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import vqkernels
 from vqkernels.ops import _dispatch
 from vqkernels.ops._metrics import normalized, paired_distance
+from vqkernels.ops.assign import tolerance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 DECAY, EPS = 0.99, 1e-5  # the EMA hyper-parameters every contender gets
@@ -133,7 +135,7 @@ def make_inputs(case: Case, device: str, seed: int = 0, on_device: bool = False)
     return {k: v.to(device) for k, v in inp.items()}
 
 
-# --------------------------------------------------------------------------- declarations
+# --------------------------------------------------------------------------- shared builders
 def import_peer(module: str):
     try:
         return importlib.import_module(module)
@@ -145,29 +147,6 @@ def dense_guard(case: Case, opts, what: str, count: int = 1):
     need = count * case.N * case.K * 4
     if need > opts.max_dense_bytes:
         raise Skip(f"{what} would materialise {need / 2**30:.1f} GiB (> --max-dense-gib {opts.max_dense_bytes / 2**30:g})")
-
-
-def best_result(row: dict, prefix: str, family: Optional[str] = None) -> Optional[dict]:
-    """The fastest ok result in ``row`` whose contender name starts with ``prefix``."""
-    found = [e for e in row["results"] if e["contender"].startswith(prefix) and e.get("status") == "ok"
-             and (family is None or e["family"] == family)]
-    return min(found, key=lambda e: e["median_s"]) if found else None
-
-
-def _target(row, what, value, goal=None, met=None, unit="x"):
-    return {"target": f"{what}, {row['label']}", "value": value, "unit": unit, "goal": goal or "(reported only)",
-            "met": met}
-
-
-def _ratio_targets(row, pairs) -> List[dict]:
-    """``pairs``: (ours prefix, theirs prefix, what, goal(row) -> limit or None); time ratios ours / theirs."""
-    out = []
-    for mine, theirs, what, limit in pairs:
-        a, b, lim = best_result(row, mine, "vqkernels"), best_result(row, theirs), limit(row)
-        if a and b:
-            r = a["median_s"] / b["median_s"]
-            out.append(_target(row, what, r, lim and f"<= {lim:g}x", lim and r <= lim, "x time"))
-    return out
 
 
 def _cases(op, N, Ks, Ds, dtypes=("fp32",), metrics=("l2",), **kw) -> List[Case]:
@@ -208,7 +187,11 @@ def _kernel(op: str, backend: str, like: torch.Tensor, dtype, *args):
     return _dispatch.call(op, backend, like.device, dtype, *args)
 
 
-# --------------------------------------------------------------------------- assign
+def peer(name: str, build: Callable) -> Contender:
+    return Contender(name, "peer", build)
+
+
+# --------------------------------------------------------------------------- checks
 def pick_distances(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str) -> torch.Tensor:
     """Exact fp64 distance ``[N]`` of each row ``x [N, D]`` to its picked code (inf for an invalid pick)."""
     cf = codebook.double()
@@ -232,8 +215,6 @@ def assignment_agreement(x, codebook, picks: Dict[str, torch.Tensor], metric: st
     (:func:`vqkernels.ops.assign.tolerance`) of the best exact distance in that row, so
     ties and rounding are allowed and no contender is taken as the truth.
     """
-    from vqkernels.ops.assign import tolerance
-
     if not picks:
         return {}
     dist = {name: pick_distances(x, codebook, idx, metric) for name, idx in picks.items()}
@@ -243,125 +224,183 @@ def assignment_agreement(x, codebook, picks: Dict[str, torch.Tensor], metric: st
     return {name: _agreement(d <= best + tol, d - best) for name, d in dist.items()}
 
 
+def _per_code(outputs: dict, good: Callable[[Any], torch.Tensor]) -> Dict[str, Check]:
+    """One Check per contender from ``good(output) -> bool [K]``: which codes agree."""
+    return {name: _agreement(good(out), what="codes") for name, out in outputs.items()}
+
+
+# --------------------------------------------------------------------------- targets (measured, never asserted)
+def best_result(row: dict, prefix: str, family: Optional[str] = None) -> Optional[dict]:
+    """The fastest ok result in ``row`` whose contender name starts with ``prefix``."""
+    found = [e for e in row["results"] if e["contender"].startswith(prefix) and e.get("status") == "ok"
+             and (family is None or e["family"] == family)]
+    return min(found, key=lambda e: e["median_s"]) if found else None
+
+
+def _target(row, what, value, goal=None, met=None, unit="x"):
+    return {"target": f"{what}, {row['label']}", "value": value, "unit": unit, "goal": goal or "(reported only)",
+            "met": met}
+
+
+def ratio_targets(*pairs):
+    """Targets from ``pairs`` of (ours prefix, theirs prefix, what, goal(row) -> limit or None): the
+    time ratio ours / theirs on each row."""
+    def targets(row) -> List[dict]:
+        out = []
+        for mine, theirs, what, limit in pairs:
+            a, b, lim = best_result(row, mine, "vqkernels"), best_result(row, theirs), limit(row)
+            if a and b:
+                r = a["median_s"] / b["median_s"]
+                out.append(_target(row, what, r, lim and f"<= {lim:g}x", lim and r <= lim, "x time"))
+        return out
+    return targets
+
+
+def _plain_torch(what: str, limit: float = 1.2):
+    """Issue #14: every op within 1.2x of the plainest torch code that computes the same thing."""
+    return lambda row: ratio_targets(("vqkernels", what, f"{row['op']} ours / {what}", lambda r: limit))(row)
+
+
+def _speedup_targets(prefix: str, peer: str, goal: Callable[[dict], Optional[float]]):
+    """Speed-up and peak-memory ratio over vector-quantize-pytorch (issue #14: >= 15x at N >= 16384,
+    >= 10x at N >= 4096, never slower at N <= 256; peak memory >= 10x less at K = 65536)."""
+    def targets(row):
+        mine, vqp, out = best_result(row, prefix, "vqkernels"), best_result(row, peer), []
+        if mine and vqp:
+            speed, lim = vqp["median_s"] / mine["median_s"], goal(row)
+            out.append(_target(row, f"{row['op']} speed-up over vqp", speed, lim and f">= {lim:g}x", lim and speed >= lim))
+            if mine.get("peak_mem_bytes") and vqp.get("peak_mem_bytes"):
+                mem, big = vqp["peak_mem_bytes"] / mine["peak_mem_bytes"], row["K"] >= 65536
+                out.append(_target(row, f"{row['op']} peak-memory ratio vqp / ours", mem, big and ">= 10x at K = 65536",
+                                   mem >= 10 if big else None))
+        return out
+    return targets
+
+
+# --------------------------------------------------------------------------- vector-quantize-pytorch, the main peer
 def _vqp_codebook(prefix: str, codes: torch.Tensor) -> dict:
     """``codes [K, D]`` as one vector-quantize-pytorch codebook's state (EMA sums = codes, sizes 1)."""
     return {f"{prefix}_codebook.{k}": v for k, v in (("embed", codes[None]), ("embed_avg", codes[None].clone()),
             ("cluster_size", codes.new_ones(1, codes.shape[0])), ("initted", codes.new_ones(())))}
 
 
-def _vqp_module(case, codes, device, training):
-    """vector-quantize-pytorch's VectorQuantize with our hyper-parameters and codebook ``codes [K, D]``."""
-    vq = import_peer("vector_quantize_pytorch").VectorQuantize(
+def _vqp(cls: str, case: Case, state: dict, device, training: bool, **kw):
+    """vector-quantize-pytorch's ``cls`` (VectorQuantize, ResidualVQ) with our hyper-parameters, loaded with ``state``."""
+    module = getattr(import_peer("vector_quantize_pytorch"), cls)(
         dim=case.D, codebook_size=case.K, decay=DECAY, eps=EPS, kmeans_init=False, use_cosine_sim=case.metric == "cosine",
-        rotation_trick=False, commitment_weight=1.0)
-    vq.load_state_dict(_vqp_codebook("", normalized(codes.float().cpu(), case.metric)))
-    return vq.to(device).train(training)
+        rotation_trick=False, commitment_weight=1.0, **kw)
+    module.load_state_dict(state)
+    return module.to(device).train(training)
 
 
+def _vqp_eval(what: str, module: Callable, stages: Callable[[Case], int] = lambda case: 1):
+    """A peer: ``module(case, inp, device)``'s eval forward, its indices ``[N, stages]``, unless its dense
+    N x K matrices (``what``) pass --max-dense-gib."""
+    def build(case, inp, device, opts):
+        dense_guard(case, opts, what)
+        m = module(case, inp, device)
+        return Prepared(torch.no_grad()(lambda: m(inp["x"].unsqueeze(0))[1].reshape(-1, stages(case))))
+    return build
+
+
+# The minimum work of the ops, for the GPU floor: (flops, bytes) at element size e
 def _assign_work(case, e):
     return 2 * case.N * case.K * case.D, e * (case.N + case.K) * case.D + 12 * case.N
 
 
-def _faiss_flat(case, inp, device, opts):
-    faiss, x, c, cosine = import_peer("faiss"), inp["x"], inp["codebook"], case.metric == "cosine"
-    if device == "cuda":
-        if not hasattr(faiss, "StandardGpuResources"):
-            raise Skip("this faiss build has no GPU index (faiss-cpu)")
-        importlib.import_module("faiss.contrib.torch_utils")  # lets the GPU index take torch tensors
-        res = faiss.StandardGpuResources()
-    else:
-        faiss.omp_set_num_threads(torch.get_num_threads())  # threads equal: FAISS runs as many as torch
-
-    def fn():  # timed with the index build
-        xs, cs = normalized(x.float(), case.metric).contiguous(), normalized(c.float(), case.metric).contiguous()
-        if device == "cuda":
-            index = faiss.GpuIndexFlatIP(res, case.D) if cosine else faiss.GpuIndexFlatL2(res, case.D)
-            index.add(cs)
-            return index.search(xs, 1)[1][:, 0]
-        index = faiss.IndexFlatIP(case.D) if cosine else faiss.IndexFlatL2(case.D)
-        index.add(cs.numpy())
-        return torch.from_numpy(index.search(xs.numpy(), 1)[1][:, 0])
-    return Prepared(fn)
+def _stats_work(case, e):
+    return case.N * case.D, e * case.N * case.D + 8 * case.N + 4 * case.K * (case.D + 1)
 
 
-def _flash_assign(case, inp, device, opts):
-    if device != "cuda" or case.metric != "l2":
-        raise Skip("flash-kmeans runs on CUDA only" if device != "cuda" else
-                   "flash-kmeans' assignment kernel here is the Euclidean one")
-    run = getattr(import_peer("flash_kmeans.assign_euclid_triton"), "euclid_assign_triton", None)
-    if run is None:
-        raise Skip("this flash-kmeans has no euclid_assign_triton")
-    x, c = inp["x"].unsqueeze(0), inp["codebook"].unsqueeze(0)
-    x_sq = x.float().pow(2).sum(-1).to(x.dtype)  # once per input set, as their k-means does
-    return Prepared(lambda: run(x, c, x_sq)[0])
+def _ema_work(case, e):
+    return 4 * case.K * case.D, 4 * 5 * case.K * (case.D + 1) + e * case.K * case.D
 
 
-def _cdist(case, inp, device, opts):
-    dense_guard(case, opts, "torch.cdist")
-    x, c = normalized(inp["x"], case.metric), normalized(inp["codebook"], case.metric)
-    return Prepared(lambda: torch.cdist(x, c).argmin(1))
-
-
-def _vqp_eval(case, inp, device, opts):
-    dense_guard(case, opts, "VectorQuantize (cdist + argmax)")
-    x, vq = inp["x"], _vqp_module(case, inp["codebook"], device, training=False)
-    return Prepared(torch.no_grad()(lambda: vq(x.unsqueeze(0))[1].reshape(-1)))
-
-
+# --------------------------------------------------------------------------- assign
 # Issue #14's CPU shapes (N, K, D) (benchmarks/cpu_assign.py); the cpu backend at most 1.0x FAISS at the first four.
 CPU_TARGET_SHAPES = [(65536, 32768, 4), (65536, 1024, 8), (65536, 8192, 32), (16384, 16384, 64), (16384, 1024, 64)]
 
 
-def _assign_targets(row):
-    """chunked <= 1.5x FAISS at D >= 32 (issue #9); the cpu backend <= 1.0x FAISS at issue #14's
-    shapes, and never slower than chunked."""
-    if row["metric"] != "l2" or row["dtype"] != "fp32":
-        return []
-    return _ratio_targets(row, [
+@register
+def _assign() -> OpSpec:
+    def faiss_flat(case, inp, device, opts):
+        faiss, x, c, cosine = import_peer("faiss"), inp["x"], inp["codebook"], case.metric == "cosine"
+        if device == "cuda":
+            if not hasattr(faiss, "StandardGpuResources"):
+                raise Skip("this faiss build has no GPU index (faiss-cpu)")
+            importlib.import_module("faiss.contrib.torch_utils")  # lets the GPU index take torch tensors
+            res = faiss.StandardGpuResources()
+        else:
+            faiss.omp_set_num_threads(torch.get_num_threads())  # threads equal: FAISS runs as many as torch
+
+        def fn():  # timed with the index build
+            xs, cs = normalized(x.float(), case.metric).contiguous(), normalized(c.float(), case.metric).contiguous()
+            if device == "cuda":
+                index = faiss.GpuIndexFlatIP(res, case.D) if cosine else faiss.GpuIndexFlatL2(res, case.D)
+                index.add(cs)
+                return index.search(xs, 1)[1][:, 0]
+            index = faiss.IndexFlatIP(case.D) if cosine else faiss.IndexFlatL2(case.D)
+            index.add(cs.numpy())
+            return torch.from_numpy(index.search(xs.numpy(), 1)[1][:, 0])
+        return Prepared(fn)
+
+    def flash_assign(case, inp, device, opts):
+        if device != "cuda" or case.metric != "l2":
+            raise Skip("flash-kmeans runs on CUDA only" if device != "cuda" else
+                       "flash-kmeans' assignment kernel here is the Euclidean one")
+        run = getattr(import_peer("flash_kmeans.assign_euclid_triton"), "euclid_assign_triton", None)
+        if run is None:
+            raise Skip("this flash-kmeans has no euclid_assign_triton")
+        x, c = inp["x"].unsqueeze(0), inp["codebook"].unsqueeze(0)
+        x_sq = x.float().pow(2).sum(-1).to(x.dtype)  # once per input set, as their k-means does
+        return Prepared(lambda: run(x, c, x_sq)[0])
+
+    def cdist(case, inp, device, opts):
+        dense_guard(case, opts, "torch.cdist")
+        x, c = normalized(inp["x"], case.metric), normalized(inp["codebook"], case.metric)
+        return Prepared(lambda: torch.cdist(x, c).argmin(1))
+
+    def vector_quantize(case, inp, device):
+        return _vqp("VectorQuantize", case, _vqp_codebook("", normalized(inp["codebook"].float().cpu(), case.metric)),
+                    device, training=False)
+
+    # l2, fp32: chunked <= 1.5x FAISS at D >= 32 (issue #9); the cpu backend <= 1.0x FAISS at
+    # issue #14's shapes, and never slower than chunked
+    l2_targets = ratio_targets(
         ("vqkernels[chunked]", "faiss.", "assign chunked / faiss.IndexFlatL2", lambda r: 1.5 if r["D"] >= 32 else None),
         ("vqkernels[cpu]", "faiss.", "assign cpu / faiss.IndexFlatL2",
          lambda r: 1.0 if (r["N"], r["K"], r["D"]) in CPU_TARGET_SHAPES[:4] else None),
-        ("vqkernels[cpu]", "vqkernels[chunked]", "assign cpu / chunked", lambda r: 1.0)])
-
-
-_BIG_K = [Case("assign", 4096, 262144, D) for D in (8, 256)]  # IBQ-size codebooks (issue #13)
-register(OpSpec(
-    "assign", "assign (nearest code)", "exact fp64 distance of each pick <= best pick of any contender + dtype tolerance",
-    ("metric", "N", "K", "D", "dtype"),
-    {"smoke": [Case("assign", 256, 64, 8), Case("assign", 256, 64, 8, metric="cosine")],
-     "cpu-quick": _cases("assign", 2048, (256, 1024, 4096), (8, 64)) + _cases("assign", 2048, (1024,), (64,),
-                                                                              metrics=("cosine",)),
-     "cpu-full": (_cases("assign", 8192, (1024, 4096, 16384), (8, 32, 64)) + _BIG_K
-                  + _cases("assign", 8192, (1024, 16384), (64,), metrics=("cosine",))
-                  + _cases("assign", 8192, (4096,), (64,), dtypes=("bf16",))),
-     "cuda-quick": (_cases("assign", 65536, (1024, 16384), (64,), dtypes=("fp32", "bf16"))
-                    + _cases("assign", 65536, (16384,), (64,), dtypes=("bf16",), metrics=("cosine",))),
-     "cuda-full": (_cases("assign", 65536, (1024, 4096, 16384, 65536, 262144), (64, 256), dtypes=("fp32", "bf16"))
-                   + _cases("assign", 65536, (262144,), (8,), dtypes=("bf16",))
-                   + _cases("assign", 65536, (4096, 65536), (64,), dtypes=("bf16",), metrics=("cosine",)))},
-    lambda case, g: {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
-                     "codebook": torch.randn(case.K, case.D, generator=g).to(case.torch_dtype)},
-    ours("vqkernels[{}]", op_or_kernel(
-        lambda case, inp, b: vqkernels.assign(inp["x"], inp["codebook"], case.metric, backend=b).indices,
-        lambda case, inp, b: _kernel("assign", b, inp["x"], inp["x"].dtype, inp["x"][None], inp["codebook"][None],
-                                     case.metric)[0][0]))
-    + [Contender("faiss.IndexFlat", "peer", _faiss_flat), Contender("torch.cdist+argmin", "peer", _cdist),
-       Contender("vqp.VectorQuantize(eval)", "peer", _vqp_eval), Contender("flash_kmeans.assign", "peer", _flash_assign)],
-    lambda case, inp, outputs: assignment_agreement(inp["x"], inp["codebook"], outputs, case.metric),
-    _assign_work, lambda case: case.N * case.K * case.D, targets=_assign_targets))
+        ("vqkernels[cpu]", "vqkernels[chunked]", "assign cpu / chunked", lambda r: 1.0))
+    targets = lambda row: l2_targets(row) if row["metric"] == "l2" and row["dtype"] == "fp32" else []  # noqa: E731
+    big_k = [Case("assign", 4096, 262144, D) for D in (8, 256)]  # IBQ-size codebooks (issue #13)
+    return OpSpec(
+        "assign", "assign (nearest code)", "exact fp64 distance of each pick <= best pick of any contender + dtype tolerance",
+        ("metric", "N", "K", "D", "dtype"),
+        {"smoke": [Case("assign", 256, 64, 8), Case("assign", 256, 64, 8, metric="cosine")],
+         "cpu-quick": _cases("assign", 2048, (256, 1024, 4096), (8, 64)) + _cases("assign", 2048, (1024,), (64,),
+                                                                                  metrics=("cosine",)),
+         "cpu-full": (_cases("assign", 8192, (1024, 4096, 16384), (8, 32, 64)) + big_k
+                      + _cases("assign", 8192, (1024, 16384), (64,), metrics=("cosine",))
+                      + _cases("assign", 8192, (4096,), (64,), dtypes=("bf16",))),
+         "cuda-quick": (_cases("assign", 65536, (1024, 16384), (64,), dtypes=("fp32", "bf16"))
+                        + _cases("assign", 65536, (16384,), (64,), dtypes=("bf16",), metrics=("cosine",))),
+         "cuda-full": (_cases("assign", 65536, (1024, 4096, 16384, 65536, 262144), (64, 256), dtypes=("fp32", "bf16"))
+                       + _cases("assign", 65536, (262144,), (8,), dtypes=("bf16",))
+                       + _cases("assign", 65536, (4096, 65536), (64,), dtypes=("bf16",), metrics=("cosine",)))},
+        lambda case, g: {"x": torch.randn(case.N, case.D, generator=g).to(case.torch_dtype),
+                         "codebook": torch.randn(case.K, case.D, generator=g).to(case.torch_dtype)},
+        ours("vqkernels[{}]", op_or_kernel(
+            lambda case, inp, b: vqkernels.assign(inp["x"], inp["codebook"], case.metric, backend=b).indices,
+            lambda case, inp, b: _kernel("assign", b, inp["x"], inp["x"].dtype, inp["x"][None], inp["codebook"][None],
+                                         case.metric)[0][0]))
+        + [peer("faiss.IndexFlat", faiss_flat), peer("torch.cdist+argmin", cdist),
+           peer("vqp.VectorQuantize(eval)", _vqp_eval("VectorQuantize (cdist + argmax)", vector_quantize)),
+           peer("flash_kmeans.assign", flash_assign)],
+        lambda case, inp, outputs: assignment_agreement(inp["x"], inp["codebook"], outputs, case.metric),
+        _assign_work, lambda case: case.N * case.K * case.D, targets=targets)
 
 
 # --------------------------------------------------------------------------- histogram
-def _per_code(outputs: dict, good: Callable[[Any], torch.Tensor]) -> Dict[str, Check]:
-    """One Check per contender from ``good(output) -> bool [K]``: which codes agree."""
-    return {name: _agreement(good(out), what="codes") for name, out in outputs.items()}
-
-
-def _plain_torch(what: str, limit: float = 1.2):
-    """Issue #14: every op within 1.2x of the plainest torch code that computes the same thing."""
-    return lambda row: _ratio_targets(row, [("vqkernels", what, f"{row['op']} ours / {what}", lambda r: limit)])
-
-
 register(OpSpec(
     "histogram", "histogram (code usage)", "counts equal torch.bincount exactly", ("N", "K"),
     {"smoke": [Case("histogram", 1024, 64, 1)], "cpu-quick": [Case("histogram", 262144, 4096, 1)],
@@ -374,7 +413,7 @@ register(OpSpec(
         lambda case, inp, b: vqkernels.histogram(inp["indices"], case.K, backend=b),
         lambda case, inp, b: _kernel("histogram", b, inp["indices"], None, inp["indices"][None], case.K, None)[0]),
         dtype=lambda c: None)
-    + [Contender("torch.bincount", "peer", lambda case, inp, device, opts: Prepared(
+    + [peer("torch.bincount", lambda case, inp, device, opts: Prepared(
         lambda: torch.bincount(inp["indices"], minlength=case.K)))],
     lambda case, inp, outputs: _per_code(outputs, lambda counts: counts.to(inp["indices"].device).long().reshape(-1)
                                          == torch.bincount(inp["indices"], minlength=case.K)),
@@ -382,10 +421,6 @@ register(OpSpec(
 
 
 # --------------------------------------------------------------------------- cluster_stats
-def _stats_work(case, e):
-    return case.N * case.D, e * case.N * case.D + 8 * case.N + 4 * case.K * (case.D + 1)
-
-
 @register
 def _stats() -> OpSpec:
     def one_hot(case, inp, device, opts):
@@ -418,19 +453,16 @@ def _stats() -> OpSpec:
                                                                backend=b)),
             lambda case, inp, b: tuple(t[0] for t in _kernel("cluster_stats", b, inp["x"], inp["x"].dtype, inp["x"][None],
                                                              inp["indices"][None], case.K, det(case)))))
-        + [Contender("torch.index_add_", "peer", lambda case, inp, device, opts: Prepared(lambda: (
+        + [peer("torch.index_add_", lambda case, inp, device, opts: Prepared(lambda: (
             torch.bincount(inp["indices"], minlength=case.K).float(),
             torch.zeros(case.K, case.D, device=inp["x"].device).index_add_(0, inp["indices"], inp["x"].float())))),
-           Contender("one_hot+matmul (vqp's way)", "peer", one_hot)],
+           peer("one_hot+matmul (vqp's way)", one_hot)],
         check, _stats_work, lambda case: case.N * case.K, aliases=("cluster_stats",),
         targets=_plain_torch("torch.index_add_"))
 
 
+
 # --------------------------------------------------------------------------- ema_update_
-def _ema_work(case, e):
-    return 4 * case.K * case.D, 4 * 5 * case.K * (case.D + 1) + e * case.K * case.D
-
-
 @register
 def _ema() -> OpSpec:
     def state(inp):
@@ -478,7 +510,7 @@ def _ema() -> OpSpec:
         {"smoke": [Case("ema", 0, 64, 8)], "cpu-quick": [Case("ema", 0, 16384, 64)],
          "cpu-full": [Case("ema", 0, K, 64) for K in (1024, 16384, 65536)],
          "cuda-quick": [Case("ema", 0, 65536, 64)], "cuda-full": [Case("ema", 0, K, 256) for K in (16384, 65536)]},
-        inputs, ours("vqkernels[{}]", ours_) + [Contender("torch eager (vqp's formulas)", "peer", eager)],
+        inputs, ours("vqkernels[{}]", ours_) + [peer("torch eager (vqp's formulas)", eager)],
         check, _ema_work, lambda case: case.K * case.D, unit="codes/s", count=lambda case: case.K,
         aliases=("ema_update", "ema_update_"), targets=_plain_torch("torch eager"))
 
@@ -500,146 +532,133 @@ def _training_step(inp, device, vq):
     return Prepared(fn)
 
 
-def _ours_step(case, inp, b, opts):
-    q = vqkernels.Quantizer(case.D, case.K, decay=DECAY, eps=EPS, learning="ema", metric=case.metric,
-                            init="uniform", backend=b).to(inp["x"].device).train()
-    q.codebook = inp["codes"]
-    return _training_step(inp, inp["x"].device, q)
+@register
+def _step() -> OpSpec:
+    def ours_(case, inp, b, opts):
+        q = vqkernels.Quantizer(case.D, case.K, decay=DECAY, eps=EPS, learning="ema", metric=case.metric,
+                                init="uniform", backend=b).to(inp["x"].device).train()
+        q.codebook = inp["codes"]
+        return _training_step(inp, inp["x"].device, q)
 
+    def vqp_step(case, inp, device, opts):
+        dense_guard(case, opts, "VectorQuantize (cdist + one-hot)", count=2)
+        vq = _vqp("VectorQuantize", case, _vqp_codebook("", normalized(inp["codes"].float().cpu(), case.metric)),
+                  device, training=True)
+        return _training_step(inp, device, vq)
 
-def _vqp_step(case, inp, device, opts):
-    dense_guard(case, opts, "VectorQuantize (cdist + one-hot)", count=2)
-    return _training_step(inp, device, _vqp_module(case, inp["codes"], device, training=True))
+    def inputs(case, g):
+        N, D, bound = case.N, case.D, 1 / math.sqrt(case.D)  # nn.Linear's default init range
+        return {"weight": (torch.rand(D, D, generator=g) * 2 - 1) * bound,
+                "bias": (torch.rand(D, generator=g) * 2 - 1) * bound,
+                "x": torch.randn(N, D, generator=g), "target": torch.randn(N, D, generator=g),
+                "codes": torch.randn(case.K, D, generator=g) * (1 / math.sqrt(3))}  # the encoder outputs' scale
 
+    def work(case, e):  # the assignment dominates; encoder fwd/bwd is 6 N D^2
+        nbytes = _assign_work(case, e)[1] + _stats_work(case, e)[1] + _ema_work(case, e)[1] + 24 * case.N * case.D
+        return 2 * case.N * case.K * case.D + 6 * case.N * case.D ** 2, nbytes
 
-def _step_inputs(case, g):
-    N, D, bound = case.N, case.D, 1 / math.sqrt(case.D)  # nn.Linear's default init range
-    return {"weight": (torch.rand(D, D, generator=g) * 2 - 1) * bound, "bias": (torch.rand(D, generator=g) * 2 - 1) * bound,
-            "x": torch.randn(N, D, generator=g), "target": torch.randn(N, D, generator=g),
-            "codes": torch.randn(case.K, D, generator=g) * (1 / math.sqrt(3))}  # the encoder outputs' scale
+    def goal(row):
+        return 15.0 if row["N"] >= 16384 else 10.0 if row["N"] >= 4096 else 1.0 if row["N"] <= 256 else None
 
-
-def _step_work(case, e):  # the assignment dominates; encoder fwd/bwd is 6 N D^2
-    nbytes = _assign_work(case, e)[1] + _stats_work(case, e)[1] + _ema_work(case, e)[1] + 24 * case.N * case.D
-    return 2 * case.N * case.K * case.D + 6 * case.N * case.D ** 2, nbytes
-
-
-def _speedup_targets(prefix: str, peer: str, goal: Callable[[dict], Optional[float]]):
-    """Speed-up and peak-memory ratio over vector-quantize-pytorch (issue #14: >= 15x at N >= 16384,
-    >= 10x at N >= 4096, never slower at N <= 256; peak memory >= 10x less at K = 65536)."""
-    def targets(row):
-        mine, vqp, out = best_result(row, prefix, "vqkernels"), best_result(row, peer), []
-        if mine and vqp:
-            speed, lim = vqp["median_s"] / mine["median_s"], goal(row)
-            out.append(_target(row, f"{row['op']} speed-up over vqp", speed, lim and f">= {lim:g}x", lim and speed >= lim))
-            if mine.get("peak_mem_bytes") and vqp.get("peak_mem_bytes"):
-                mem, big = vqp["peak_mem_bytes"] / mine["peak_mem_bytes"], row["K"] >= 65536
-                out.append(_target(row, f"{row['op']} peak-memory ratio vqp / ours", mem, big and ">= 10x at K = 65536",
-                                   mem >= 10 if big else None))
-        return out
-    return targets
-
-
-_STEP_GOAL = lambda row: 15.0 if row["N"] >= 16384 else 10.0 if row["N"] >= 4096 else 1.0 if row["N"] <= 256 else None  # noqa: E731
-register(OpSpec(
-    "step", "Quantizer training step (encoder fwd + quantize + loss + backward + EMA update)",
-    "first step's picks (same encoder, same codebook): exact distance <= best + dtype tolerance", ("N", "K", "D", "dtype"),
-    {"smoke": [Case("step", 128, 256, 8)], "cpu-quick": [Case("step", 256, K, 32) for K in (1024, 16384, 65536)],
-     "cpu-full": [Case("step", N, K, 64) for N in (4096, 16384) for K in (1024, 4096, 16384, 65536)],
-     "cuda-quick": [Case("step", 16384, K, 64) for K in (1024, 16384, 65536)],
-     "cuda-full": [Case("step", 16384, K, 64) for K in (1024, 4096, 16384, 65536)]},
-    _step_inputs, ours("vqkernels.Quantizer[{}]", _ours_step, dtype=lambda c: torch.float32)
-    + [Contender("vqp.VectorQuantize(train)", "peer", _vqp_step)],
-    lambda case, inp, outputs: assignment_agreement(
-        torch.addmm(inp["bias"].double(), inp["x"].double(), inp["weight"].double().t()), inp["codes"], outputs,
-        case.metric),
-    _step_work, lambda case: case.N * case.K * case.D, memory_subprocess=True, aliases=("train",),
-    targets=_speedup_targets("vqkernels.Quantizer", "vqp.", _STEP_GOAL)))
+    return OpSpec(
+        "step", "Quantizer training step (encoder fwd + quantize + loss + backward + EMA update)",
+        "first step's picks (same encoder, same codebook): exact distance <= best + dtype tolerance",
+        ("N", "K", "D", "dtype"),
+        {"smoke": [Case("step", 128, 256, 8)], "cpu-quick": [Case("step", 256, K, 32) for K in (1024, 16384, 65536)],
+         "cpu-full": [Case("step", N, K, 64) for N in (4096, 16384) for K in (1024, 4096, 16384, 65536)],
+         "cuda-quick": [Case("step", 16384, K, 64) for K in (1024, 16384, 65536)],
+         "cuda-full": [Case("step", 16384, K, 64) for K in (1024, 4096, 16384, 65536)]},
+        inputs, ours("vqkernels.Quantizer[{}]", ours_, dtype=lambda c: torch.float32)
+        + [peer("vqp.VectorQuantize(train)", vqp_step)],
+        lambda case, inp, outputs: assignment_agreement(
+            torch.addmm(inp["bias"].double(), inp["x"].double(), inp["weight"].double().t()), inp["codes"], outputs,
+            case.metric),
+        work, lambda case: case.N * case.K * case.D, memory_subprocess=True, aliases=("train",),
+        targets=_speedup_targets("vqkernels.Quantizer", "vqp.", goal))
 
 
 # --------------------------------------------------------------------------- kmeans
-def _faiss_kmeans(case, inp, device, opts):
-    faiss = import_peer("faiss")
-    if device != "cpu":
-        raise Skip("faiss.Kmeans is timed on CPU (its GPU path needs faiss-gpu and host arrays)")
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    x, init = inp["x"].float().contiguous().numpy(), inp["init"].contiguous().numpy()
+@register
+def _kmeans() -> OpSpec:
+    def faiss_kmeans(case, inp, device, opts):
+        faiss = import_peer("faiss")
+        if device != "cpu":
+            raise Skip("faiss.Kmeans is timed on CPU (its GPU path needs faiss-gpu and host arrays)")
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        x, init = inp["x"].float().contiguous().numpy(), inp["init"].contiguous().numpy()
 
-    def fn():
-        km = faiss.Kmeans(case.D, case.K, niter=case.iters, seed=0, verbose=False, spherical=case.metric == "cosine",
-                          min_points_per_centroid=1, max_points_per_centroid=max(1, x.shape[0]))
-        km.train(x, init_centroids=init)
-        return torch.from_numpy(km.centroids.copy())
-    return Prepared(fn)
+        def fn():
+            km = faiss.Kmeans(case.D, case.K, niter=case.iters, seed=0, verbose=False, spherical=case.metric == "cosine",
+                              min_points_per_centroid=1, max_points_per_centroid=max(1, x.shape[0]))
+            km.train(x, init_centroids=init)
+            return torch.from_numpy(km.centroids.copy())
+        return Prepared(fn)
+
+    def fast_pytorch_kmeans(case, inp, device, opts):
+        mod = import_peer("fast_pytorch_kmeans")
+        dense_guard(case, opts, "fast_pytorch_kmeans' K x N mask")
+
+        def fn():
+            km = mod.KMeans(n_clusters=case.K, max_iter=case.iters, tol=-1.0, verbose=0,
+                            mode="cosine" if case.metric == "cosine" else "euclidean")
+            km.fit_predict(inp["x"].float(), centroids=inp["init"].clone())
+            return km.centroids
+        return Prepared(fn)
+
+    def flash_kmeans(case, inp, device, opts):
+        if device != "cuda":
+            raise Skip("flash-kmeans runs on CUDA only")
+        fn_name = "batch_kmeans_Cosine" if case.metric == "cosine" else "batch_kmeans_Euclid"
+        run = getattr(import_peer("flash_kmeans"), fn_name, None)
+        if run is None:
+            raise Skip(f"this flash-kmeans has no {fn_name}")
+        x, init = inp["x"].unsqueeze(0), inp["init"].to(inp["x"].dtype).unsqueeze(0)
+        # tol=0: the shift test `shift < tol` never passes, so exactly `iters` iterations run
+        return Prepared(lambda: run(x, case.K, max_iters=case.iters, tol=0.0, init_centroids=init.clone(),
+                                    verbose=False)[1][0])
+
+    def inputs(case, g):
+        N, K, D = case.N, case.K, case.D
+        centres = torch.randn(max(1, K // 4), D, generator=g) * 2
+        x = (centres[torch.randint(0, centres.shape[0], (N,), generator=g)] + torch.randn(N, D, generator=g)).to(
+            case.torch_dtype)
+        return {"x": x, "init": x[torch.randperm(N, generator=g)[:K]].float().clone()}
+
+    def check(case, inp, outputs, rtol: float = 0.01):
+        """k-means runs diverge legitimately (ties, empty clusters): compare the inertia of each
+        contender's centroids, recomputed exactly, with the best one (within 1%)."""
+        x, inertia = inp["x"].float(), {}
+        for name, centroids in outputs.items():
+            c = centroids.to(x.device).float()
+            backend = "reference" if x.shape[0] * case.K * case.D <= 1 << 24 else None
+            inertia[name] = float("inf") if not torch.isfinite(c).all() else float(pick_distances(
+                x, c, vqkernels.assign(x, c, case.metric, backend=backend).indices, case.metric).sum())
+        best = min(inertia.values()) if inertia else 0.0
+        oks = {name: value <= best * (1 + rtol) + 1e-9 for name, value in inertia.items()}
+        return {name: Check(float(ok), ok, f"inertia {inertia[name]:.6g} ({inertia[name] / best - 1:+.2%} vs best)"
+                            if best else "") for name, ok in oks.items()}
+
+    def work(case, e):
+        (af, ab), (_, sb) = _assign_work(case, e), _stats_work(case, e)
+        return case.iters * (af + case.N * case.D), case.iters * (ab + sb)
+
+    return OpSpec(
+        "kmeans", "kmeans (fixed Lloyd iterations, same initial centroids)",
+        "inertia of the returned centroids (recomputed exactly) within 1% of the best contender's",
+        ("N", "K", "D", "iters", "dtype"),
+        {"smoke": [Case("kmeans", 512, 16, 8, iters=2)], "cpu-quick": [Case("kmeans", 8192, 256, 32, iters=5)],
+         "cpu-full": [Case("kmeans", 32768, K, 32, iters=5) for K in (256, 1024, 4096)],
+         "cuda-quick": [Case("kmeans", 1 << 18, 1024, 64, iters=10)],
+         "cuda-full": [Case("kmeans", 1 << 20, K, 128, iters=10) for K in (1024, 8192)]},
+        inputs, ours("vqkernels.kmeans[{}]", lambda case, inp, b, opts: Prepared(lambda: vqkernels.kmeans(
+            inp["x"], case.K, case.iters, metric=case.metric, tol=0.0, init_centroids=inp["init"], backend=b).centroids))
+        + [peer("faiss.Kmeans", faiss_kmeans), peer("fast_pytorch_kmeans", fast_pytorch_kmeans),
+           peer("flash_kmeans", flash_kmeans)],
+        check, work, lambda case: case.N * case.K * case.D * max(1, case.iters),
+        unit="row-iters/s", count=lambda case: case.N * case.iters,
+        targets=ratio_targets(("vqkernels.kmeans", "faiss.Kmeans", "kmeans ours / faiss.Kmeans", lambda r: 1.5)))
 
 
-def _fast_pytorch_kmeans(case, inp, device, opts):
-    mod = import_peer("fast_pytorch_kmeans")
-    dense_guard(case, opts, "fast_pytorch_kmeans' K x N mask")
-
-    def fn():
-        km = mod.KMeans(n_clusters=case.K, max_iter=case.iters, tol=-1.0, verbose=0,
-                        mode="cosine" if case.metric == "cosine" else "euclidean")
-        km.fit_predict(inp["x"].float(), centroids=inp["init"].clone())
-        return km.centroids
-    return Prepared(fn)
-
-
-def _flash_kmeans(case, inp, device, opts):
-    if device != "cuda":
-        raise Skip("flash-kmeans runs on CUDA only")
-    fn_name = "batch_kmeans_Cosine" if case.metric == "cosine" else "batch_kmeans_Euclid"
-    run = getattr(import_peer("flash_kmeans"), fn_name, None)
-    if run is None:
-        raise Skip(f"this flash-kmeans has no {fn_name}")
-    x, init = inp["x"].unsqueeze(0), inp["init"].to(inp["x"].dtype).unsqueeze(0)
-    # tol=0: the shift test `shift < tol` never passes, so exactly `iters` iterations run
-    return Prepared(lambda: run(x, case.K, max_iters=case.iters, tol=0.0, init_centroids=init.clone(), verbose=False)[1][0])
-
-
-def _kmeans_inputs(case, g):
-    N, K, D = case.N, case.K, case.D
-    centres = torch.randn(max(1, K // 4), D, generator=g) * 2
-    x = (centres[torch.randint(0, centres.shape[0], (N,), generator=g)] + torch.randn(N, D, generator=g)).to(case.torch_dtype)
-    return {"x": x, "init": x[torch.randperm(N, generator=g)[:K]].float().clone()}
-
-
-def _kmeans_check(case, inp, outputs, rtol: float = 0.01):
-    """k-means runs diverge legitimately (ties, empty clusters): compare the inertia of each
-    contender's centroids, recomputed exactly, with the best one (within 1%)."""
-    x, inertia = inp["x"].float(), {}
-    for name, centroids in outputs.items():
-        c = centroids.to(x.device).float()
-        backend = "reference" if x.shape[0] * case.K * case.D <= 1 << 24 else None
-        inertia[name] = float("inf") if not torch.isfinite(c).all() else float(pick_distances(
-            x, c, vqkernels.assign(x, c, case.metric, backend=backend).indices, case.metric).sum())
-    best = min(inertia.values()) if inertia else 0.0
-    oks = {name: value <= best * (1 + rtol) + 1e-9 for name, value in inertia.items()}
-    return {name: Check(float(ok), ok, f"inertia {inertia[name]:.6g} ({inertia[name] / best - 1:+.2%} vs best)"
-                        if best else "") for name, ok in oks.items()}
-
-
-def _kmeans_work(case, e):
-    (af, ab), (_, sb) = _assign_work(case, e), _stats_work(case, e)
-    return case.iters * (af + case.N * case.D), case.iters * (ab + sb)
-
-
-register(OpSpec(
-    "kmeans", "kmeans (fixed Lloyd iterations, same initial centroids)",
-    "inertia of the returned centroids (recomputed exactly) within 1% of the best contender's",
-    ("N", "K", "D", "iters", "dtype"),
-    {"smoke": [Case("kmeans", 512, 16, 8, iters=2)], "cpu-quick": [Case("kmeans", 8192, 256, 32, iters=5)],
-     "cpu-full": [Case("kmeans", 32768, K, 32, iters=5) for K in (256, 1024, 4096)],
-     "cuda-quick": [Case("kmeans", 1 << 18, 1024, 64, iters=10)],
-     "cuda-full": [Case("kmeans", 1 << 20, K, 128, iters=10) for K in (1024, 8192)]},
-    _kmeans_inputs, ours("vqkernels.kmeans[{}]", lambda case, inp, b, opts: Prepared(lambda: vqkernels.kmeans(
-        inp["x"], case.K, case.iters, metric=case.metric, tol=0.0, init_centroids=inp["init"], backend=b).centroids))
-    + [Contender("faiss.Kmeans", "peer", _faiss_kmeans), Contender("fast_pytorch_kmeans", "peer", _fast_pytorch_kmeans),
-       Contender("flash_kmeans", "peer", _flash_kmeans)],
-    _kmeans_check, _kmeans_work, lambda case: case.N * case.K * case.D * max(1, case.iters),
-    unit="row-iters/s", count=lambda case: case.N * case.iters,
-    targets=lambda row: _ratio_targets(row, [("vqkernels.kmeans", "faiss.Kmeans", "kmeans ours / faiss.Kmeans",
-                                              lambda r: 1.5)])))
 # --------------------------------------------------------------------------- residual quantizers
 def _rvq_state(case, inp) -> dict:
     """The row's codes and projections as a vector-quantize-pytorch ``ResidualVQ`` state dict: both
@@ -656,12 +675,9 @@ def _rq(case, inp, b, training):
     return rq.to(inp["x"].device).train(training)
 
 
-def _rvq(case, inp, device, training):
-    rvq = import_peer("vector_quantize_pytorch").ResidualVQ(
-        dim=case.D, num_quantizers=case.Q, codebook_size=case.K, codebook_dim=case.cdim or None, decay=DECAY, eps=EPS,
-        kmeans_init=False, use_cosine_sim=case.metric == "cosine", rotation_trick=False, commitment_weight=1.0)
-    rvq.load_state_dict(_rvq_state(case, inp))
-    return rvq.to(device).train(training)
+def _rvq(case, inp, device, training=False):
+    return _vqp("ResidualVQ", case, _rvq_state(case, inp), device, training, num_quantizers=case.Q,
+                codebook_dim=case.cdim or None)
 
 
 def _project(inp, x):
@@ -682,8 +698,6 @@ def _residual_inputs(case, g):
 def _residual_check(case, inp, outputs) -> Dict[str, Check]:
     """Greedy residual encoding, judged on each contender's own path: at every stage its pick is
     within the dtype tolerance of the nearest code to the residual its earlier picks leave."""
-    from vqkernels.ops.assign import tolerance
-
     z, codes, checks = _project(inp, inp["x"].double()), inp["codes"].double(), {}
     for name, out in outputs.items():
         idx, residual, ok = out.to(z.device).reshape(-1, case.Q), z, torch.ones(z.shape[0], dtype=torch.bool)
@@ -737,13 +751,8 @@ def _rvq_step(case, inp, device, opts):
 _residual_spec("residual_step", "ResidualQuantizer training step (forward + backward + EMA update of every stage)",
                ours("vqkernels.RQ(train)[{}]", lambda case, inp, b, opts: _residual_step(
                    case, inp, inp["x"].device, _rq(case, inp, b, True)), dtype=lambda c: torch.float32)
-               + [Contender("vqp.ResidualVQ(train)", "peer", _rvq_step)], memory_subprocess=True,
+               + [peer("vqp.ResidualVQ(train)", _rvq_step)], memory_subprocess=True,
                aliases=("rvq_step",), targets=_speedup_targets("vqkernels.RQ", "vqp.", lambda row: 6.0))
-
-
-def _rq_eval(case, inp, b, opts):
-    rq = _rq(case, inp, b, False)
-    return Prepared(torch.no_grad()(lambda: rq(inp["x"]).indices))
 
 
 def _fused(case, inp, b, opts):
@@ -764,10 +773,9 @@ def _separate(case, inp, b, opts):
     return Prepared(fn)
 
 
-def _rvq_eval(case, inp, device, opts):
-    dense_guard(case, opts, "ResidualVQ (cdist per stage)")
-    rvq = _rvq(case, inp, device, training=False)
-    return Prepared(torch.no_grad()(lambda: rvq(inp["x"].unsqueeze(0))[1].reshape(-1, case.Q)))
+def _rq_eval(case, inp, b, opts):
+    rq = _rq(case, inp, b, False)
+    return Prepared(torch.no_grad()(lambda: rq(inp["x"]).indices))
 
 
 # IBQ-size codebooks (issue #13); on CPU the D = 256 row is small (N = 512, Q = 2): 137 GFLOP a call
@@ -775,11 +783,12 @@ _RBIG = [Case("", 4096, 262144, 8, Q=4), Case("", 512, 262144, 256, Q=2)]
 _residual_spec(
     "residual_encode", "residual encode (eval: Q stages of nearest codes)",
     ours("vqkernels.RQ(eval)[{}]", _rq_eval) + ours("vqkernels.residual_assign[{}]", _fused)
-    + ours("vqkernels.assign xQ[{}]", _separate) + [Contender("vqp.ResidualVQ(eval)", "peer", _rvq_eval)],
+    + ours("vqkernels.assign xQ[{}]", _separate)
+    + [peer("vqp.ResidualVQ(eval)", _vqp_eval("ResidualVQ (cdist per stage)", _rvq, lambda case: case.Q))],
     {"cpu-full": _RBIG, "cuda-full": [replace(c, N=65536, Q=4) for c in _RBIG]},
-    aliases=("rvq_encode", "residual_assign"), targets=lambda row: _ratio_targets(row, [
+    aliases=("rvq_encode", "residual_assign"), targets=ratio_targets(
         ("vqkernels.residual_assign", "vqkernels.assign xQ", "residual_assign / Q separate assigns", lambda r: 1.0),
-        ("vqkernels.RQ(eval)", "vqp.", "residual encode ours / ResidualVQ", lambda r: None)]))
+        ("vqkernels.RQ(eval)", "vqp.", "residual encode ours / ResidualVQ", lambda r: None)))
 
 
 OPS = tuple(SPECS)
