@@ -187,10 +187,6 @@ def _kernel(op: str, backend: str, like: torch.Tensor, dtype, *args):
     return _dispatch.call(op, backend, like.device, dtype, *args)
 
 
-def peer(name: str, build: Callable) -> Contender:
-    return Contender(name, "peer", build)
-
-
 # --------------------------------------------------------------------------- checks
 def pick_distances(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str) -> torch.Tensor:
     """Exact fp64 distance ``[N]`` of each row ``x [N, D]`` to its picked code (inf for an invalid pick)."""
@@ -393,9 +389,9 @@ def _assign() -> OpSpec:
             lambda case, inp, b: vqkernels.assign(inp["x"], inp["codebook"], case.metric, backend=b).indices,
             lambda case, inp, b: _kernel("assign", b, inp["x"], inp["x"].dtype, inp["x"][None], inp["codebook"][None],
                                          case.metric)[0][0]))
-        + [peer("faiss.IndexFlat", faiss_flat), peer("torch.cdist+argmin", cdist),
-           peer("vqp.VectorQuantize(eval)", _vqp_eval("VectorQuantize (cdist + argmax)", vector_quantize)),
-           peer("flash_kmeans.assign", flash_assign)],
+        + [Contender("faiss.IndexFlat", "peer", faiss_flat), Contender("torch.cdist+argmin", "peer", cdist),
+           Contender("vqp.VectorQuantize(eval)", "peer", _vqp_eval("VectorQuantize (cdist + argmax)", vector_quantize)),
+           Contender("flash_kmeans.assign", "peer", flash_assign)],
         lambda case, inp, outputs: assignment_agreement(inp["x"], inp["codebook"], outputs, case.metric),
         _assign_work, lambda case: case.N * case.K * case.D, targets=targets)
 
@@ -413,7 +409,7 @@ register(OpSpec(
         lambda case, inp, b: vqkernels.histogram(inp["indices"], case.K, backend=b),
         lambda case, inp, b: _kernel("histogram", b, inp["indices"], None, inp["indices"][None], case.K, None)[0]),
         dtype=lambda c: None)
-    + [peer("torch.bincount", lambda case, inp, device, opts: Prepared(
+    + [Contender("torch.bincount", "peer", lambda case, inp, device, opts: Prepared(
         lambda: torch.bincount(inp["indices"], minlength=case.K)))],
     lambda case, inp, outputs: _per_code(outputs, lambda counts: counts.to(inp["indices"].device).long().reshape(-1)
                                          == torch.bincount(inp["indices"], minlength=case.K)),
@@ -453,10 +449,10 @@ def _stats() -> OpSpec:
                                                                backend=b)),
             lambda case, inp, b: tuple(t[0] for t in _kernel("cluster_stats", b, inp["x"], inp["x"].dtype, inp["x"][None],
                                                              inp["indices"][None], case.K, det(case)))))
-        + [peer("torch.index_add_", lambda case, inp, device, opts: Prepared(lambda: (
+        + [Contender("torch.index_add_", "peer", lambda case, inp, device, opts: Prepared(lambda: (
             torch.bincount(inp["indices"], minlength=case.K).float(),
             torch.zeros(case.K, case.D, device=inp["x"].device).index_add_(0, inp["indices"], inp["x"].float())))),
-           peer("one_hot+matmul (vqp's way)", one_hot)],
+           Contender("one_hot+matmul (vqp's way)", "peer", one_hot)],
         check, _stats_work, lambda case: case.N * case.K, aliases=("cluster_stats",),
         targets=_plain_torch("torch.index_add_"))
 
@@ -510,7 +506,7 @@ def _ema() -> OpSpec:
         {"smoke": [Case("ema", 0, 64, 8)], "cpu-quick": [Case("ema", 0, 16384, 64)],
          "cpu-full": [Case("ema", 0, K, 64) for K in (1024, 16384, 65536)],
          "cuda-quick": [Case("ema", 0, 65536, 64)], "cuda-full": [Case("ema", 0, K, 256) for K in (16384, 65536)]},
-        inputs, ours("vqkernels[{}]", ours_) + [peer("torch eager (vqp's formulas)", eager)],
+        inputs, ours("vqkernels[{}]", ours_) + [Contender("torch eager (vqp's formulas)", "peer", eager)],
         check, _ema_work, lambda case: case.K * case.D, unit="codes/s", count=lambda case: case.K,
         aliases=("ema_update", "ema_update_"), targets=_plain_torch("torch eager"))
 
@@ -569,7 +565,7 @@ def _step() -> OpSpec:
          "cuda-quick": [Case("step", 16384, K, 64) for K in (1024, 16384, 65536)],
          "cuda-full": [Case("step", 16384, K, 64) for K in (1024, 4096, 16384, 65536)]},
         inputs, ours("vqkernels.Quantizer[{}]", ours_, dtype=lambda c: torch.float32)
-        + [peer("vqp.VectorQuantize(train)", vqp_step)],
+        + [Contender("vqp.VectorQuantize(train)", "peer", vqp_step)],
         lambda case, inp, outputs: assignment_agreement(
             torch.addmm(inp["bias"].double(), inp["x"].double(), inp["weight"].double().t()), inp["codes"], outputs,
             case.metric),
@@ -652,8 +648,8 @@ def _kmeans() -> OpSpec:
          "cuda-full": [Case("kmeans", 1 << 20, K, 128, iters=10) for K in (1024, 8192)]},
         inputs, ours("vqkernels.kmeans[{}]", lambda case, inp, b, opts: Prepared(lambda: vqkernels.kmeans(
             inp["x"], case.K, case.iters, metric=case.metric, tol=0.0, init_centroids=inp["init"], backend=b).centroids))
-        + [peer("faiss.Kmeans", faiss_kmeans), peer("fast_pytorch_kmeans", fast_pytorch_kmeans),
-           peer("flash_kmeans", flash_kmeans)],
+        + [Contender("faiss.Kmeans", "peer", faiss_kmeans),
+           Contender("fast_pytorch_kmeans", "peer", fast_pytorch_kmeans), Contender("flash_kmeans", "peer", flash_kmeans)],
         check, work, lambda case: case.N * case.K * case.D * max(1, case.iters),
         unit="row-iters/s", count=lambda case: case.N * case.iters,
         targets=ratio_targets(("vqkernels.kmeans", "faiss.Kmeans", "kmeans ours / faiss.Kmeans", lambda r: 1.5)))
@@ -751,7 +747,7 @@ def _rvq_step(case, inp, device, opts):
 _residual_spec("residual_step", "ResidualQuantizer training step (forward + backward + EMA update of every stage)",
                ours("vqkernels.RQ(train)[{}]", lambda case, inp, b, opts: _residual_step(
                    case, inp, inp["x"].device, _rq(case, inp, b, True)), dtype=lambda c: torch.float32)
-               + [peer("vqp.ResidualVQ(train)", _rvq_step)], memory_subprocess=True,
+               + [Contender("vqp.ResidualVQ(train)", "peer", _rvq_step)], memory_subprocess=True,
                aliases=("rvq_step",), targets=_speedup_targets("vqkernels.RQ", "vqp.", lambda row: 6.0))
 
 
@@ -784,7 +780,7 @@ _residual_spec(
     "residual_encode", "residual encode (eval: Q stages of nearest codes)",
     ours("vqkernels.RQ(eval)[{}]", _rq_eval) + ours("vqkernels.residual_assign[{}]", _fused)
     + ours("vqkernels.assign xQ[{}]", _separate)
-    + [peer("vqp.ResidualVQ(eval)", _vqp_eval("ResidualVQ (cdist per stage)", _rvq, lambda case: case.Q))],
+    + [Contender("vqp.ResidualVQ(eval)", "peer", _vqp_eval("ResidualVQ (cdist per stage)", _rvq, lambda case: case.Q))],
     {"cpu-full": _RBIG, "cuda-full": [replace(c, N=65536, Q=4) for c in _RBIG]},
     aliases=("rvq_encode", "residual_assign"), targets=ratio_targets(
         ("vqkernels.residual_assign", "vqkernels.assign xQ", "residual_assign / Q separate assigns", lambda r: 1.0),
