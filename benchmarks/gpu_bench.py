@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     try:
         ceilings = measure_ceilings(args.device, args.fp32_precision)
         print(f"ceilings: {ceilings}", file=sys.stderr)
-        l2 = torch.cuda.get_device_properties(0).L2_cache_size if cuda else 50 << 20
+        l2 = (getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) if cuda else 0) or 50 << 20
         # cdist holds the N x K matrix, its matmul intermediate and the argmin's
         dense_gib = 0.8 * torch.cuda.mem_get_info()[0] / 3 / 2**30 if cuda else float("inf")
         parser = argparse.ArgumentParser()
