@@ -131,6 +131,39 @@ def test_one_spec_adds_an_op_benchmark(tmp_path):
         bench.SPECS.pop("rowsum")
 
 
+def test_a_failing_row_is_recorded_and_the_json_is_written_after_every_row(tmp_path):
+    """A row that fails as a whole (here: its inputs) is an error row and the run goes on; the JSON
+    is rewritten after every row, so a run killed by a time limit keeps the rows it finished."""
+    out_json, seen = tmp_path / "rows.json", []
+
+    def inputs(case, g):
+        if case.N == 32:
+            raise RuntimeError("no inputs for this row")
+        return {"x": torch.randn(case.N, case.D, generator=g)}
+
+    def build(case, inp, device, opts):
+        seen.append(len(json.loads(out_json.read_text())["rows"]) if out_json.exists() else 0)  # rows written so far
+        return bench.Prepared(lambda: inp["x"].sum(1))
+
+    cases = [bench.Case("rowsum2", N, 1, 4) for N in (16, 32, 64)]
+    bench.register(bench.OpSpec(
+        "rowsum2", "row sums (test op)", "none", ("N", "D"),
+        {g: cases for g in ("smoke", "cpu-quick", "cpu-full", "cuda-quick", "cuda-full")}, inputs,
+        [bench.Contender("torch.sum", "peer", build)], lambda case, inp, outputs: {n: bench.Check(1.0, True) for n in outputs},
+        lambda case, e: (0, 0), lambda case: 0))
+    try:
+        rc = cli.main(["bench", "--device", "cpu", "--smoke", "--ops", "rowsum2", "--json", str(out_json)])
+        rows = json.loads(out_json.read_text())["rows"]
+    finally:
+        bench.SPECS.pop("rowsum2")
+    assert rc == 1  # a failed row is a failure of the run
+    assert [r["label"] for r in rows] == ["N=16 D=4", "N=32 D=4", "N=64 D=4"]
+    (failed,) = rows[1]["results"]
+    assert failed["status"] == "error" and "no inputs for this row" in failed["reason"]
+    assert rows[0]["results"][0]["status"] == rows[2]["results"][0]["status"] == "ok"
+    assert seen == [0, 2]
+
+
 def test_pytest_benchmark_suite_runs_on_the_smoke_grid(tmp_path):
     """benchmarks/test_bench_suite.py (outside testpaths) collects and passes on the smoke grid."""
     pytest.importorskip("pytest_benchmark")

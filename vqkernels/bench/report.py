@@ -7,8 +7,8 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
