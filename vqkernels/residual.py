@@ -176,6 +176,8 @@ class _ResidualStacks(nn.Module):
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; per-stage options are {sorted(_CODEBOOK_KWARGS)}")
         if gradient not in ESTIMATORS:
             raise ValueError(f"gradient must be one of {tuple(ESTIMATORS)}, got {gradient!r}")
+        if check_finite not in (True, False, "strict"):
+            raise ValueError(f"check_finite must be True, False or 'strict', got {check_finite!r}")
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
             raise ValueError(f"quantize_dropout_cutoff_index must be in [0, num_quantizers={num_quantizers}), got {quantize_dropout_cutoff_index}")
         G, Q = groups, num_quantizers
@@ -337,32 +339,54 @@ class _ResidualStacks(nn.Module):
         book.reservoir = book.reservoir.new_zeros(book.reservoir.shape[:-2] + (0, self.codebook_dim))
 
     # ------------------------------------------------------------------ forward
-    def _forward(self, xg: torch.Tensor, keep: Optional[torch.Tensor], freeze: bool = False):
-        """``xg [G, N, group_dim]`` -> (out [G, N, group_dim], indices [G, Q, N], losses [G, Q]).
+    def _project_in(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat [N, dim]`` -> ``[G, N, codebook_dim]``, group g from its slice of the features.
+        Views and one unbind, no per-group select: a select's backward fills a zero tensor of the
+        whole input and copies into it, two passes over ``[N, dim]`` per group."""
+        if self.groups == 1:
+            return self.project_in[0](flat).unsqueeze(0)
+        parts = flat.view(flat.shape[0], self.groups, self.group_dim).unbind(1)
+        return torch.stack([proj(part) for proj, part in zip(self.project_in, parts)])
+
+    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """``out [G, N, codebook_dim]`` -> ``[N, dim]`` (the groups side by side, as the input)."""
+        if self.groups == 1:
+            return self.project_out[0](out.squeeze(0))
+        return torch.cat([proj(part) for proj, part in zip(self.project_out, out.unbind(0))], -1)
+
+    def _forward(self, flat: torch.Tensor, keep: Optional[torch.Tensor], freeze: bool = False):
+        """``flat [N, dim]`` -> (out [N, dim], indices [G, Q, N], losses [G, Q]).
         ``freeze``: training without touching the codebooks (no EMA/usage update, no restarts,
         no codebook loss; a first-batch initialisation still runs)."""
         G, Q, K, D = self.groups, self.num_quantizers, self.codebook_size, self.codebook_dim
-        N = xg.shape[1]
+        N = flat.shape[0]
         book = self.codebook_state
         sync = self._sync() if self.training else _dist.LOCAL
         book.broadcast_(sync)
-        zero_losses = xg.new_zeros((G, Q), dtype=torch.float32)
+        zero_losses = flat.new_zeros((G, Q), dtype=torch.float32)
         if not self.is_quantizing:
             if self.training and self.deferral.switch_due:
                 self.start_quantization()
             else:
                 if self.training:
                     with torch.no_grad():
-                        z = torch.stack([self.project_in[g](xg[g].detach()) for g in range(G)])
+                        z = self._project_in(flat.detach())
+                        if self.check_finite and not self._strict():
+                            # a batch with a non-finite kept row adds no row to the reservoir (no sync)
+                            ok = torch.isfinite(z).all(-1).all(0)
+                            finite = (ok if keep is None else ok | ~keep).all()
+                            book.nonfinite_batches.add_((~finite).to(torch.int64))
+                            keep = finite.expand(N) if keep is None else keep & finite
                         self.deferral.observe_(normalized(z.to(book.embed.dtype), self.metric), keep)
-                return xg, torch.full((G, Q, N), -1, dtype=torch.int64, device=xg.device), zero_losses
+                return flat, torch.full((G, Q, N), -1, dtype=torch.int64, device=flat.device), zero_losses
 
-        z = torch.stack([self.project_in[g](xg[g]) for g in range(G)]).to(book.embed.dtype)  # [G, N, D]
+        z = self._project_in(flat).to(book.embed.dtype)  # [G, N, D]
         if self._fused_eval_applies(z, keep):
-            return self._fused_eval(xg, z)
+            return self._fused_eval(flat, z)
         if self.training and not book.is_initialised:
             self._stagewise_init_(z.detach(), keep, None, sync, use_kmeans=self.init == "kmeans")
         codes = self._stage_codes()
+        strict = self._strict()
         last = Q - 1
         if self.training and self.quantize_dropout:
             last = random.randrange(self.quantize_dropout_cutoff_index, Q)  # stages after it are dropped
@@ -378,7 +402,7 @@ class _ResidualStacks(nn.Module):
             stage_in = normalized(residual, self.metric)
             stage_codes = codes[:, q] if self.codebook_sizes[q] == K else codes[:, q, : self.codebook_sizes[q]].contiguous()
             qz, idx = quantize(stage_in, stage_codes.detach(), keep, gradient=self.gradient, metric=self.metric,
-                               backend=self.backend, check_codebook=self.training)
+                               backend=self.backend, check_codebook=strict)
             if self.training:
                 loss = torch.stack([_masked_mse(stage_in[g:g + 1], qz[g:g + 1].detach(), keep) for g in range(G)]) * self.commitment_weight
                 if self.learning == "gradient" and not freeze:
@@ -396,16 +420,28 @@ class _ResidualStacks(nn.Module):
         # through unchanged: the stage loop would turn an Inf into NaN (inf - inf)
         out = torch.where(indices[:, 0].unsqueeze(-1) < 0, z, out)
         if self.training and not freeze:
+            finite = self._finite(indices, keep) if self.check_finite and not strict else None
             zs = torch.stack(stage_inputs, 1)  # [G, Q, N, D]
             if self.shared_codebook:
                 # one codebook per group: all its stages' rows together
-                book.update_(zs.reshape(G, Q * N, D), indices.reshape(G, Q * N), None if keep is None else keep.repeat(Q), sync)
+                book.update_(zs.reshape(G, Q * N, D), indices.reshape(G, Q * N), None if keep is None else keep.repeat(Q), sync,
+                             finite=finite)
             else:
-                book.update_(zs.reshape(G * Q, N, D), indices.reshape(G * Q, N), keep, sync)
-        outg = torch.stack([self.project_out[g](out[g]) for g in range(G)]).to(xg.dtype)
+                book.update_(zs.reshape(G * Q, N, D), indices.reshape(G * Q, N), keep, sync, finite=finite)
+        outg = self._project_out(out).to(flat.dtype)
         if keep is not None:
-            outg = torch.where(keep.unsqueeze(-1), outg, xg)
+            outg = torch.where(keep.unsqueeze(-1), outg, flat)
         return outg, indices, torch.stack(losses, 1).float()
+
+    def _finite(self, indices: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """The non-finite policy's device-side flag (no host sync): False when a kept row has no
+        code at stage 0 (``assign`` read each row once and gave the non-finite ones -1; stage 0
+        is never dropped) or a code of any stage is non-finite (one sum over all of them)."""
+        first = indices[:, 0]  # [G, N]
+        ok = first >= 0 if keep is None else (first >= 0) | ~keep
+        codes = self.codebook_state.embed.detach()
+        code_sum = codes.sum(dtype=torch.float64 if codes.dtype == torch.float64 else torch.float32)
+        return ok.all() & torch.isfinite(code_sum)
 
     def _fused_eval_applies(self, z: torch.Tensor, keep) -> bool:
         """Eval without gradients or masks, on a backend that implements residual_assign: all
@@ -417,7 +453,7 @@ class _ResidualStacks(nn.Module):
             return False
         return _residual_assign_runs(z.device.type, z.dtype, self.backend)
 
-    def _fused_eval(self, xg: torch.Tensor, z: torch.Tensor):
+    def _fused_eval(self, flat: torch.Tensor, z: torch.Tensor):
         """The eval forward as ``residual_assign`` per group (the stage loop's picks; the output is
         the sum of the picked codes, without the loop's straight-through arithmetic)."""
         G, Q = self.groups, self.num_quantizers
@@ -430,9 +466,10 @@ class _ResidualStacks(nn.Module):
             r = residual_assign(z[g], stages, self.metric, backend=self.backend, check_codebook=False)
             # non-finite rows (-1 at every stage) pass through, as in the stage loop
             quantized = torch.where(r.indices[:, :1] < 0, z[g], r.quantized)
-            outs.append(self.project_out[g](quantized))
+            outs.append(quantized)
             indices.append(r.indices.t())
-        return torch.stack(outs).to(xg.dtype), torch.stack(indices), xg.new_zeros((G, Q), dtype=torch.float32)
+        out = self._project_out(torch.stack(outs) if G > 1 else outs[0].unsqueeze(0)).to(flat.dtype)
+        return out, torch.stack(indices), flat.new_zeros((G, Q), dtype=torch.float32)
 
     def _prepare(self, x: torch.Tensor, mask):
         check_tensor("x", x, floating=True, min_dim=1)
@@ -447,13 +484,25 @@ class _ResidualStacks(nn.Module):
                 raise ValueError(f"mask must be bool of the leading shape {tuple(lead)}; got {mask.dtype} {tuple(mask.shape)}")
             keep = mask.reshape(-1)
         flat = x.reshape(-1, self.dim)
-        if self.training and self.check_finite:
+        if self._strict():
             if torch.compiler.is_compiling():  # the check as an op: no graph break
                 keep = _checked_keep(flat.detach(), keep)
             else:
                 check_finite("x", flat.detach(), ignore_rows=None if keep is None else ~keep)
-        xg = flat.view(-1, self.groups, self.group_dim).transpose(0, 1)  # [G, N, group_dim]
-        return lead, keep, xg
+        return lead, keep, flat
+
+    def _strict(self) -> bool:
+        """The non-finite policy checks strictly (raises, a host sync): ``check_finite="strict"``,
+        or the batch that initialises the stages (a one-off sync anyway). Otherwise a training step
+        with ``check_finite`` on is gated without a sync (see :meth:`_finite`)."""
+        if not (self.training and self.check_finite):
+            return False
+        return self.check_finite == "strict" or (self.is_quantizing and not self.codebook_state.is_initialised)
+
+    @property
+    def nonfinite_batches(self) -> torch.Tensor:
+        """Training steps skipped by the non-finite policy (a device counter, as Quantizer's)."""
+        return self.codebook_state.nonfinite_batches
 
 
 class ResidualQuantizer(_ResidualStacks):
@@ -474,6 +523,10 @@ class ResidualQuantizer(_ResidualStacks):
     In eval without gradients or masks the forward is one
     :func:`vqkernels.residual_assign` call per group; otherwise the stage loop.
 
+    ``check_finite`` is the Quantizer's non-finite policy over the whole stack: by default a
+    training batch with a NaN/Inf kept row (or a non-finite code of any stage) updates no
+    stage, without a host sync, and is counted in ``nonfinite_batches``; ``"strict"`` raises.
+
     Returns (forward): ``ResidualOutput(quantized [..., dim], indices [..., Q], losses [Q])``.
     """
 
@@ -483,10 +536,10 @@ class ResidualQuantizer(_ResidualStacks):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: bool = False) -> ResidualOutput:
         """``freeze_codebook``: quantize (and return the commitment losses) without updating the
         codebooks, as ResidualVQ's ``freeze_codebook``."""
-        lead, keep, xg = self._prepare(x, mask)
-        out, indices, losses = self._forward(xg, keep, freeze_codebook)
+        lead, keep, flat = self._prepare(x, mask)
+        out, indices, losses = self._forward(flat, keep, freeze_codebook)
         Q = self.num_quantizers
-        return ResidualOutput(out[0].reshape(*lead, self.dim), indices[0].transpose(0, 1).reshape(*lead, Q), losses[0])
+        return ResidualOutput(out.reshape(*lead, self.dim), indices[0].transpose(0, 1).reshape(*lead, Q), losses[0])
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``indices [..., Q]`` -> codes ``[Q, ..., codebook_dim]`` (as ResidualVQ); -1 gives zeros."""
@@ -510,10 +563,10 @@ class GroupedResidualQuantizer(_ResidualStacks):
         super().__init__(dim, groups, num_quantizers, codebook_size, **kwargs)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: bool = False) -> ResidualOutput:
-        lead, keep, xg = self._prepare(x, mask)
-        out, indices, losses = self._forward(xg, keep, freeze_codebook)
+        lead, keep, flat = self._prepare(x, mask)
+        out, indices, losses = self._forward(flat, keep, freeze_codebook)
         G, Q = self.groups, self.num_quantizers
-        quantized = out.transpose(0, 1).reshape(*lead, self.dim)
+        quantized = out.reshape(*lead, self.dim)
         return ResidualOutput(quantized, indices.transpose(1, 2).reshape(G, *lead, Q), losses)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
@@ -659,8 +712,10 @@ class FactorizedResidualQuantizer(nn.Module):
         self.codebook = nn.Parameter(torch.randn(num_quantizers, codebook_size, codebook_dim))  # nn.Embedding's init
 
     def _nearest(self, z_e: torch.Tensor, q: int) -> torch.Tensor:
+        # training checks no codebook (a host sync per stage): the codebook is a parameter, and
+        # non-finite codes or rows show in the losses, as in DAC
         return assign(normalized(z_e.detach(), "cosine"), normalized(self.codebook[q].detach(), "cosine"), "cosine",
-                      backend=self.backend).indices
+                      backend=self.backend, check_codebook=not self.training).indices
 
     def forward(self, x: torch.Tensor) -> ResidualOutput:
         check_tensor("x", x, floating=True, min_dim=1)
