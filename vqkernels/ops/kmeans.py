@@ -177,14 +177,18 @@ def kmeans(
     bar = _progress_bar(iters) if progress and sync.rank == 0 else None
     n_iter = 0
     for it in range(iters + 1):
-        # Statistics of the current assignment and its inertia, in one packed all-reduce.
-        counts, sums = cluster_stats_unchecked(data.unsqueeze(0), indices.unsqueeze(0), K, deterministic, requested)
-        counts, sums = counts[0], sums[0]
-        inertia = dist.sum().reshape(1).to(counts.dtype)
-        sync.all_reduce_sum_(counts, sums, inertia)
-        # the iteration's one host read: the inertia (history, tol) and the empty clusters
-        value, n_empty = torch.cat([inertia, (counts == 0).sum().reshape(1).to(counts.dtype)]).tolist()
-        history.append(value)
+        inertia = dist.sum().reshape(1).to(data.dtype)
+        if it == iters:  # the last assignment: only its inertia is needed, not its statistics
+            sync.all_reduce_sum_(inertia)
+            history.append(inertia.item())
+        else:
+            # Statistics of the current assignment and its inertia, in one packed all-reduce.
+            counts, sums = cluster_stats_unchecked(data.unsqueeze(0), indices.unsqueeze(0), K, deterministic, requested)
+            counts, sums = counts[0], sums[0]
+            sync.all_reduce_sum_(counts, sums, inertia)
+            # the iteration's one host read: the inertia (history, tol) and the empty clusters
+            value, n_empty = torch.cat([inertia, (counts == 0).sum().reshape(1).to(counts.dtype)]).tolist()
+            history.append(value)
         if it > 0:
             if bar is not None:
                 bar.update(1)

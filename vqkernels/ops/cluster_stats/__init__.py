@@ -38,8 +38,6 @@ def _cluster_stats_op(
     """``x [C, N, D]`` (or ``[N, D]``), ``indices [C, N]`` (or ``[N]``) -> ``[C, K]``, ``[C, K, D]``
     (or ``[K]``, ``[K, D]``). ``check``: the value checks (host syncs); off for trusted callers."""
     D = x.shape[-1]
-    if check:
-        check_indices_in_range("indices", indices, K)
     squeeze = x.dim() == 2
     if squeeze:
         x, indices = x.unsqueeze(0), indices.unsqueeze(0)
@@ -48,10 +46,20 @@ def _cluster_stats_op(
     if C * N == 0:
         counts, sums = x.new_zeros(C, K, dtype=dtype), x.new_zeros(C, K, D, dtype=dtype)
     else:
-        counts, sums = _dispatch.call("cluster_stats", backend, x.device, x.dtype, x, indices, K, deterministic)
+        name = _dispatch.select("cluster_stats", x.device, x.dtype, backend or None)
+        # A backend whose kernel does the value checks in its own passes (``checks_values``:
+        # it raises for an index >= K and, asked ``with_finite``, says whether the sums are
+        # finite) spares the op a second pass over the indices and one over the sums.
+        if check and getattr(_dispatch.implementation("cluster_stats", name), "checks_values", False):
+            counts, sums, finite = _dispatch.call("cluster_stats", name, x.device, x.dtype, x, indices, K, deterministic, True)
+        else:
+            if check:
+                check_indices_in_range("indices", indices, K)
+            counts, sums = _dispatch.call("cluster_stats", name, x.device, x.dtype, x, indices, K, deterministic)
+            finite = not check or all_finite(sums)
         # A NaN/Inf in a row with an index reaches its code's sum: checking the [C, K, D] sums
         # reads far less than x [C, N, D]; the exact pass over x runs only to name the rows.
-        if check and not all_finite(sums):
+        if not finite:
             check_finite("x", x.reshape(-1, D), ignore_rows=indices.reshape(-1) < 0)
     return (counts[0], sums[0]) if squeeze else (counts, sums)
 

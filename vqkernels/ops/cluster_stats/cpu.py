@@ -1,8 +1,22 @@
-"""``cluster_stats`` on the ``cpu`` backend: chunked's torch calls, on purpose.
+"""``cluster_stats`` on the ``cpu`` backend: the C++ kernel of csrc/cpu/stats_cpu.cpp.
 
-The C++ CPU extension implements ``assign`` only; for this op chunked's vectorised torch
-calls are what the extension would do (see docs/design.md, "cpu backend"), so the
-backend runs them rather than a slower twin. Forcing ``backend="cpu"`` still requires
-the extension to be loaded, like every op of a backend.
+A stable counting sort of the rows by code, then each code's rows summed in input order by
+one thread: bitwise the same for any thread count, so ``deterministic`` costs nothing here.
+The op's value checks ride on the kernel's passes (``checks_values``): an index >= K raises
+the op's usual error from the one pass over the indices, and with ``with_finite`` the
+kernel also says whether every sum is finite, so the public op reads neither the indices
+nor the sums a second time.
 """
-from .chunked import cluster_stats  # noqa: F401
+from ... import _cpu_extension
+from .._validation import check_indices_in_range
+
+
+def cluster_stats(x, indices, K, deterministic, with_finite=False):
+    """The backend contract's ``(counts, sums)``; ``(counts, sums, finite)`` with ``with_finite``."""
+    counts, sums, worst, finite = _cpu_extension.ops().cluster_stats_cpu(x, indices, K)
+    if worst >= K:
+        check_indices_in_range("indices", indices, K)  # raises the op's usual error
+    return (counts, sums, finite) if with_finite else (counts, sums)
+
+
+cluster_stats.checks_values = True

@@ -26,10 +26,6 @@ from .._validation import (
 def _histogram_op(indices: torch.Tensor, K: int, weights: Optional[torch.Tensor], backend: str, check: bool = True) -> torch.Tensor:
     """``indices [C, N]`` (or ``[N]``), ``weights`` alike or None -> ``counts [C, K]`` (or ``[K]``).
     ``check``: the value checks (host syncs); off for trusted callers."""
-    if check:
-        check_indices_in_range("indices", indices, K)
-        if weights is not None:
-            check_finite("weights", weights.reshape(-1))
     squeeze = indices.dim() == 1
     if squeeze:
         indices = indices.unsqueeze(0)
@@ -39,7 +35,15 @@ def _histogram_op(indices: torch.Tensor, K: int, weights: Optional[torch.Tensor]
         counts = torch.zeros(C, K, dtype=torch.int64 if weights is None else torch.float32, device=indices.device)
     else:
         dtype = None if weights is None else weights.dtype
-        counts = _dispatch.call("histogram", backend, indices.device, dtype, indices, K, weights)
+        name = _dispatch.select("histogram", indices.device, dtype, backend or None)
+        if check:
+            # a backend whose kernel checks the range in its own pass over the indices
+            # (``checks_values``) spares the op a second pass
+            if not getattr(_dispatch.implementation("histogram", name), "checks_values", False):
+                check_indices_in_range("indices", indices, K)
+            if weights is not None:
+                check_finite("weights", weights.reshape(-1))
+        counts = _dispatch.call("histogram", name, indices.device, dtype, indices, K, weights)
     return counts[0] if squeeze else counts
 
 

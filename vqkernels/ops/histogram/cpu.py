@@ -1,8 +1,19 @@
-"""``histogram`` on the ``cpu`` backend: chunked's torch calls, on purpose.
+"""``histogram`` on the ``cpu`` backend: the C++ kernel of csrc/cpu/stats_cpu.cpp.
 
-The C++ CPU extension implements ``assign`` only; for this op chunked's vectorised torch
-calls are what the extension would do (see docs/design.md, "cpu backend"), so the
-backend runs them rather than a slower twin. Forcing ``backend="cpu"`` still requires
-the extension to be loaded, like every op of a backend.
+One pass over the indices with per-thread private counts (weights: fp64 sums per chunk,
+added in chunk order). The range check rides on that pass (``checks_values``): the kernel
+returns the largest index it saw and an index >= K raises the op's usual error, so the
+public op does not read the indices a second time to check them.
 """
-from .chunked import histogram  # noqa: F401
+from ... import _cpu_extension
+from .._validation import check_indices_in_range
+
+
+def histogram(indices, K, weights):
+    counts, worst = _cpu_extension.ops().histogram_cpu(indices, K, weights)
+    if worst >= K:
+        check_indices_in_range("indices", indices, K)  # raises the op's usual error
+    return counts
+
+
+histogram.checks_values = True

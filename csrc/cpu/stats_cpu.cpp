@@ -1,0 +1,284 @@
+// CPU kernels of vqkernels: `histogram` and `cluster_stats`, registered as
+// torch.ops.vqkernels.histogram_cpu and torch.ops.vqkernels.cluster_stats_cpu (built into the
+// same library as assign_cpu.cpp, which holds the Python module entry point).
+//
+// Contract (vqkernels/ops/_dispatch.py): indices [C, N] int64/int32, negative = masked;
+// codebook c's code k is the flat bin c * K + k. Each op reads the indices once, and the
+// range check rides on that pass: an index >= K is never counted, and the largest one seen
+// is returned (-1 when none), so the Python backend raises the op's usual ValueError
+// without a second pass over the indices.
+//
+// histogram: per-thread private counts over contiguous row chunks, added up at the end
+// (integers: exact whatever the order). With weights: per-chunk fp64 sums, added in chunk
+// order, then rounded to fp32 (deterministic for a given thread count).
+//
+// cluster_stats: a stable counting sort of the rows by bin (per-chunk counts, an exclusive
+// scan, a scatter of row numbers), then every bin's sum is its rows added in input order,
+// one bin at a time. Bins are shared among threads by position in the sorted order, each
+// bin summed whole by one thread, so the sums are bitwise the same for any thread count
+// and no partial [K, D] copies are zeroed or merged. Always deterministic. It also says
+// whether every sum is finite, so the public op's non-finite check reads nothing again.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kMinChunkRows = 16384;  // below this per thread, threads cost more than they save
+
+// Row chunks for the counting passes: one per thread, none smaller than kMinChunkRows.
+int64_t num_chunks(int64_t rows) {
+  const int64_t by_size = std::max<int64_t>(1, rows / kMinChunkRows);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_size));
+}
+
+void check_indices(const Tensor& indices, const char* op) {
+  TORCH_CHECK(indices.device().is_cpu(), op, ": indices must be a CPU tensor");
+  TORCH_CHECK(indices.dim() == 2, op, ": expected indices [C, N], got ", indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              op, ": indices must be int64 or int32, got ", indices.scalar_type());
+  TORCH_CHECK(indices.is_contiguous(), op, ": indices must be contiguous");
+}
+
+// Calls f(c, n0, n1) for the rows [r0, r1) of the flat [C * N] row axis, split by codebook.
+template <typename F>
+inline void for_rows(int64_t r0, int64_t r1, int64_t N, F&& f) {
+  while (r0 < r1) {
+    const int64_t c = r0 / N, n0 = r0 - c * N, n1 = std::min(N, n0 + (r1 - r0));
+    f(c, n0, n1);
+    r0 += n1 - n0;
+  }
+}
+
+template <typename index_t>
+int64_t count_bins(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, int64_t* partial) {
+  const int64_t M = C * N, B = C * K;
+  std::vector<int64_t> worst(P, -1);
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int64_t* counts = partial + p * B;
+      std::fill(counts, counts + B, 0);
+      int64_t bad = -1;
+      for_rows(M * p / P, M * (p + 1) / P, N, [&](int64_t c, int64_t n0, int64_t n1) {
+        const index_t* row = idx + c * N;
+        int64_t* bins = counts + c * K;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t k = static_cast<int64_t>(row[n]);
+          if (static_cast<uint64_t>(k) < static_cast<uint64_t>(K)) ++bins[k];  // negatives wrap: skipped
+          else if (k > bad) bad = k;
+        }
+      });
+      worst[p] = bad;
+    }
+  });
+  return *std::max_element(worst.begin(), worst.end());
+}
+
+template <typename index_t>
+int64_t weighted_bins(const index_t* idx, const float* w, int64_t C, int64_t N, int64_t K, int64_t P, double* partial) {
+  const int64_t M = C * N, B = C * K;
+  std::vector<int64_t> worst(P, -1);
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      double* sums = partial + p * B;
+      std::fill(sums, sums + B, 0.0);
+      int64_t bad = -1;
+      for_rows(M * p / P, M * (p + 1) / P, N, [&](int64_t c, int64_t n0, int64_t n1) {
+        const index_t* row = idx + c * N;
+        const float* wr = w + c * N;
+        double* bins = sums + c * K;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t k = static_cast<int64_t>(row[n]);
+          if (static_cast<uint64_t>(k) < static_cast<uint64_t>(K)) bins[k] += wr[n];
+          else if (k > bad) bad = k;
+        }
+      });
+      worst[p] = bad;
+    }
+  });
+  return *std::max_element(worst.begin(), worst.end());
+}
+
+std::tuple<Tensor, int64_t> histogram_cpu(const Tensor& indices, int64_t K, const c10::optional<Tensor>& weights) {
+  check_indices(indices, "histogram_cpu");
+  TORCH_CHECK(K >= 1, "histogram_cpu: need K >= 1, got ", K);
+  const int64_t C = indices.size(0), N = indices.size(1), B = C * K, M = C * N;
+  const int64_t P = num_chunks(M);
+  int64_t worst = -1;
+  if (!weights.has_value()) {
+    Tensor counts = at::empty({C, K}, indices.options().dtype(at::kLong));
+    int64_t* out = counts.data_ptr<int64_t>();
+    // One chunk counts straight into the result; more add their private copies up.
+    std::vector<int64_t> partial(P > 1 ? P * B : 0);
+    int64_t* target = P > 1 ? partial.data() : out;
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "histogram_cpu", [&] {
+      worst = count_bins<index_t>(indices.data_ptr<index_t>(), C, N, K, P, target);
+    });
+    if (P > 1) {
+      at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          int64_t total = 0;
+          for (int64_t p = 0; p < P; ++p) total += partial[p * B + b];
+          out[b] = total;
+        }
+      });
+    }
+    return {counts, worst};
+  }
+  const Tensor& wt = *weights;
+  TORCH_CHECK(wt.device().is_cpu() && wt.sizes() == indices.sizes(),
+              "histogram_cpu: weights must be a CPU tensor shaped like indices [C, N], got ", wt.sizes());
+  const Tensor w = wt.to(at::kFloat).contiguous();
+  Tensor counts = at::empty({C, K}, indices.options().dtype(at::kFloat));
+  float* out = counts.data_ptr<float>();
+  std::vector<double> partial(P * B);
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "histogram_cpu", [&] {
+    worst = weighted_bins<index_t>(indices.data_ptr<index_t>(), w.data_ptr<float>(), C, N, K, P, partial.data());
+  });
+  at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double total = 0;
+      for (int64_t p = 0; p < P; ++p) total += partial[p * B + b];  // chunk order: deterministic
+      out[b] = static_cast<float>(total);
+    }
+  });
+  return {counts, worst};
+}
+
+// Row numbers of the flat [C * N] axis in order of bin, stable (rows of a bin in input
+// order); off[b]..off[b + 1] are bin b's positions. `starts` holds count_bins' per-chunk
+// counts on entry.
+template <typename index_t, typename row_t>
+void sort_rows(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, int64_t* starts, int64_t* off,
+               row_t* order) {
+  const int64_t M = C * N, B = C * K;
+  int64_t run = 0;
+  for (int64_t b = 0; b < B; ++b) {  // exclusive scan, bin-major then chunk: stable
+    off[b] = run;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t n = starts[p * B + b];
+      starts[p * B + b] = run;
+      run += n;
+    }
+  }
+  off[B] = run;
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int64_t* next = starts + p * B;
+      for_rows(M * p / P, M * (p + 1) / P, N, [&](int64_t c, int64_t n0, int64_t n1) {
+        const index_t* row = idx + c * N;
+        int64_t* bins = next + c * K;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t k = static_cast<int64_t>(row[n]);
+          if (k >= 0) order[bins[k]++] = static_cast<row_t>(c * N + n);  // k < K: count_bins found none above
+        }
+      });
+    }
+  });
+}
+
+// sums[b] = the rows order[off[b]..off[b + 1]] of x added in that order (fp32). Returns
+// whether every sum is finite (s - s is 0 for a finite s, NaN for NaN or Inf), which spares
+// the public op its own pass over the sums.
+template <typename scalar_t, typename row_t>
+bool segment_sums(const scalar_t* x, int64_t D, int64_t B, const int64_t* off, const row_t* order, float* sums) {
+  const int64_t total = off[B];
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), total / 1024));
+  // Part j owns the bins whose first position lies in [total * j / parts, total * (j + 1) / parts).
+  std::vector<int64_t> first(parts + 1);
+  for (int64_t j = 0; j < parts; ++j) first[j] = std::lower_bound(off, off + B, total * j / parts) - off;
+  first[0] = 0;
+  first[parts] = B;
+  std::vector<float> probes(parts, 0.f);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      std::vector<float> probe(D, 0.f);  // per column: the loop vectorises (no reassociation needed)
+      float* __restrict__ pr = probe.data();
+      for (int64_t b = first[j]; b < first[j + 1]; ++b) {
+        float* __restrict__ acc = sums + b * D;
+        std::fill(acc, acc + D, 0.f);
+        const int64_t e = off[b + 1];
+        for (int64_t q = off[b]; q < e; ++q) {
+          if (q + 4 < e) __builtin_prefetch(x + static_cast<int64_t>(order[q + 4]) * D);
+          const scalar_t* __restrict__ xr = x + static_cast<int64_t>(order[q]) * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(xr[d]);
+        }
+        for (int64_t d = 0; d < D; ++d) pr[d] += acc[d] - acc[d];
+      }
+      float any = 0.f;
+      for (int64_t d = 0; d < D; ++d) any += pr[d];
+      probes[j] = any;
+    }
+  });
+  for (float p : probes) {
+    if (p != 0.f) return false;  // NaN
+  }
+  return true;
+}
+
+std::tuple<Tensor, Tensor, int64_t, bool> cluster_stats_cpu(const Tensor& x, const Tensor& indices, int64_t K) {
+  check_indices(indices, "cluster_stats_cpu");
+  TORCH_CHECK(x.device().is_cpu(), "cluster_stats_cpu: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == indices.size(0) && x.size(1) == indices.size(1),
+              "cluster_stats_cpu: expected x [C, N, D] and indices [C, N], got ", x.sizes(), " and ", indices.sizes());
+  TORCH_CHECK(K >= 1, "cluster_stats_cpu: need K >= 1, got ", K);
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              "cluster_stats_cpu: dtype ", st, " is not supported (float32, bfloat16, float16)");
+  const Tensor xc = x.contiguous();
+  const int64_t C = x.size(0), N = x.size(1), D = x.size(2), B = C * K, M = C * N;
+  Tensor counts = at::empty({C, K}, x.options().dtype(at::kFloat));
+  Tensor sums = at::empty({C, K, D}, x.options().dtype(at::kFloat));
+  const int64_t P = num_chunks(M);
+  std::vector<int64_t> starts(P * B), off(B + 1);
+  int64_t worst = -1;
+  bool finite = true;
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "cluster_stats_cpu", [&] {
+    const index_t* idx = indices.data_ptr<index_t>();
+    worst = count_bins<index_t>(idx, C, N, K, P, starts.data());
+    if (worst >= K) return;  // the caller raises; the outputs are not read
+    float* cnt = counts.data_ptr<float>();
+    at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t total = 0;
+        for (int64_t p = 0; p < P; ++p) total += starts[p * B + b];
+        cnt[b] = static_cast<float>(total);
+      }
+    });
+    auto run = [&](auto* order) {
+      using row_t = std::remove_pointer_t<decltype(order)>;
+      sort_rows<index_t, row_t>(idx, C, N, K, P, starts.data(), off.data(), order);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "cluster_stats_cpu", [&] {
+        finite = segment_sums<scalar_t, row_t>(xc.data_ptr<scalar_t>(), D, B, off.data(), order, sums.data_ptr<float>());
+      });
+    };
+    if (M <= INT32_MAX) {
+      std::vector<int32_t> order(M);  // half the traffic of int64 row numbers
+      run(order.data());
+    } else {
+      std::vector<int64_t> order(M);
+      run(order.data());
+    }
+  });
+  return {counts, sums, worst, finite};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vqkernels, m) {
+  m.def("histogram_cpu(Tensor indices, int K, Tensor? weights) -> (Tensor, int)");
+  m.def("cluster_stats_cpu(Tensor x, Tensor indices, int K) -> (Tensor, Tensor, int, bool)");
+}
+
+TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
+  m.impl("histogram_cpu", &histogram_cpu);
+  m.impl("cluster_stats_cpu", &cluster_stats_cpu);
+}
