@@ -120,7 +120,7 @@ def test_dims_against_reference(D, metric):
         check_assign(x[h], c[h], metric, i[h], d[h])
 
 
-@pytest.mark.parametrize("D", [4, 32, 64])
+@pytest.mark.parametrize("D", [4, 8, 16, 32, 64])
 def test_ties_between_distinct_codes_across_tiles(D):
     """Codes that tie exactly with x (mirror images around it) in different tiles: the lowest wins."""
     _cpu_ready()
@@ -138,11 +138,11 @@ def test_ties_between_distinct_codes_across_tiles(D):
     assert torch.equal(i, ri)
 
 
-@pytest.mark.parametrize("D", [4, 33, 64, 130])
+@pytest.mark.parametrize("D", [3, 4, 8, 16, 33, 64, 130])
 def test_integer_data_exact_ties_between_distinct_codes(D):
     """Small-integer data: every distance is an exact integer, so many distinct codes tie
-    exactly; the expanded-form score (BLAS path) rounds them apart, the exact shortlist
-    must still return the reference's lowest index."""
+    exactly; the expanded-form scores (both kernels) round them apart, the exact re-check
+    of the codes within the rounding margin must still return the reference's lowest index."""
     _cpu_ready()
     g = torch.Generator().manual_seed(D)
     x = torch.randint(-2, 3, (400, D), generator=g).float() + 0.5
@@ -233,3 +233,75 @@ def test_more_near_ties_than_the_shortlist_keeps():
     ri, rd = reference.assign(x, c, "l2")
     assert ri.item() == 20
     assert i.item() == 20 and torch.allclose(d, rd, rtol=1e-6)
+
+
+# The fused kernel (D <= 16) walks the codes in tiles of 128 subblocks of one vector of
+# codes (2048 codes under AVX-512, 1024 with 8-lane vectors) and rescans a subblock only
+# where its minimum score is within a row's margin: these shapes reach every boundary.
+FUSED_K = 2 * 2048 + 37  # three tiles (two or five with 8 lanes), the last subblock partial
+
+
+@pytest.mark.parametrize("D", [3, 4, 8, 16])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_fused_winner_in_the_last_partial_subblock(D, metric):
+    _cpu_ready()
+    x, c = randn(2, 70, D, seed=20 + D), randn(2, FUSED_K, D, seed=40 + D)
+    x[0, :10] = c[0, -1] + 1e-3 * randn(10, D, seed=60 + D)  # the last code is the nearest
+    i, d = vqkernels.assign(x, c, metric, backend="cpu")
+    for h in range(2):
+        check_assign(x[h], c[h], metric, i[h], d[h])
+    if metric == "l2":
+        assert (i[0, :10] == FUSED_K - 1).all()
+
+
+@pytest.mark.parametrize("K", [1, 5, 16, 2049, FUSED_K])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_fused_all_codes_equal(K, metric):
+    """Every code ties exactly (every subblock of every tile is rescanned): index 0 wins."""
+    _cpu_ready()
+    x = randn(33, 4, seed=1)
+    c = randn(1, 4, seed=2).expand(K, 4).contiguous()
+    i, d = vqkernels.assign(x, c, metric, backend="cpu")
+    ri, rd = reference.assign(x, c, metric)
+    assert (i == 0).all()
+    assert torch.allclose(d, rd, atol=1e-6)
+
+
+@pytest.mark.parametrize("D", [4, 8, 16])
+def test_fused_near_ties_before_the_nearest_in_a_later_tile(D):
+    """20 codes within the score's rounding margin of the nearest one, in the first tile;
+    the nearest (code 4500) in the last; another near code in the middle tile."""
+    _cpu_ready()
+    K = FUSED_K
+    u = torch.nn.functional.normalize(randn(K, D, seed=12), dim=-1)
+    radius = torch.full((K,), 2.0)
+    radius[:20] = 1.0 + 1e-6 * (21 - torch.arange(20, dtype=torch.float32))
+    radius[4100] = 1.0
+    radius[2100] = 1.0 + 3e-6
+    c = u * radius.view(-1, 1)
+    x = torch.zeros(2, D)
+    x[1] = 1e-4 * u[4100]  # nearer still to code 4100
+    i, d = vqkernels.assign(x, c, "l2", backend="cpu")
+    ri, rd = reference.assign(x, c, "l2")
+    assert ri.tolist() == [4100, 4100]
+    assert torch.equal(i, ri) and torch.allclose(d, rd, rtol=1e-6)
+
+
+def test_fused_non_finite_codes_never_win_nor_poison_the_others():
+    """Raw op (the public one rejects such codebooks): a NaN code never wins (nor, in l2, an
+    infinite one) and neither spoils the l2 centring of the finite codes."""
+    _cpu_ready()
+    D, K = 8, 300
+    x, c = randn(1, 40, D, seed=13), randn(1, K, D, seed=14)
+    c[0, 0, 3] = float("nan")
+    c[0, 299, 0] = float("nan")
+    for metric in ("l2", "dot", "cosine"):
+        cm = c.clone()
+        if metric == "l2":
+            cm[0, 100] = float("inf")
+            cm[0, 200, 1] = -float("inf")
+        finite = torch.isfinite(cm[0]).all(-1)
+        i, d = torch.ops.vqkernels.assign_cpu(x, cm, metric)
+        ri, rd = reference.assign(x[0], cm[0, finite], metric)
+        assert torch.equal(i[0], finite.nonzero()[:, 0][ri]), metric
+        assert torch.allclose(d[0], rd, atol=1e-5), metric

@@ -8,10 +8,11 @@
 // distance (vqkernels/ops/_metrics.py). Rows holding NaN never crash the kernel and get
 // some index; the public op overwrites them with -1 / NaN.
 //
-// D <= 16: fused distance + running argmin. The codebook is transposed once per tile
-// ([D][KT], codes along the SIMD lanes), each thread keeps R rows' running (min, argmin)
-// per lane in registers and walks the tiles in order. l2 is the direct difference
-// ||x - c||^2, so exact ties stay ties and large offsets do not cancel.
+// D <= 16: fused expanded-form score (one FMA per dimension, l2 on inputs shifted by the
+// codebook mean) + a running minimum only, rows along the SIMD lanes, each block of rows
+// held in registers while it walks the packed codebook; a subblock of codes is rescanned
+// (exact distances) only where its minimum is within a row's rounding margin of the best
+// (see fused_small_d).
 // D > 16: tiles of x @ codes^T through the BLAS (at::mm_out into a per-thread buffer sized
 // for L2), the argmin fused right after each tile while it is in cache (expanded-form l2
 // score on inputs shifted by the codebook mean), then the winner's exact distance.
@@ -28,42 +29,87 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using at::Tensor;
 enum Metric { L2 = 0, DOT = 1, COSINE = 2 };
 
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;  // codes per vector: one zmm register
+constexpr int kLanes = 16;  // rows per vector: one zmm register
 #else
 constexpr int kLanes = 8;   // one ymm register (two xmm under portable SSE flags)
 #endif
-#ifndef VQK_VECS
-#define VQK_VECS 2
+// Rows per block of the fused kernel, in vectors, per padded D: RV x DP registers hold
+// the block's rows for the whole walk over the codebook (AVX-512 has 32).
+#ifndef VQK_RV4
+#define VQK_RV4 4
 #endif
-#ifndef VQK_ROWS
-#define VQK_ROWS 4
+#ifndef VQK_RV8
+#define VQK_RV8 2
 #endif
-constexpr int kVecs = VQK_VECS;  // vectors per step
-constexpr int kStep = kLanes * kVecs;
-constexpr int kRows = VQK_ROWS;  // rows sharing each code load
+#ifndef VQK_RV16
+#define VQK_RV16 1
+#endif
+// Codes per tile of the fused kernel: the minima of its subblocks are kept until the end
+// of the tile, where the rows' thresholds are tightened and the subblocks rescanned.
+#ifndef VQK_TILE_SUBBLOCKS
+#define VQK_TILE_SUBBLOCKS 128
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 // GCC/Clang vector extensions: AVX-512/AVX2 under -march=native, SSE with portable flags;
-// no intrinsics, so the same code builds for any target.
+// intrinsics only for FMA / min / compare-to-bits where the target has them.
+#define VQK_INLINE inline __attribute__((always_inline))
 typedef float vf __attribute__((vector_size(4 * kLanes)));
 typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-static inline vf vsplat(float a) { return vf{} + a; }
+static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+#if defined(__AVX512F__)  // a broadcast load, not `vf{} + a` (a scalar add and a shuffle)
+static VQK_INLINE vf vsplat(float a) { return (vf)_mm512_set1_ps(a); }
+#elif defined(__AVX__)
+static VQK_INLINE vf vsplat(float a) { return (vf)_mm256_set1_ps(a); }
+#else
+static VQK_INLINE vf vsplat(float a) { vf v; for (int i = 0; i < kLanes; ++i) v[i] = a; return v; }
+#endif
 static inline vi isplat(int32_t a) { return vi{} + a; }
 static inline vi vless(vf a, vf b) { return (vi)(a < b); }
 static inline vf vselect(vi m, vf a, vf b) { return m ? a : b; }
 static inline vi iselect(vi m, vi a, vi b) { return m ? a : b; }
+#if defined(__AVX512F__)
+static VQK_INLINE vf vfma(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+static VQK_INLINE vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }  // NaN a -> b
+static VQK_INLINE uint32_t vle_bits(vf a, vf b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_LE_OQ); }
+#elif defined(__AVX__)
+#if defined(__FMA__)
+static VQK_INLINE vf vfma(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static VQK_INLINE vf vfma(vf a, vf b, vf c) { return a * b + c; }
+#endif
+static VQK_INLINE vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+static VQK_INLINE uint32_t vle_bits(vf a, vf b) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_LE_OQ)));
+}
+#else
+static VQK_INLINE vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static VQK_INLINE vf vmin(vf a, vf b) { return vselect(vless(a, b), a, b); }
+static VQK_INLINE uint32_t vle_bits(vf a, vf b) {
+  const vi m = (vi)(a <= b);
+  uint32_t bits = 0;
+  for (int i = 0; i < kLanes; ++i) bits |= (m[i] ? 1u : 0u) << i;
+  return bits;
+}
+#endif
 #else
 // Portable fallback: plain arrays, the compiler vectorises what it can.
+#define VQK_INLINE inline
 struct vf { float v[kLanes]; };
 struct vi { int32_t v[kLanes]; };
 static inline vf vload(const float* p) { vf r; std::memcpy(r.v, p, sizeof r.v); return r; }
+static inline void vstore(float* p, vf v) { std::memcpy(p, v.v, sizeof v.v); }
 static inline vf vsplat(float a) { vf r; for (int i = 0; i < kLanes; ++i) r.v[i] = a; return r; }
 static inline vi isplat(int32_t a) { vi r; for (int i = 0; i < kLanes; ++i) r.v[i] = a; return r; }
 static inline vf operator+(vf a, vf b) { for (int i = 0; i < kLanes; ++i) a.v[i] += b.v[i]; return a; }
@@ -75,113 +121,27 @@ static inline vi operator+(vi a, vi b) { for (int i = 0; i < kLanes; ++i) a.v[i]
 static inline vf vselect(vi m, vf a, vf b) { for (int i = 0; i < kLanes; ++i) a.v[i] = m.v[i] ? a.v[i] : b.v[i]; return a; }
 static inline vi iselect(vi m, vi a, vi b) { for (int i = 0; i < kLanes; ++i) a.v[i] = m.v[i] ? a.v[i] : b.v[i]; return a; }
 static inline vi vless(vf a, vf b) { vi r; for (int i = 0; i < kLanes; ++i) r.v[i] = a.v[i] < b.v[i] ? -1 : 0; return r; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline vf vmin(vf a, vf b) { return vselect(vless(a, b), a, b); }
+static inline uint32_t vle_bits(vf a, vf b) {
+  uint32_t bits = 0;
+  for (int i = 0; i < kLanes; ++i) bits |= (a.v[i] <= b.v[i] ? 1u : 0u) << i;
+  return bits;
+}
 #define VQK_LANE(v, i) (v).v[i]
 #endif
 #ifndef VQK_LANE
 #define VQK_LANE(v, i) (v)[i]
 #endif
 
-// Distance of one row to kStep codes at once (codes along lanes), from the transposed tile.
-template <int M, int DT>
-static inline void step_scores(const float* ct, int64_t ld, int D, const float* const* xr, vf (&s)[kRows][kVecs]) {
-  vf acc[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v) acc[r][v] = vsplat(0.f);
-  const int dd = DT > 0 ? DT : D;
-  for (int d = 0; d < dd; ++d) {
-    vf c[kVecs];
-    for (int v = 0; v < kVecs; ++v) c[v] = vload(ct + d * ld + v * kLanes);
-    for (int r = 0; r < kRows; ++r) {
-      const vf xv = vsplat(xr[r][d]);
-      for (int v = 0; v < kVecs; ++v) {
-        if (M == L2) {
-          const vf t = xv - c[v];
-          acc[r][v] = acc[r][v] + t * t;
-        } else {
-          acc[r][v] = acc[r][v] + xv * c[v];
-        }
-      }
-    }
-  }
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v)
-      s[r][v] = M == L2 ? acc[r][v] : (M == DOT ? -acc[r][v] : 1.f - acc[r][v]);
-}
-
-// One tile of KT codes (transposed, padded with NaN codes that never win) against kRows rows.
-template <int M, int DT>
-static void tile_rows(const float* ct, int64_t KT, int D, int64_t kbase, const float* const* xr, float* best, int64_t* besti) {
-  vf bv[kRows];
-  vi bi[kRows];
-  for (int r = 0; r < kRows; ++r) { bv[r] = vsplat(std::numeric_limits<float>::infinity()); bi[r] = isplat(0); }
-  vi lane;
-  for (int i = 0; i < kLanes; ++i) VQK_LANE(lane, i) = i;
-  for (int64_t k0 = 0; k0 < KT; k0 += kStep) {
-    vf s[kRows][kVecs];
-    step_scores<M, DT>(ct + k0, KT, D, xr, s);
-    // Each lane sees its codes in increasing order; strict < keeps the lowest index.
-    for (int v = 0; v < kVecs; ++v) {
-      const vi idx = lane + isplat(static_cast<int32_t>(k0 + v * kLanes));
-      for (int r = 0; r < kRows; ++r) {
-        const vi m = vless(s[r][v], bv[r]);
-        bv[r] = vselect(m, s[r][v], bv[r]);
-        bi[r] = iselect(m, idx, bi[r]);
-      }
-    }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    float b = std::numeric_limits<float>::infinity();
-    int32_t bidx = 0;
-    bool found = false;
-    for (int i = 0; i < kLanes; ++i) {
-      const float val = VQK_LANE(bv[r], i);
-      const int32_t id = VQK_LANE(bi[r], i);
-      if (val < b || (val == b && found && id < bidx)) { b = val; bidx = id; found = true; }
-    }
-    // Tiles are walked in order: a later tile wins only when strictly nearer.
-    if (found && b < best[r]) { best[r] = b; besti[r] = kbase + bidx; }
-  }
-}
-
-template <int M, int DT>
-static void small_d(const float* xf, const float* ctiles, int64_t C, int64_t N, int64_t K, int D, int64_t KT,
-                    int64_t ntiles, float* outd, int64_t* outi) {
-  constexpr int64_t kBlock = 64;  // rows per task: the tile is reused by 64 rows
-  const int64_t nblocks = (N + kBlock - 1) / kBlock;
-  at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / nblocks, r0 = (task % nblocks) * kBlock, rn = std::min(kBlock, N - r0);
-      float best[kBlock];
-      int64_t besti[kBlock];
-      for (int64_t i = 0; i < kBlock; ++i) { best[i] = std::numeric_limits<float>::infinity(); besti[i] = 0; }
-      const float* x0 = xf + (c * N + r0) * D;
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const float* ct = ctiles + (c * ntiles + t) * D * KT;
-        for (int64_t g = 0; g < rn; g += kRows) {
-          const float* xr[kRows];
-          for (int r = 0; r < kRows; ++r) xr[r] = x0 + std::min<int64_t>(g + r, rn - 1) * D;  // pad: repeat last row
-          float gb[kRows];
-          int64_t gi[kRows];
-          for (int r = 0; r < kRows; ++r) { gb[r] = best[std::min<int64_t>(g + r, kBlock - 1)]; gi[r] = besti[std::min<int64_t>(g + r, kBlock - 1)]; }
-          tile_rows<M, DT>(ct, KT, D, t * KT, xr, gb, gi);
-          for (int r = 0; r < kRows && g + r < rn; ++r) { best[g + r] = gb[r]; besti[g + r] = gi[r]; }
-        }
-      }
-      for (int64_t i = 0; i < rn; ++i) { outd[c * N + r0 + i] = best[i]; outi[c * N + r0 + i] = besti[i]; }
-    }
-  });
-}
-
-template <int M>
-static void small_d_dispatch(int D, const float* xf, const float* ct, int64_t C, int64_t N, int64_t K, int64_t KT,
-                             int64_t ntiles, float* outd, int64_t* outi) {
-  switch (D) {  // the common code sizes get a fully unrolled feature loop
-    case 4: return small_d<M, 4>(xf, ct, C, N, K, D, KT, ntiles, outd, outi);
-    case 8: return small_d<M, 8>(xf, ct, C, N, K, D, KT, ntiles, outd, outi);
-    case 16: return small_d<M, 16>(xf, ct, C, N, K, D, KT, ntiles, outd, outi);
-    case 32: return small_d<M, 32>(xf, ct, C, N, K, D, KT, ntiles, outd, outi);
-    default: return small_d<M, 0>(xf, ct, C, N, K, D, KT, ntiles, outd, outi);
-  }
+static inline int lowest_bit(uint32_t bits) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_ctz(bits);
+#else
+  int i = 0;
+  while (!(bits & 1u)) { bits >>= 1; ++i; }
+  return i;
+#endif
 }
 
 // Exact fp32 distance of x to c (the definitions of vqkernels/ops/_metrics.py).
@@ -193,6 +153,210 @@ static inline float exact_distance(int metric, const float* x, const float* c, i
   }
   for (int64_t d = 0; d < D; ++d) acc += x[d] * c[d];
   return metric == DOT ? -acc : 1.f - acc;
+}
+
+// ---- D <= 16: fused expanded-form score + running minimum, rows along the SIMD lanes ----
+//
+// Score of row x and code c: bias_c + sum_d x'_d w_cd (one FMA per dimension):
+//   l2: x' = x - m, w = -2 (c - m), bias = ||c - m||^2 (m: the mean of the finite codes,
+//       so large common offsets do not cancel); dot: x' = x, w = -c, bias 0; cosine: the
+//       same on unit vectors, bias 1. The score differs from the exact distance (minus a
+//       per-row constant) by at most `margin` (its rounding bound, doubled).
+// The walk keeps only a per-row running MINIMUM of the score (one vminps per code and row
+// vector, no index), per subblock of kLanes codes. At the end of each tile of codes every
+// row's threshold T = min score so far + margin is tightened, and only the subblocks whose
+// minimum is <= T are rescanned for that row: the codes scoring <= T get their exact
+// distance, and the lowest-index exact minimum among them wins (walked in index order,
+// strict <). The true winner always scores within the margin of the best score, so it is
+// among them; thresholds only fall, so a later tile rescans only where a row improved or
+// nearly tied (a few times per row).
+struct PackedCodes {
+  const float* w;       // [C][K][DP + 1]: bias, then the weights (zero past D)
+  const float* wt;      // [C][ceil(K / kLanes)][DP + 1][kLanes]: the same, codes along lanes (bias NaN past K)
+  const float* centre;  // [C][D] for l2, else nullptr
+  const float* cmax2;   // [C]: max squared norm of a finite (shifted) code
+};
+
+// Running per-lane minimum of n codes' scores for RV row vectors.
+template <int DP, int RV>
+static VQK_INLINE void score_codes(const float* w, int64_t n, const vf (&xv)[RV][DP], vf (&m)[RV]) {
+  for (int64_t k = 0; k < n; ++k, w += DP + 1) {
+    vf acc[RV];
+    const vf b = vsplat(w[0]);
+    for (int r = 0; r < RV; ++r) acc[r] = b;
+    for (int d = 0; d < DP; ++d) {
+      const vf wd = vsplat(w[1 + d]);
+      for (int r = 0; r < RV; ++r) acc[r] = vfma(xv[r][d], wd, acc[r]);
+    }
+    for (int r = 0; r < RV; ++r) m[r] = vmin(acc[r], m[r]);  // a NaN score never lowers it
+  }
+}
+
+template <int DP, int RV>
+static void fused_small_d(int metric, const float* xf, const float* cf, const PackedCodes& pk, int64_t C, int64_t N,
+                          int64_t K, int D, float* outd, int64_t* outi) {
+  constexpr int RB = RV * kLanes;  // rows per block
+  constexpr int W = DP + 1;
+  constexpr int64_t kSub = VQK_TILE_SUBBLOCKS;
+  const int64_t KB = (K + kLanes - 1) / kLanes;
+  const int64_t nblocks = (N + RB - 1) / RB;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // Rounding bound of the score vs the exact distance, per unit of |x'|^2 + max |c'|^2:
+  // (D + 4) x 2^-20, about 16 (D + 4) unit roundoffs (worst case ~ 8 (D + 3)).
+  const float mfac = std::ldexp(static_cast<float>(D + 4), -20);
+  at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float xt[DP * RB];  // the block's shifted rows, transposed: [DP][RB]
+    alignas(64) float T[RB], marg[RB], ebest[RB];
+    int64_t ibest[RB];
+    std::vector<vf> mbuf(kSub * RV);  // per subblock and row vector: the minimum score
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / nblocks, r0 = (task % nblocks) * RB, rn = std::min<int64_t>(RB, N - r0);
+      const float* centre = pk.centre ? pk.centre + c * D : nullptr;
+      const float* xb = xf + (c * N + r0) * D;
+      for (int i = 0; i < RB; ++i) {
+        float n2 = 0.f;
+        for (int d = 0; d < DP; ++d) {
+          const float v = (i < rn && d < D) ? xb[i * D + d] - (centre ? centre[d] : 0.f) : 0.f;
+          xt[d * RB + i] = v;
+          n2 += v * v;
+        }
+        marg[i] = (n2 + pk.cmax2[c]) * mfac;
+        // Padding and non-finite rows never open a rescan (the public op gives them -1).
+        T[i] = (i < rn && std::isfinite(marg[i])) ? inf : nan;
+        ebest[i] = inf;
+        ibest[i] = -1;
+      }
+      vf xv[RV][DP];
+      for (int r = 0; r < RV; ++r)
+        for (int d = 0; d < DP; ++d) xv[r][d] = vload(xt + d * RB + r * kLanes);
+      const float* wc = pk.w + c * K * W;
+      const float* wtc = pk.wt + c * KB * W * kLanes;
+      const float* cc = cf + c * K * D;
+      for (int64_t k0 = 0; k0 < K; k0 += kSub * kLanes) {
+        const int64_t kn = std::min<int64_t>(kSub * kLanes, K - k0), nsub = (kn + kLanes - 1) / kLanes;
+        vf tmin[RV];
+        for (int r = 0; r < RV; ++r) tmin[r] = vsplat(inf);
+        for (int64_t j = 0; j < nsub; ++j) {
+          vf m[RV];
+          for (int r = 0; r < RV; ++r) m[r] = vsplat(inf);
+          const float* w = wc + (k0 + j * kLanes) * W;
+          if (j * kLanes + kLanes <= kn) score_codes<DP, RV>(w, kLanes, xv, m);  // constant trip count
+          else score_codes<DP, RV>(w, kn - j * kLanes, xv, m);
+          for (int r = 0; r < RV; ++r) { mbuf[j * RV + r] = m[r]; tmin[r] = vmin(m[r], tmin[r]); }
+        }
+        // Tile end: tighten the thresholds, then rescan the subblocks that can hold a winner.
+        for (int r = 0; r < RV; ++r) {
+          const vf t = vmin(tmin[r] + vload(marg + r * kLanes), vload(T + r * kLanes));  // NaN T stays NaN
+          vstore(T + r * kLanes, t);
+          const uint32_t live = vle_bits(tmin[r], t);
+          if (!live) continue;
+          for (int64_t j = 0; j < nsub; ++j) {
+            uint32_t bits = vle_bits(mbuf[j * RV + r], t) & live;
+            while (bits) {
+              const int row = r * kLanes + lowest_bit(bits);
+              bits &= bits - 1;
+              const int64_t kb = k0 / kLanes + j;
+              const float* wt = wtc + kb * W * kLanes;
+              vf s = vload(wt);  // the same FMAs as the walk, codes along the lanes
+              for (int d = 0; d < DP; ++d) s = vfma(vsplat(xt[d * RB + row]), vload(wt + (1 + d) * kLanes), s);
+              uint32_t cand = vle_bits(s, vsplat(T[row]));
+              const float* xo = xb + static_cast<int64_t>(row) * D;
+              while (cand) {
+                const int64_t k = kb * kLanes + lowest_bit(cand);
+                cand &= cand - 1;
+                const float e = exact_distance(metric, xo, cc + k * D, D);
+                if (e < ebest[row]) { ebest[row] = e; ibest[row] = k; }
+              }
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < rn; ++i) {
+        const bool found = ibest[i] >= 0;
+        outi[c * N + r0 + i] = found ? ibest[i] : 0;
+        outd[c * N + r0 + i] = found ? ebest[i] : exact_distance(metric, xb + i * D, cc, D);
+      }
+    }
+  });
+}
+
+// Packs the codebook for fused_small_d (see there): O(C K D), once per call.
+static void pack_codes(int metric, const Tensor& cf, int DP, Tensor& w, Tensor& wt, Tensor& centre, Tensor& cmax2) {
+  const int64_t C = cf.size(0), K = cf.size(1), D = cf.size(2), W = DP + 1, KB = (K + kLanes - 1) / kLanes;
+  const float* cp = cf.data_ptr<float>();
+  w = at::empty({C, K, W}, cf.options());
+  wt = at::empty({C, KB, W, kLanes}, cf.options());
+  centre = at::zeros({C, D}, cf.options());
+  cmax2 = at::empty({C}, cf.options());
+  Tensor norms = at::empty({C, K}, cf.options());
+  float* ce = centre.data_ptr<float>();
+  if (metric == L2) {
+    for (int64_t c = 0; c < C; ++c) {  // mean of the finite codes (a NaN code must not poison every score)
+      std::vector<double> sum(D, 0.0);
+      int64_t count = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const float* v = cp + (c * K + k) * D;
+        bool finite = true;
+        for (int64_t d = 0; d < D; ++d) finite = finite && std::isfinite(v[d]);
+        if (!finite) continue;
+        for (int64_t d = 0; d < D; ++d) sum[d] += v[d];
+        ++count;
+      }
+      for (int64_t d = 0; d < D; ++d) ce[c * D + d] = count ? static_cast<float>(sum[d] / count) : 0.f;
+    }
+  }
+  float* wp = w.data_ptr<float>();
+  float* wtp = wt.data_ptr<float>();
+  float* np = norms.data_ptr<float>();
+  const float scale = metric == L2 ? -2.f : -1.f;
+  at::parallel_for(0, C * KB, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c = b / KB, kb = b % KB;
+      float* blk = wtp + b * W * kLanes;
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t k = kb * kLanes + l;
+        if (k >= K) {  // padding lanes never score <= a threshold
+          blk[l] = std::numeric_limits<float>::quiet_NaN();
+          for (int d = 0; d < DP; ++d) blk[(1 + d) * kLanes + l] = 0.f;
+          continue;
+        }
+        const float* v = cp + (c * K + k) * D;
+        float* wk = wp + (c * K + k) * W;
+        float n2 = 0.f;
+        for (int d = 0; d < DP; ++d) {
+          const float s = d < D ? v[d] - ce[c * D + d] : 0.f;
+          n2 += s * s;
+          wk[1 + d] = scale * s;
+        }
+        wk[0] = metric == L2 ? n2 : (metric == COSINE ? 1.f : 0.f);
+        np[c * K + k] = n2;
+        for (int d = 0; d < W; ++d) blk[d * kLanes + l] = wk[d];
+      }
+    }
+  });
+  float* cm = cmax2.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      if (std::isfinite(np[c * K + k])) mx = std::max(mx, np[c * K + k]);
+    cm[c] = mx;
+  }
+}
+
+static void fused_dispatch(int metric, const Tensor& xf, const Tensor& cf, float* outd, int64_t* outi) {
+  const int64_t C = xf.size(0), N = xf.size(1), K = cf.size(1), D = xf.size(2);
+  const int DP = D <= 4 ? 4 : (D <= 8 ? 8 : 16);  // zero-padded dimensions add exactly 0
+  Tensor w, wt, centre, cmax2;
+  pack_codes(metric, cf, DP, w, wt, centre, cmax2);
+  const PackedCodes pk{w.data_ptr<float>(), wt.data_ptr<float>(), metric == L2 ? centre.data_ptr<float>() : nullptr,
+                       cmax2.data_ptr<float>()};
+  const float* xp = xf.data_ptr<float>();
+  const float* cp = cf.data_ptr<float>();
+  const int d = static_cast<int>(D);
+  if (DP == 4) fused_small_d<4, VQK_RV4>(metric, xp, cp, pk, C, N, K, d, outd, outi);
+  else if (DP == 8) fused_small_d<8, VQK_RV8>(metric, xp, cp, pk, C, N, K, d, outd, outi);
+  else fused_small_d<16, VQK_RV16>(metric, xp, cp, pk, C, N, K, d, outd, outi);
 }
 
 // Minimum of one row's scores over a BLAS tile (vectorised; NaN scores never win).
@@ -346,19 +510,8 @@ std::tuple<Tensor, Tensor> assign_cpu(const Tensor& x, const Tensor& codebook, c
   if (metric == COSINE) { xf = normalized(xf); cf = normalized(cf); }
   float* outd = distances.data_ptr<float>();
   int64_t* outi = indices.data_ptr<int64_t>();
-  if (D <= fused_max_d()) {
-    // Tiles of KT codes, transposed to [D][KT] (~32 KiB: L1-resident), NaN-padded.
-    const int64_t KT = std::min<int64_t>((K + kStep - 1) / kStep * kStep, std::max<int64_t>(kStep, 8192 / D / kStep * kStep));
-    const int64_t ntiles = (K + KT - 1) / KT;
-    Tensor padded = at::full({C, ntiles * KT, D}, std::numeric_limits<float>::quiet_NaN(), cf.options());
-    padded.narrow(1, 0, K).copy_(cf);
-    Tensor ct = padded.view({C, ntiles, KT, D}).transpose(2, 3).contiguous();  // [C, ntiles, D, KT]
-    const float* xp = xf.data_ptr<float>();
-    const float* cp = ct.data_ptr<float>();
-    const int d = static_cast<int>(D);
-    if (metric == L2) small_d_dispatch<L2>(d, xp, cp, C, N, K, KT, ntiles, outd, outi);
-    else if (metric == DOT) small_d_dispatch<DOT>(d, xp, cp, C, N, K, KT, ntiles, outd, outi);
-    else small_d_dispatch<COSINE>(d, xp, cp, C, N, K, KT, ntiles, outd, outi);
+  if (D <= std::min<int64_t>(fused_max_d(), 16)) {
+    fused_dispatch(metric, xf, cf, outd, outi);
   } else {
     Tensor xs = xf, cs = cf, cnorm;
     if (metric == L2) {
