@@ -60,3 +60,22 @@ def test_unverified_cuda_extension_is_opt_in_only():
     # The CUDA kernels have not yet passed gpu_check.sh on a GPU: never chosen automatically.
     assert "cuda" not in _dispatch.PRIORITY["cuda"]
     assert _dispatch.PRIORITY["cuda"][0] == "triton"
+
+
+def test_eager_calls_do_not_enter_torch_library_machinery():
+    # Eager calls run each op's implementation directly (_dispatch.custom_op): torch.library's
+    # custom-op path imports torch._dynamo on its first call (about 2 s) and costs tens of
+    # microseconds per call. Every public op, once, in a fresh process.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, vqkernels\n"
+        "x = torch.randn(16, 3); c = torch.randn(4, 3); i = vqkernels.assign(x, c).indices\n"
+        "vqkernels.residual_assign(x, torch.randn(2, 4, 3))\n"
+        "vqkernels.histogram(i, 4); n, s = vqkernels.cluster_stats(x, i, 4)\n"
+        "vqkernels.ema_update_(torch.ones(4), c.clone(), c.clone(), n.float(), s, decay=0.9)\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -59,7 +59,7 @@ def tolerance(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", rtol_
     return rtol * scale
 
 
-@torch.library.custom_op("vqkernels::assign", mutates_args=())
+@_dispatch.custom_op("vqkernels::assign", mutates_args=())  # eager calls skip torch.library's machinery
 def _assign_op(
     x: torch.Tensor, codebook: torch.Tensor, metric: str, backend: str, check_codebook: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

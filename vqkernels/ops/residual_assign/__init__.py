@@ -41,7 +41,7 @@ class ResidualAssignResult(NamedTuple):
     distances: torch.Tensor  #: float32 (fp64 for fp64 inputs) ``[N, Q]``, each stage's winner distance
 
 
-@torch.library.custom_op("vqkernels::residual_assign", mutates_args=())
+@_dispatch.custom_op("vqkernels::residual_assign", mutates_args=())  # eager calls skip torch.library's machinery
 def _residual_assign_op(
     x: torch.Tensor, codebooks: torch.Tensor, metric: str, backend: str, check_codebook: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
