@@ -197,6 +197,8 @@ bool segment_sums(const scalar_t* x, int64_t D, int64_t B, const int64_t* off, c
   for (int64_t j = 0; j < parts; ++j) first[j] = std::lower_bound(off, off + B, total * j / parts) - off;
   first[0] = 0;
   first[parts] = B;
+  constexpr int64_t kAhead = 8;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   std::vector<float> probes(parts, 0.f);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
@@ -207,7 +209,10 @@ bool segment_sums(const scalar_t* x, int64_t D, int64_t B, const int64_t* off, c
         std::fill(acc, acc + D, 0.f);
         const int64_t e = off[b + 1];
         for (int64_t q = off[b]; q < e; ++q) {
-          if (q + 4 < e) __builtin_prefetch(x + static_cast<int64_t>(order[q + 4]) * D);
+          if (q + kAhead < total) {  // rows are scattered: fetch a later row's every cache line now
+            const char* ahead = reinterpret_cast<const char*>(x + static_cast<int64_t>(order[q + kAhead]) * D);
+            for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(ahead + at);
+          }
           const scalar_t* __restrict__ xr = x + static_cast<int64_t>(order[q]) * D;
           for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(xr[d]);
         }
