@@ -12,7 +12,8 @@ Never imported at ``import vqkernels``; the first use of the ``cpu`` backend (or
 3. Otherwise the backend is unavailable and the reason says why (a compiler error is
    kept, shortened, so ``vqkernels info`` and a forced ``backend="cpu"`` show it).
 
-The op is registered as ``torch.ops.vqkernels.assign_cpu`` (csrc/cpu/assign_cpu.cpp).
+The ops are registered as ``torch.ops.vqkernels.assign_cpu`` (csrc/cpu/assign_cpu.cpp),
+``histogram_cpu`` and ``cluster_stats_cpu`` (csrc/cpu/stats_cpu.cpp).
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def status() -> str:
 
 
 def ops():
-    """``torch.ops.vqkernels`` with ``assign_cpu`` loaded, or raise BackendUnavailableError."""
+    """``torch.ops.vqkernels`` with the ``*_cpu`` ops loaded, or raise BackendUnavailableError."""
     if load() is None:
         from .errors import BackendUnavailableError
 

@@ -112,8 +112,8 @@ BACKENDS = {
 # ``cuda`` extension backend is opt-in (backend="cuda" / VQKERNELS_BACKEND=cuda) until its
 # kernels have passed benchmarks/gpu_check.sh on a GPU: an automatic choice must not hand
 # unverified kernels to a training run, nor stall it with a first-use JIT compile.
-# On CPU the C++ ``cpu`` backend runs assign; ops it does not implement (histogram,
-# cluster_stats, ema_update: chunked's torch calls were as fast) go to chunked.
+# On CPU the C++ ``cpu`` backend runs assign, histogram and cluster_stats; its ema_update
+# is chunked's torch calls (as fast); fp64 goes to chunked.
 PRIORITY = {"cuda": ("triton", "chunked"), "cpu": ("cpu", "chunked")}
 _DEFAULT_PRIORITY = ("chunked",)
 
