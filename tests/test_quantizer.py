@@ -174,6 +174,72 @@ def test_straight_through_gradient_is_the_output_gradient():
     assert torch.equal(x.grad, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_commitment_loss_from_assign_distances_is_the_masked_squared_error(dtype, C, masked):
+    """The l2 commitment loss is read off assign's exact distances (no pass over z and q); its
+    value and gradient are those of the squared error it replaces (_masked_mse), masked rows
+    (NaN ones too) out of both, and a kept non-finite row makes it NaN."""
+    from vqkernels.estimators import commitment_loss, quantize
+    from vqkernels.quantizer import _masked_mse
+
+    g = torch.Generator().manual_seed(C)
+    N, D, K = 50, 6, 9
+    x = torch.randn(C, N, D, generator=g, dtype=dtype) * 3 + 10  # offset: the distances must be exact
+    codes = torch.randn(C, K, D, generator=g, dtype=dtype) * 3 + 10
+    keep = torch.rand(N, generator=g) > 0.3 if masked else None
+    if masked:
+        x[:, ~keep] = float("nan")  # masked rows may hold anything
+    z1, z2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    q1, _, dist = quantize(z1, codes, keep, return_distances=True)
+    q2, _ = quantize(z2, codes, keep)
+    fast, slow = commitment_loss(z1, q1, dist, keep), _masked_mse(z2, q2.detach(), keep)
+    assert fast.dtype == dtype and fast.shape == ()
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert_close(fast, slow, "loss", atol=0, rtol=tol)
+    w = torch.randn((), generator=g, dtype=dtype)
+    (fast * w + q1.sum()).backward()
+    (slow * w + q2.sum()).backward()
+    assert torch.isfinite(z1.grad).all()
+    assert_close(z1.grad, z2.grad, "gradient", atol=tol, rtol=tol)
+    if masked:
+        assert torch.equal(z1.grad[:, ~keep], torch.ones_like(z1.grad[:, ~keep])), "masked rows: only dq/dz"
+    bad = x.clone()
+    bad[0, int(torch.nonzero(keep)[0]) if masked else 0, 1] = float("nan")
+    q3, _, d3 = quantize(bad, codes, keep, return_distances=True)
+    assert torch.isnan(commitment_loss(bad, q3, d3, keep)), "a kept non-finite row shows in the loss"
+    empty = torch.zeros(C, 0, D, dtype=dtype)
+    assert torch.equal(commitment_loss(empty, empty, torch.zeros(C, 0, dtype=dtype), None), torch.zeros((), dtype=dtype))
+
+
+def test_quantizer_commitment_loss_matches_mse_of_its_output():
+    """Through the module (l2: from the distances; cosine: the squared error itself)."""
+    for metric in ("l2", "cosine"):
+        torch.manual_seed(0)
+        vq = Quantizer(8, 16, metric=metric, commitment_weight=0.5)
+        x = torch.randn(2, 30, 8) + 3
+        ref = vq.to_codebook_space(x)
+        out = vq(x, return_loss_breakdown=True)
+        assert_close(out.breakdown.commitment, F.mse_loss(ref, out.quantized), f"{metric} commitment", rtol=1e-6)
+        assert_close(out.loss, out.breakdown.commitment * 0.5, f"{metric} loss")
+
+
+def test_gather_codes_without_a_gradient_is_the_embedding_lookup():
+    from vqkernels.estimators import gather_codes
+
+    g = torch.Generator().manual_seed(0)
+    for C in (1, 3):
+        codes = torch.randn(C, 7, 5, generator=g)
+        idx = torch.randint(0, 7, (C, 40), generator=g)
+        offset = torch.arange(C).unsqueeze(1) * 7
+        want = F.embedding(idx + offset, codes.reshape(-1, 5))
+        assert torch.equal(gather_codes(codes, idx), want)
+        learned = codes.clone().requires_grad_(True)
+        got = gather_codes(learned, idx)
+        assert got.requires_grad and torch.equal(got, want)
+
+
 def _rotation_grad_direct(e, q, g):
     """lambda * R^T g with R built as a matrix per row: R = I - 2 r r^T + 2 q^ e^T."""
     e64, q64, g64 = e.double(), q.double(), g.double()

@@ -11,7 +11,7 @@ Everything works on the codebook axis: rows ``z [C, N, D]`` against codebooks
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +43,23 @@ def gather_codes(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     C, K, D = codebook.shape
     if C > 1:  # codebook c's code k is row c * K + k of the flattened codebooks
         indices = indices + torch.arange(C, device=indices.device, dtype=indices.dtype).unsqueeze(1) * K
-    return F.embedding(indices, codebook.reshape(C * K, D))
+    if codebook.requires_grad:
+        return F.embedding(indices, codebook.reshape(C * K, D))
+    # No gradient to the codes (the estimators' forward): index_select copies the same rows
+    # 3-8x faster than F.embedding on CPU (N = 16384, K = 1024, D = 64, 1 thread)
+    return codebook.reshape(C * K, D).index_select(0, indices.reshape(-1)).view(indices.shape + (D,))
 
 
 def _nearest(z, codebook, keep, metric, backend, check_codebook):
-    """Forward of every estimator: ``(q [C, N, D], indices [C, N])``; rows whose index is -1
-    (masked by ``keep [N]``, or non-finite) pass through unchanged."""
-    indices, _ = assign(z, codebook, metric, backend=backend, check_codebook=check_codebook)
+    """Forward of every estimator: ``(q [C, N, D], indices [C, N], distances [C, N])``; rows
+    whose index is -1 (masked by ``keep [N]``, or non-finite) pass through unchanged.
+    ``distances`` are assign's exact distances of every row to its code (masked rows included)."""
+    indices, distances = assign(z, codebook, metric, backend=backend, check_codebook=check_codebook)
     if keep is not None:
         indices = indices.masked_fill(~keep, -1)
     valid = (indices >= 0).unsqueeze(-1)
     q = torch.where(valid, gather_codes(codebook, indices.clamp_min(0)), z)
-    return q, indices
+    return q, indices, distances
 
 
 class StraightThrough(torch.autograd.Function):
@@ -62,12 +67,12 @@ class StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, codebook, keep, metric, backend, check_codebook):
-        q, indices = _nearest(z, codebook, keep, metric, backend, check_codebook)
-        ctx.mark_non_differentiable(indices)
-        return q, indices
+        q, indices, distances = _nearest(z, codebook, keep, metric, backend, check_codebook)
+        ctx.mark_non_differentiable(indices, distances)
+        return q, indices, distances
 
     @staticmethod
-    def backward(ctx, grad_q, _grad_indices):
+    def backward(ctx, grad_q, _grad_indices, _grad_distances):
         return grad_q, None, None, None, None, None
 
 
@@ -76,13 +81,13 @@ class RotationTrick(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, codebook, keep, metric, backend, check_codebook):
-        q, indices = _nearest(z, codebook, keep, metric, backend, check_codebook)
-        ctx.mark_non_differentiable(indices)
+        q, indices, distances = _nearest(z, codebook, keep, metric, backend, check_codebook)
+        ctx.mark_non_differentiable(indices, distances)
         ctx.save_for_backward(z, q)
-        return q, indices
+        return q, indices, distances
 
     @staticmethod
-    def backward(ctx, grad_q, _grad_indices):
+    def backward(ctx, grad_q, _grad_indices, _grad_distances):
         z, q = ctx.saved_tensors
         return rotation_backward(z, q, grad_q), None, None, None, None, None
 
@@ -100,7 +105,8 @@ def quantize(
     metric: str = "l2",
     backend: Optional[str] = None,
     check_codebook: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_distances: bool = False,
+):
     """Nearest code for every row with the chosen gradient estimator.
 
     Args:
@@ -109,13 +115,57 @@ def quantize(
         keep: ``[N]`` bool (True = quantize; shared by the ``C`` codebooks) or ``None``.
         gradient: a key of :data:`ESTIMATORS` (``"ste"`` or ``"rotation"``).
 
+        return_distances: also return assign's exact distances ``[C, N]`` (no gradient) of every
+            row to its nearest code, masked rows included (NaN for non-finite rows), for
+            :func:`commitment_loss`.
+
     Returns:
         ``(q [C, N, D], indices int64 [C, N])``: ``q`` the codes (masked rows: ``z``),
-        ``indices`` -1 for masked or non-finite rows.
+        ``indices`` -1 for masked or non-finite rows; ``(q, indices, distances)`` with
+        ``return_distances``.
     """
     if gradient not in ESTIMATORS:
         raise ValueError(f"gradient must be one of {tuple(ESTIMATORS)}, got {gradient!r}")
-    return ESTIMATORS[gradient].apply(z, codebook, keep, metric, backend, check_codebook)
+    q, indices, distances = ESTIMATORS[gradient].apply(z, codebook, keep, metric, backend, check_codebook)
+    return (q, indices, distances) if return_distances else (q, indices)
 
 
-__all__ = ["rotation_backward", "gather_codes", "StraightThrough", "RotationTrick", "ESTIMATORS", "quantize"]
+class _Commitment(torch.autograd.Function):
+    """``mean ||z - sg[q]||^2`` over the kept rows, its value from assign's exact distances."""
+
+    @staticmethod
+    def forward(ctx, z, q, distances, keep):
+        C, N, D = z.shape
+        if keep is None:
+            total, rows = distances.sum(), C * N
+        else:  # where, not a product: a masked row's distance may be NaN
+            total = torch.where(keep, distances, torch.zeros((), dtype=distances.dtype, device=distances.device)).sum()
+            rows = keep.sum().clamp_min(1) * C
+        denom = rows * D
+        ctx.save_for_backward(z, q, keep, torch.as_tensor(denom, dtype=z.dtype, device=z.device))
+        return (total / denom).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, q, keep, denom = ctx.saved_tensors
+        diff = z - q
+        if keep is not None:  # masked rows get no gradient, NaN or not (as the loss's where)
+            diff = torch.where(keep.unsqueeze(-1), diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+        return diff.mul_(grad * 2 / denom), None, None, None
+
+
+def commitment_loss(z: torch.Tensor, q: torch.Tensor, distances: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """The commitment loss ``mean ||z - q||^2`` over the kept rows (``keep [N]``, ``None``: all)
+    of ``z [C, N, D]`` (differentiable) and ``q [C, N, D]`` (its codes, no gradient), read off
+    ``distances [C, N]``, the l2 distances :func:`quantize` returned (``return_distances``):
+    no pass over ``z`` and ``q`` in the forward; the backward is ``2 (z - q) / (rows * D)``.
+
+    Only for l2 with ``z`` in fp32 or fp64 (distances in ``z``'s dtype); the value matches
+    ``F.mse_loss(z, q)`` up to the order of the summation. A kept non-finite row (index -1,
+    distance NaN) makes it NaN. Zero for an empty batch."""
+    if z.shape[-2] == 0:  # an empty batch has no error (a mean over nothing is NaN)
+        return z.new_zeros(())
+    return _Commitment.apply(z, q.detach(), distances.detach(), keep)
+
+
+__all__ = ["rotation_backward", "gather_codes", "StraightThrough", "RotationTrick", "ESTIMATORS", "quantize", "commitment_loss"]

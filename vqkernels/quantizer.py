@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from . import checkpoints as _checkpoints
 from . import distributed as _dist
 from .codebook import INITS, LEARNING, Codebook  # noqa: F401  (INITS, LEARNING: kept importable from here)
-from .estimators import ESTIMATORS, gather_codes, quantize, rotation_backward
+from .estimators import ESTIMATORS, commitment_loss, gather_codes, quantize, rotation_backward
 from .ops import kmeans  # noqa: F401  (kept importable from here; the Codebook runs k-means)
 from .ops._metrics import CENTROID_METRICS, normalized
 from .ops._validation import (
@@ -469,9 +469,9 @@ class Quantizer(nn.Module):
         if self.training and not book.is_initialised:
             book.initialise_(z.detach(), head_keep, sync)
         codes = book.codes()  # [C, K, D]
-        q, indices = quantize(
+        q, indices, distances = quantize(
             z, codes.detach(), head_keep, gradient=self.gradient, metric=self.metric, backend=self.backend,
-            check_codebook=strict,
+            check_codebook=strict, return_distances=True,
         )
         finite = None
         if gated:  # assign read x once and gave its non-finite kept rows -1: no second pass over x
@@ -484,7 +484,11 @@ class Quantizer(nn.Module):
         commitment = codebook_loss = zero
         loss = zero
         if self.training:
-            commitment = _masked_mse(z, q.detach(), head_keep)
+            if self.metric == "l2" and z.dtype in (torch.float32, torch.float64):
+                # assign's exact distances are ||z - q||^2 already: no second pass over z and q
+                commitment = commitment_loss(z, q, distances, head_keep)
+            else:  # cosine distances are 1 - <z, q>, not the squared error (which they would round)
+                commitment = _masked_mse(z, q.detach(), head_keep)
             loss = commitment * self.commitment_weight
             if self.learning == "gradient" and not freeze:
                 codebook_loss = _masked_mse(gather_codes(codes, indices.clamp_min(0)), z.detach(), head_keep)
