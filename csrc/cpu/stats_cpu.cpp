@@ -34,10 +34,12 @@ using at::Tensor;
 
 constexpr int64_t kMinChunkRows = 16384;  // below this per thread, threads cost more than they save
 
-// Row chunks for the counting passes: one per thread, none smaller than kMinChunkRows.
-int64_t num_chunks(int64_t rows) {
-  const int64_t by_size = std::max<int64_t>(1, rows / kMinChunkRows);
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_size));
+// Row chunks for the counting passes: one per thread, none smaller than kMinChunkRows, and
+// no more than rows / bins, so the private [bins] tables (zeroed, then added up) never cost
+// more than the rows themselves (a huge C * K with few rows counts in one chunk).
+int64_t num_chunks(int64_t rows, int64_t bins) {
+  const int64_t cap = std::min<int64_t>(rows / kMinChunkRows, rows / std::max<int64_t>(1, bins));
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), cap));
 }
 
 void check_indices(const Tensor& indices, const char* op) {
@@ -111,7 +113,7 @@ std::tuple<Tensor, int64_t> histogram_cpu(const Tensor& indices, int64_t K, cons
   check_indices(indices, "histogram_cpu");
   TORCH_CHECK(K >= 1, "histogram_cpu: need K >= 1, got ", K);
   const int64_t C = indices.size(0), N = indices.size(1), B = C * K, M = C * N;
-  const int64_t P = num_chunks(M);
+  const int64_t P = num_chunks(M, B);
   int64_t worst = -1;
   if (!weights.has_value()) {
     Tensor counts = at::empty({C, K}, indices.options().dtype(at::kLong));
@@ -242,7 +244,7 @@ std::tuple<Tensor, Tensor, int64_t, bool> cluster_stats_cpu(const Tensor& x, con
   const int64_t C = x.size(0), N = x.size(1), D = x.size(2), B = C * K, M = C * N;
   Tensor counts = at::empty({C, K}, x.options().dtype(at::kFloat));
   Tensor sums = at::empty({C, K, D}, x.options().dtype(at::kFloat));
-  const int64_t P = num_chunks(M);
+  const int64_t P = num_chunks(M, B);
   std::vector<int64_t> starts(P * B), off(B + 1);
   int64_t worst = -1;
   bool finite = true;
