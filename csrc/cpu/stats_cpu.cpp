@@ -156,11 +156,11 @@ std::tuple<Tensor, int64_t> histogram_cpu(const Tensor& indices, int64_t K, cons
 }
 
 // Row numbers of the flat [C * N] axis in order of bin, stable (rows of a bin in input
-// order); off[b]..off[b + 1] are bin b's positions. `starts` holds count_bins' per-chunk
-// counts on entry.
+// order); off[b]..off[b + 1] are bin b's positions, counts[b] their number. `starts` holds
+// count_bins' per-chunk counts on entry.
 template <typename index_t, typename row_t>
 void sort_rows(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, int64_t* starts, int64_t* off,
-               row_t* order) {
+               row_t* order, float* counts) {
   const int64_t M = C * N, B = C * K;
   int64_t run = 0;
   for (int64_t b = 0; b < B; ++b) {  // exclusive scan, bin-major then chunk: stable
@@ -170,6 +170,7 @@ void sort_rows(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, i
       starts[p * B + b] = run;
       run += n;
     }
+    counts[b] = static_cast<float>(run - off[b]);
   }
   off[B] = run;
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
@@ -206,10 +207,11 @@ bool segment_sums(const scalar_t* x, int64_t D, int64_t B, const int64_t* off, c
     for (int64_t j = begin; j < end; ++j) {
       std::vector<float> probe(D, 0.f);  // per column: the loop vectorises (no reassociation needed)
       float* __restrict__ pr = probe.data();
+      std::fill(sums + first[j] * D, sums + first[j + 1] * D, 0.f);  // the part's bins are contiguous
       for (int64_t b = first[j]; b < first[j + 1]; ++b) {
-        float* __restrict__ acc = sums + b * D;
-        std::fill(acc, acc + D, 0.f);
         const int64_t e = off[b + 1];
+        if (off[b] == e) continue;  // an unused code: zeros
+        float* __restrict__ acc = sums + b * D;
         for (int64_t q = off[b]; q < e; ++q) {
           if (q + kAhead < total) {  // rows are scattered: fetch a later row's every cache line now
             const char* ahead = reinterpret_cast<const char*>(x + static_cast<int64_t>(order[q + kAhead]) * D);
@@ -252,17 +254,9 @@ std::tuple<Tensor, Tensor, int64_t, bool> cluster_stats_cpu(const Tensor& x, con
     const index_t* idx = indices.data_ptr<index_t>();
     worst = count_bins<index_t>(idx, C, N, K, P, starts.data());
     if (worst >= K) return;  // the caller raises; the outputs are not read
-    float* cnt = counts.data_ptr<float>();
-    at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        int64_t total = 0;
-        for (int64_t p = 0; p < P; ++p) total += starts[p * B + b];
-        cnt[b] = static_cast<float>(total);
-      }
-    });
     auto run = [&](auto* order) {
       using row_t = std::remove_pointer_t<decltype(order)>;
-      sort_rows<index_t, row_t>(idx, C, N, K, P, starts.data(), off.data(), order);
+      sort_rows<index_t, row_t>(idx, C, N, K, P, starts.data(), off.data(), order, counts.data_ptr<float>());
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "cluster_stats_cpu", [&] {
         finite = segment_sums<scalar_t, row_t>(xc.data_ptr<scalar_t>(), D, B, off.data(), order, sums.data_ptr<float>());
       });
