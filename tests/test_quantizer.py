@@ -225,6 +225,24 @@ def test_quantizer_commitment_loss_matches_mse_of_its_output():
         assert_close(out.loss, out.breakdown.commitment * 0.5, f"{metric} loss")
 
 
+@pytest.mark.parametrize("N", [5, 40])  # K = 12: the where path (K > N) and the one-gather path (K <= N)
+@pytest.mark.parametrize("C", [1, 3])
+def test_quantize_takes_the_codes_and_passes_unassigned_rows_through(N, C):
+    from vqkernels.estimators import quantize
+
+    g = torch.Generator().manual_seed(N + C)
+    K, D = 12, 4
+    z = torch.randn(C, N, D, generator=g)
+    codes = torch.randn(C, K, D, generator=g)
+    keep = torch.arange(N) % 3 != 1
+    z[:, 1, 2] = float("nan")  # masked (row 1) and kept (row 0) non-finite rows
+    z[-1, 0, 0] = float("inf")
+    q, idx = quantize(z, codes, keep)
+    assert bool((idx[:, ~keep] == -1).all()) and int(idx[-1, 0]) == -1
+    want = torch.where((idx >= 0).unsqueeze(-1), codes.gather(1, idx.clamp_min(0).unsqueeze(-1).expand(C, N, D)), z)
+    assert torch.equal(q.isnan(), want.isnan()) and torch.equal(q.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
 def test_gather_codes_without_a_gradient_is_the_embedding_lookup():
     from vqkernels.estimators import gather_codes
 

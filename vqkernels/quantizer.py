@@ -322,7 +322,7 @@ class Quantizer(nn.Module):
     def _from_head_rows(self, t: torch.Tensor, n: int) -> torch.Tensor:
         """Inverse of :meth:`_head_rows` for ``[C, N', ...]``: ``[N, heads, ...]`` (``[N, ...]`` for one head)."""
         if self.heads == 1:
-            return t[0]
+            return t.squeeze(0)  # a view both ways (t[0]'s backward zero-fills [1, N, D] and copies)
         if self._separate:
             return t.transpose(0, 1)
         return t[0].unflatten(0, (n, self.heads))
