@@ -65,7 +65,7 @@ def _in_order_sums(x, idx, K):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cluster_stats_sums_rows_in_input_order(threads, dtype):
-    C, N, K, D = 2, 3000, 3, 5  # several sum parts, few codes: long runs of rows per code
+    C, N, K, D = 2, 3000, 3, 13  # several sum parts, few codes: long runs of rows per code; D = 8 + 5 (fp16: vector + tail)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(C, N, D, generator=g).to(dtype)
     idx = _indices(C, N, K, 6)
