@@ -31,6 +31,14 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define VQK_RESTRICT __restrict__
+#define VQK_PREFETCH(p) __builtin_prefetch(p)
+#else  // other compilers: plain pointers, no prefetch
+#define VQK_RESTRICT
+#define VQK_PREFETCH(p) ((void)0)
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -39,12 +47,12 @@ using at::Tensor;
 // (c10::Half converts one element per call, which keeps the loop from vectorising); the
 // additions, and so the bits of the sums, are the same.
 template <typename scalar_t>
-inline void add_row(float* __restrict__ acc, const scalar_t* __restrict__ xr, int64_t D) {
+inline void add_row(float* VQK_RESTRICT acc, const scalar_t* VQK_RESTRICT xr, int64_t D) {
   for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(xr[d]);
 }
 #if defined(__F16C__)
 template <>
-inline void add_row<c10::Half>(float* __restrict__ acc, const c10::Half* __restrict__ xr, int64_t D) {
+inline void add_row<c10::Half>(float* VQK_RESTRICT acc, const c10::Half* VQK_RESTRICT xr, int64_t D) {
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
     const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + d)));
@@ -228,16 +236,16 @@ bool segment_sums(const scalar_t* x, int64_t D, int64_t B, const int64_t* off, c
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       std::vector<float> probe(D, 0.f);  // per column: the loop vectorises (no reassociation needed)
-      float* __restrict__ pr = probe.data();
+      float* VQK_RESTRICT pr = probe.data();
       std::fill(sums + first[j] * D, sums + first[j + 1] * D, 0.f);  // the part's bins are contiguous
       for (int64_t b = first[j]; b < first[j + 1]; ++b) {
         const int64_t e = off[b + 1];
         if (off[b] == e) continue;  // an unused code: zeros
-        float* __restrict__ acc = sums + b * D;
+        float* VQK_RESTRICT acc = sums + b * D;
         for (int64_t q = off[b]; q < e; ++q) {
           if (q + kAhead < total) {  // rows are scattered: fetch a later row's every cache line now
             const char* ahead = reinterpret_cast<const char*>(x + static_cast<int64_t>(order[q + kAhead]) * D);
-            for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(ahead + at);
+            for (int64_t at = 0; at < row_bytes; at += 64) VQK_PREFETCH(ahead + at);
           }
           add_row(acc, x + static_cast<int64_t>(order[q]) * D, D);
         }
