@@ -171,21 +171,23 @@ static inline float exact_distance(int metric, const float* x, const float* c, i
 // among them; thresholds only fall, so a later tile rescans only where a row improved or
 // nearly tied (a few times per row).
 struct PackedCodes {
-  const float* w;       // [C][K][DP + 1]: bias, then the weights (zero past D)
-  const float* wt;      // [C][ceil(K / kLanes)][DP + 1][kLanes]: the same, codes along lanes (bias NaN past K)
-  const float* centre;  // [C][D] for l2, else nullptr
+  // [C][ceil(K / kLanes)][DP + 1][kLanes]: per block of kLanes codes, the biases, then each
+  // weight (zero past D), codes along the lanes (bias NaN past K). The walk broadcasts one
+  // code's values, a rescan loads them as vectors.
+  const float* wt;
+  const float* centre;  // [C][DP] for l2 (zero past D), else nullptr
   const float* cmax2;   // [C]: max squared norm of a finite (shifted) code
 };
 
-// Running per-lane minimum of n codes' scores for RV row vectors.
+// Running per-lane minimum of the scores of the first n codes of a packed block, for RV row vectors.
 template <int DP, int RV>
-static VQK_INLINE void score_codes(const float* w, int64_t n, const vf (&xv)[RV][DP], vf (&m)[RV]) {
-  for (int64_t k = 0; k < n; ++k, w += DP + 1) {
+static VQK_INLINE void score_codes(const float* blk, int64_t n, const vf (&xv)[RV][DP], vf (&m)[RV]) {
+  for (int64_t k = 0; k < n; ++k) {
     vf acc[RV];
-    const vf b = vsplat(w[0]);
+    const vf b = vsplat(blk[k]);
     for (int r = 0; r < RV; ++r) acc[r] = b;
     for (int d = 0; d < DP; ++d) {
-      const vf wd = vsplat(w[1 + d]);
+      const vf wd = vsplat(blk[(1 + d) * kLanes + k]);
       for (int r = 0; r < RV; ++r) acc[r] = vfma(xv[r][d], wd, acc[r]);
     }
     for (int r = 0; r < RV; ++r) m[r] = vmin(acc[r], m[r]);  // a NaN score never lowers it
@@ -212,7 +214,7 @@ static void fused_small_d(int metric, const float* xf, const float* cf, const Pa
     std::vector<vf> mbuf(kSub * RV);  // per subblock and row vector: the minimum score
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / nblocks, r0 = (task % nblocks) * RB, rn = std::min<int64_t>(RB, N - r0);
-      const float* centre = pk.centre ? pk.centre + c * D : nullptr;
+      const float* centre = pk.centre ? pk.centre + c * DP : nullptr;
       const float* xb = xf + (c * N + r0) * D;
       for (int i = 0; i < RB; ++i) {
         float n2 = 0.f;
@@ -230,7 +232,6 @@ static void fused_small_d(int metric, const float* xf, const float* cf, const Pa
       vf xv[RV][DP];
       for (int r = 0; r < RV; ++r)
         for (int d = 0; d < DP; ++d) xv[r][d] = vload(xt + d * RB + r * kLanes);
-      const float* wc = pk.w + c * K * W;
       const float* wtc = pk.wt + c * KB * W * kLanes;
       const float* cc = cf + c * K * D;
       for (int64_t k0 = 0; k0 < K; k0 += kSub * kLanes) {
@@ -240,9 +241,9 @@ static void fused_small_d(int metric, const float* xf, const float* cf, const Pa
         for (int64_t j = 0; j < nsub; ++j) {
           vf m[RV];
           for (int r = 0; r < RV; ++r) m[r] = vsplat(inf);
-          const float* w = wc + (k0 + j * kLanes) * W;
-          if (j * kLanes + kLanes <= kn) score_codes<DP, RV>(w, kLanes, xv, m);  // constant trip count
-          else score_codes<DP, RV>(w, kn - j * kLanes, xv, m);
+          const float* blk = wtc + (k0 / kLanes + j) * W * kLanes;
+          if (j * kLanes + kLanes <= kn) score_codes<DP, RV>(blk, kLanes, xv, m);  // constant trip count
+          else score_codes<DP, RV>(blk, kn - j * kLanes, xv, m);
           for (int r = 0; r < RV; ++r) { mbuf[j * RV + r] = m[r]; tmin[r] = vmin(m[r], tmin[r]); }
         }
         // Tile end: tighten the thresholds, then rescan the subblocks that can hold a winner.
@@ -281,82 +282,84 @@ static void fused_small_d(int metric, const float* xf, const float* cf, const Pa
   });
 }
 
-// Packs the codebook for fused_small_d (see there): O(C K D), once per call.
-static void pack_codes(int metric, const Tensor& cf, int DP, Tensor& w, Tensor& wt, Tensor& centre, Tensor& cmax2) {
-  const int64_t C = cf.size(0), K = cf.size(1), D = cf.size(2), W = DP + 1, KB = (K + kLanes - 1) / kLanes;
+// Packs the codebook for fused_small_d (see there): O(C K D), once per call; fixed-size
+// loops (DP) so that small N, where packing is most of the work, stays cheap.
+template <int DP>
+static void pack_codes(int metric, const Tensor& cf, Tensor& wt, Tensor& centre, Tensor& cmax2) {
+  constexpr int W = DP + 1;
+  const int64_t C = cf.size(0), K = cf.size(1), D = cf.size(2), KB = (K + kLanes - 1) / kLanes;
   const float* cp = cf.data_ptr<float>();
-  w = at::empty({C, K, W}, cf.options());
   wt = at::empty({C, KB, W, kLanes}, cf.options());
-  centre = at::zeros({C, D}, cf.options());
+  centre = at::zeros({C, DP}, cf.options());  // padded with zeros past D
   cmax2 = at::empty({C}, cf.options());
   Tensor norms = at::empty({C, K}, cf.options());
   float* ce = centre.data_ptr<float>();
   if (metric == L2) {
     for (int64_t c = 0; c < C; ++c) {  // mean of the finite codes (a NaN code must not poison every score)
-      std::vector<double> sum(D, 0.0);
+      double sum[DP] = {};
       int64_t count = 0;
       for (int64_t k = 0; k < K; ++k) {
         const float* v = cp + (c * K + k) * D;
-        bool finite = true;
-        for (int64_t d = 0; d < D; ++d) finite = finite && std::isfinite(v[d]);
-        if (!finite) continue;
+        float z = 0.f;  // NaN iff some coordinate is NaN or infinite
+        for (int64_t d = 0; d < D; ++d) z += v[d] * 0.f;
+        if (z != 0.f) continue;
         for (int64_t d = 0; d < D; ++d) sum[d] += v[d];
         ++count;
       }
-      for (int64_t d = 0; d < D; ++d) ce[c * D + d] = count ? static_cast<float>(sum[d] / count) : 0.f;
+      for (int64_t d = 0; d < D; ++d) ce[c * DP + d] = count ? static_cast<float>(sum[d] / count) : 0.f;
     }
   }
-  float* wp = w.data_ptr<float>();
   float* wtp = wt.data_ptr<float>();
   float* np = norms.data_ptr<float>();
   const float scale = metric == L2 ? -2.f : -1.f;
+  const float bias0 = metric == COSINE ? 1.f : 0.f;
   at::parallel_for(0, C * KB, 64, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t c = b / KB, kb = b % KB;
+      const int64_t c = b / KB, kb = b % KB, k0 = kb * kLanes, kn = std::min<int64_t>(kLanes, K - k0);
+      const float* cen = ce + c * DP;
       float* blk = wtp + b * W * kLanes;
-      for (int l = 0; l < kLanes; ++l) {
-        const int64_t k = kb * kLanes + l;
-        if (k >= K) {  // padding lanes never score <= a threshold
-          blk[l] = std::numeric_limits<float>::quiet_NaN();
-          for (int d = 0; d < DP; ++d) blk[(1 + d) * kLanes + l] = 0.f;
-          continue;
-        }
-        const float* v = cp + (c * K + k) * D;
-        float* wk = wp + (c * K + k) * W;
+      for (int64_t l = 0; l < kn; ++l) {
+        const float* v = cp + (c * K + k0 + l) * D;
+        float s[DP];
+        for (int d = 0; d < DP; ++d) s[d] = d < D ? v[d] - cen[d] : 0.f;
         float n2 = 0.f;
-        for (int d = 0; d < DP; ++d) {
-          const float s = d < D ? v[d] - ce[c * D + d] : 0.f;
-          n2 += s * s;
-          wk[1 + d] = scale * s;
-        }
-        wk[0] = metric == L2 ? n2 : (metric == COSINE ? 1.f : 0.f);
-        np[c * K + k] = n2;
-        for (int d = 0; d < W; ++d) blk[d * kLanes + l] = wk[d];
+        for (int d = 0; d < DP; ++d) n2 += s[d] * s[d];
+        blk[l] = metric == L2 ? n2 : bias0;
+        for (int d = 0; d < DP; ++d) blk[(1 + d) * kLanes + l] = scale * s[d];
+        np[c * K + k0 + l] = n2;
+      }
+      for (int64_t l = kn; l < kLanes; ++l) {  // padding lanes never score <= a threshold
+        blk[l] = std::numeric_limits<float>::quiet_NaN();
+        for (int d = 1; d < W; ++d) blk[d * kLanes + l] = 0.f;
       }
     }
   });
   float* cm = cmax2.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
     float mx = 0.f;
-    for (int64_t k = 0; k < K; ++k)
-      if (std::isfinite(np[c * K + k])) mx = std::max(mx, np[c * K + k]);
+    for (int64_t k = 0; k < K; ++k) {
+      const float n = np[c * K + k];
+      mx = std::max(mx, n - n == 0.f ? n : 0.f);  // finite norms only
+    }
     cm[c] = mx;
   }
 }
 
-static void fused_dispatch(int metric, const Tensor& xf, const Tensor& cf, float* outd, int64_t* outi) {
-  const int64_t C = xf.size(0), N = xf.size(1), K = cf.size(1), D = xf.size(2);
-  const int DP = D <= 4 ? 4 : (D <= 8 ? 8 : 16);  // zero-padded dimensions add exactly 0
-  Tensor w, wt, centre, cmax2;
-  pack_codes(metric, cf, DP, w, wt, centre, cmax2);
-  const PackedCodes pk{w.data_ptr<float>(), wt.data_ptr<float>(), metric == L2 ? centre.data_ptr<float>() : nullptr,
+template <int DP, int RV>
+static void fused_run(int metric, const Tensor& xf, const Tensor& cf, float* outd, int64_t* outi) {
+  Tensor wt, centre, cmax2;
+  pack_codes<DP>(metric, cf, wt, centre, cmax2);
+  const PackedCodes pk{wt.data_ptr<float>(), metric == L2 ? centre.data_ptr<float>() : nullptr,
                        cmax2.data_ptr<float>()};
-  const float* xp = xf.data_ptr<float>();
-  const float* cp = cf.data_ptr<float>();
-  const int d = static_cast<int>(D);
-  if (DP == 4) fused_small_d<4, VQK_RV4>(metric, xp, cp, pk, C, N, K, d, outd, outi);
-  else if (DP == 8) fused_small_d<8, VQK_RV8>(metric, xp, cp, pk, C, N, K, d, outd, outi);
-  else fused_small_d<16, VQK_RV16>(metric, xp, cp, pk, C, N, K, d, outd, outi);
+  fused_small_d<DP, RV>(metric, xf.data_ptr<float>(), cf.data_ptr<float>(), pk, xf.size(0), xf.size(1), cf.size(1),
+                        static_cast<int>(xf.size(2)), outd, outi);
+}
+
+static void fused_dispatch(int metric, const Tensor& xf, const Tensor& cf, float* outd, int64_t* outi) {
+  const int64_t D = xf.size(2);  // zero-padded dimensions add exactly 0
+  if (D <= 4) fused_run<4, VQK_RV4>(metric, xf, cf, outd, outi);
+  else if (D <= 8) fused_run<8, VQK_RV8>(metric, xf, cf, outd, outi);
+  else fused_run<16, VQK_RV16>(metric, xf, cf, outd, outi);
 }
 
 // Minimum of one row's scores over a BLAS tile (vectorised; NaN scores never win).
