@@ -149,6 +149,87 @@ def _constant_probe() -> None:
         _residual_assign_runs = torch.compiler.assume_constant_result(_residual_assign_probe)
 
 
+class _StageLoop(torch.autograd.Function):
+    """The training stage loop with straight-through gradients and no gradient to the codes
+    (``gradient="ste"``, EMA codebooks or a frozen stack) as ONE autograd node.
+
+    Forward (no graph): the general loop's ops, stage ``q`` quantizing ``s_q = normalized(r_q)``
+    with ``r_0 = z`` and ``r_{q+1} = r_q - c_q`` (``c_q`` its codes; rows without one pass
+    ``s_q`` through). Backward in closed form: each ``r_q`` is ``z`` minus constants, so
+    ``dL/dz = sum_q J_q^T (g + w * dL/dloss_q * 2 (s_q - c_q) / (rows * D))`` over the stages
+    run, ``g`` the output's gradient (zero on rows without a code at stage 0, which pass ``z``
+    through and get ``g`` directly) and ``J_q`` the normalisation's Jacobian (identity for l2
+    and dot). The general loop records about ten autograd nodes per stage whose small ops are
+    most of a training step's own cost at small ``codebook_dim`` (DAC's 8)."""
+
+    @staticmethod
+    def forward(ctx, z, codes, keep, last, sizes, metric, backend, check_codebook, weight):
+        G, N, D = z.shape
+        Q, K = codes.shape[1], codes.shape[2]
+        n = last + 1  # the stages run; later ones are dropped (index -1, loss 0, no statistics)
+        residual, out = z, torch.zeros_like(z)
+        ins, picked, residuals, indices, losses = [], [], [z], [], []
+        for q in range(n):
+            stage_in = normalized(residual, metric)
+            stage_codes = codes[:, q] if sizes[q] == K else codes[:, q, : sizes[q]].contiguous()
+            qz, idx = quantize(stage_in, stage_codes, keep, gradient="ste", metric=metric, backend=backend,
+                               check_codebook=check_codebook)
+            losses.append(torch.stack([_masked_mse(stage_in[g:g + 1], qz[g:g + 1], keep) for g in range(G)]) * weight)
+            ins.append(stage_in)
+            picked.append(qz)
+            indices.append(idx)
+            out = out + qz
+            residual = residual - qz
+            residuals.append(residual)
+        dropped = Q - n
+        indices = torch.stack(indices + [torch.full((G, N), -1, dtype=torch.int64, device=z.device)] * dropped, 1)
+        losses = torch.stack(losses + [z.new_zeros(G)] * dropped, 1)
+        # rows without a code at stage 0 (non-finite; masked ones are handled by the caller)
+        # pass through unchanged: the stage loop would turn an Inf into NaN (inf - inf)
+        passed = indices[:, 0].unsqueeze(-1) < 0
+        out = torch.where(passed, z, out)
+        stage_inputs = torch.stack(ins + [torch.zeros_like(z)] * dropped, 1)  # [G, Q, N, D]
+        if metric == "cosine":  # batched over the stages: s_q, s_q - c_q and |r_q|
+            s = stage_inputs[:, :n]
+            saved = (s, s - torch.stack(picked, 1), torch.stack(residuals[:n], 1).norm(dim=-1, keepdim=True))
+        else:  # s_q - c_q is r_{q+1}
+            saved = tuple(residuals[1:])
+        ctx.save_for_backward(passed, keep, *saved)
+        ctx.metric, ctx.weight, ctx.stages = metric, weight, n
+        ctx.mark_non_differentiable(indices, stage_inputs)
+        return out, losses, indices, stage_inputs
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_losses, _grad_indices, _grad_inputs):
+        passed, keep, *saved = ctx.saved_tensors
+        G, N, D = grad_out.shape
+        n, dtype = ctx.stages, grad_out.dtype
+        zero = torch.zeros((), dtype=dtype, device=grad_out.device)
+        through = torch.where(passed, zero, grad_out)  # what each stage's straight-through passes on
+        scale = None  # [G, n]: the commitment losses' backward, as _masked_mse's: 2 (s - c) / (rows * D)
+        if N and grad_losses is not None and ctx.weight != 0.0:
+            rows = N if keep is None else keep.sum().clamp_min(1)
+            scale = grad_losses[:, :n].to(dtype) * (2.0 * ctx.weight) / (rows * D)
+        kept = None if keep is None else keep.view(N, 1)
+        if ctx.metric == "cosine":
+            s, diff, norm = saved  # [G, n, N, D], [G, n, N, D], [G, n, N, 1]
+            grad = through.unsqueeze(1).expand(G, n, N, D)
+            if scale is not None:  # where, not a product: a masked row may hold NaN
+                diff = diff if kept is None else torch.where(kept, diff, zero)
+                grad = grad + diff * scale.view(G, n, 1, 1)
+            # F.normalize's backward: (g - s (s . g)) / max(|r|, eps), no radial part where clamped
+            radial = (s * grad).sum(-1, keepdim=True) * (norm >= 1e-12).to(dtype)
+            grad_z = ((grad - s * radial) / norm.clamp_min(1e-12)).sum(1)
+        else:
+            grad_z = through * n
+            if scale is not None:  # + sum_q scale_q r_{q+1}, in place (no [G, n, N, D] temporary)
+                for q, r in enumerate(saved):
+                    grad_z.addcmul_(r, scale[:, q].view(G, 1, 1))
+                if kept is not None:  # a masked row (zero so far) may hold NaN
+                    grad_z = torch.where(kept, grad_z, zero)
+        return grad_z + torch.where(passed, grad_out, zero), None, None, None, None, None, None, None, None
+
+
 class ResidualOutput(NamedTuple):
     quantized: torch.Tensor
     indices: torch.Tensor
@@ -390,6 +471,10 @@ class _ResidualStacks(nn.Module):
         last = Q - 1
         if self.training and self.quantize_dropout:
             last = random.randrange(self.quantize_dropout_cutoff_index, Q)  # stages after it are dropped
+        if self.training and self.gradient == "ste" and (self.learning == "ema" or freeze):
+            out, losses, indices, zs = _StageLoop.apply(z, codes.detach(), keep, last, self.codebook_sizes, self.metric,
+                                                         self.backend, strict, self.commitment_weight)
+            return self._finish(flat, keep, out, indices, zs, losses.float(), sync, strict, freeze)
         residual = z
         out = torch.zeros_like(z)
         stage_inputs, stage_indices, losses = [], [], []
@@ -419,9 +504,16 @@ class _ResidualStacks(nn.Module):
         # rows without a code at stage 0 (non-finite; masked ones are handled below) pass
         # through unchanged: the stage loop would turn an Inf into NaN (inf - inf)
         out = torch.where(indices[:, 0].unsqueeze(-1) < 0, z, out)
+        zs = torch.stack(stage_inputs, 1) if self.training and not freeze else None  # [G, Q, N, D]
+        return self._finish(flat, keep, out, indices, zs, torch.stack(losses, 1).float(), sync, strict, freeze)
+
+    def _finish(self, flat, keep, out, indices, zs, losses, sync, strict, freeze):
+        """After the stages: the codebook update of all stages (training), the projection out."""
+        G, Q, D = self.groups, self.num_quantizers, self.codebook_dim
+        N = flat.shape[0]
+        book = self.codebook_state
         if self.training and not freeze:
             finite = self._finite(indices, keep) if self.check_finite and not strict else None
-            zs = torch.stack(stage_inputs, 1)  # [G, Q, N, D]
             if self.shared_codebook:
                 # one codebook per group: all its stages' rows together
                 book.update_(zs.reshape(G, Q * N, D), indices.reshape(G, Q * N), None if keep is None else keep.repeat(Q), sync,
@@ -431,7 +523,7 @@ class _ResidualStacks(nn.Module):
         outg = self._project_out(out).to(flat.dtype)
         if keep is not None:
             outg = torch.where(keep.unsqueeze(-1), outg, flat)
-        return outg, indices, torch.stack(losses, 1).float()
+        return outg, indices, losses
 
     def _finite(self, indices: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         """The non-finite policy's device-side flag (no host sync): False when a kept row has no
