@@ -305,3 +305,22 @@ def test_fused_non_finite_codes_never_win_nor_poison_the_others():
         ri, rd = reference.assign(x[0], cm[0, finite], metric)
         assert torch.equal(i[0], finite.nonzero()[:, 0][ri]), metric
         assert torch.allclose(d[0], rd, atol=1e-5), metric
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+def test_fused_runs_of_copies_of_the_nearest_code(metric):
+    """A run of copies of one code spanning subblocks and tiles (the kernel keeps only the
+    first of a run in play): the first copy wins, as the reference's lowest index."""
+    _cpu_ready()
+    D, K = 8, FUSED_K
+    c = randn(K, D, seed=15)
+    c[1000:3000] = c[1000].clone()  # across a tile boundary
+    c[3500:] = 0.0  # a constant tail, the last subblock partial
+    x = randn(64, D, seed=16)
+    x[:8] = c[1000] + 1e-3 * randn(8, D, seed=17)
+    x[8:16] = 1e-3 * randn(8, D, seed=18)  # nearest to the zero tail (l2)
+    i, d = vqkernels.assign(x, c, metric, backend="cpu")
+    ri, rd = reference.assign(x, c, metric)
+    assert torch.equal(i, ri) and torch.allclose(d, rd, atol=1e-5)
+    if metric == "l2":
+        assert (i[:8] == 1000).all() and (i[8:16] == 3500).all()

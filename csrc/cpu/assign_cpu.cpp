@@ -325,6 +325,10 @@ static void pack_codes(int metric, const Tensor& cf, Tensor& wt, Tensor& centre,
         float n2 = 0.f;
         for (int d = 0; d < DP; ++d) n2 += s[d] * s[d];
         blk[l] = metric == L2 ? n2 : bias0;
+        // A copy of the code just before it can never win (same distance, higher index): a NaN
+        // bias keeps it out of the minimum and the rescans, so a constant codebook (or a
+        // constant block of it) costs one exact distance per row, not one per copy.
+        if (k0 + l > 0 && std::memcmp(v, v - D, D * sizeof(float)) == 0) blk[l] = std::numeric_limits<float>::quiet_NaN();
         for (int d = 0; d < DP; ++d) blk[(1 + d) * kLanes + l] = scale * s[d];
         np[c * K + k0 + l] = n2;
       }
