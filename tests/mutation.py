@@ -47,6 +47,13 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["vqkernels/ops/ema_update/reference.py", "vqkernels/ops/ema_update/chunked.py"],
         ["tests/test_definitions.py", "tests/test_ops.py", "-k", f"ema_update and {NOT_TRITON}"],
     ),
+    # The fused residual encoder: the stage loop every stage-by-stage backend shares
+    # (reference.staged) and the chunked entry; its op tests, then the quantizers' fused eval.
+    "residual_assign": (
+        ["vqkernels/ops/residual_assign/reference.py", "vqkernels/ops/residual_assign/chunked.py"],
+        ["tests/test_residual_assign.py", "tests/test_residual_fused_eval.py", "tests/test_residual_sizes.py",
+         "-k", NOT_TRITON],
+    ),
     # The codebook state: EMA update, k-means init, dead-code restart and the Deferred
     # Quantization reservoir + switch (vqkernels/codebook.py; vqkernels/quantizer.py before
     # the split). Slower: each mutant runs Quantizer training steps.
@@ -81,9 +88,12 @@ def _prepare(group: str, files: list[str], tests: list[str], jobs: int) -> Path:
     shutil.copytree(ROOT / "vqkernels", work / "vqkernels", ignore=ignore)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", work / "pyproject.toml")
+    # the C++ sources: the cpu backend (JIT-built, reused from the cache for unchanged sources)
+    # runs in the copy too, so its tests exercise the Python code it shares (staged, chunked calls)
+    shutil.copytree(ROOT / "csrc", work / "csrc", ignore=ignore)
     if "[tool.mutmut]" in (work / "pyproject.toml").read_text():
         sys.exit("pyproject.toml holds a [tool.mutmut] section, which would override the group's setup.cfg")
-    lines = ["[mutmut]", "source_paths = vqkernels", "only_mutate ="]
+    lines = ["[mutmut]", "source_paths = vqkernels", "also_copy =", "    csrc", "only_mutate ="]
     lines += [f"    {f}" for f in files]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {a}" for a in tests]
     # -p no:cacheprovider: the copy must not write .pytest_cache next to the real one
