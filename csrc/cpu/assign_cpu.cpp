@@ -477,9 +477,10 @@ static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor
   });
 }
 
-// Largest D of the fused direct-difference kernel (above: BLAS tiles). 16 by default: at
-// D = 24 and 32 the BLAS tiles (plus the exact tie re-check) ran 1.4-1.6x faster on 1 thread;
-// VQKERNELS_CPU_FUSED_MAX_D overrides it (tests reach both paths at one D, benchmarks tune).
+// Largest D of the fused kernel (above: BLAS tiles); 16 at most (the rows of a block live in
+// registers). At D = 16 the fused kernel took 0.39x the BLAS tiles' time (1 thread, N = 65536,
+// K = 8192); a DP = 24 / 32 variant took 1.6x / 1.5-2.0x theirs. VQKERNELS_CPU_FUSED_MAX_D lowers
+// it (tests reach both paths at one D, benchmarks tune).
 static int64_t fused_max_d() {
   static const int64_t value = [] {
     const char* env = std::getenv("VQKERNELS_CPU_FUSED_MAX_D");
