@@ -147,17 +147,20 @@ class _Commitment(torch.autograd.Function):
     def forward(ctx, z, q, distances, keep):
         C, N, D = z.shape
         if keep is None:
-            total, rows = distances.sum(), C * N
+            total, denom = distances.sum(), C * N * D
+            ctx.save_for_backward(z, q, None, None)
+            ctx.denom = denom
         else:  # where, not a product: a masked row's distance may be NaN
             total = torch.where(keep, distances, torch.zeros((), dtype=distances.dtype, device=distances.device)).sum()
-            rows = keep.sum().clamp_min(1) * C
-        denom = rows * D
-        ctx.save_for_backward(z, q, keep, torch.as_tensor(denom, dtype=z.dtype, device=z.device))
+            denom = keep.sum().clamp_min(1) * (C * D)  # a device tensor: no host sync
+            ctx.save_for_backward(z, q, keep, denom)
         return (total / denom).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         z, q, keep, denom = ctx.saved_tensors
+        if keep is None:
+            denom = ctx.denom
         diff = z - q
         if keep is not None:  # masked rows get no gradient, NaN or not (as the loss's where)
             diff = torch.where(keep.unsqueeze(-1), diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
