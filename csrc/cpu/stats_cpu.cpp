@@ -12,12 +12,14 @@
 // (integers: exact whatever the order). With weights: per-chunk fp64 sums, added in chunk
 // order, then rounded to fp32 (deterministic for a given thread count).
 //
-// cluster_stats: a stable counting sort of the rows by bin (per-chunk counts, an exclusive
-// scan, a scatter of row numbers), then every bin's sum is its rows added in input order,
-// one bin at a time. Bins are shared among threads by position in the sorted order, each
-// bin summed whole by one thread, so the sums are bitwise the same for any thread count
-// and no partial [K, D] copies are zeroed or merged. Always deterministic. It also says
-// whether every sum is finite, so the public op's non-finite check reads nothing again.
+// cluster_stats: every bin's sum is its rows added in input order, by one thread, so the
+// sums are bitwise the same for any thread count (always deterministic) and no partial
+// [K, D] copies are zeroed or merged. Bins are shared among threads in ranges of about
+// equal rows (per-chunk counts and an exclusive scan give each bin's rows). Small sums
+// ([C * K, D] within ~1 MiB per thread): each thread scans the rows in order and adds those
+// of its bins. Larger: a stable counting sort of the row numbers by bin, then each bin's
+// rows gathered in that order while its sum stays hot. It also says whether every sum is
+// finite, so the public op's non-finite check reads nothing again.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -185,15 +187,12 @@ std::tuple<Tensor, int64_t> histogram_cpu(const Tensor& indices, int64_t K, cons
   return {counts, worst};
 }
 
-// Row numbers of the flat [C * N] axis in order of bin, stable (rows of a bin in input
-// order); off[b]..off[b + 1] are bin b's positions, counts[b] their number. `starts` holds
-// count_bins' per-chunk counts on entry.
-template <typename index_t, typename row_t>
-void sort_rows(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, int64_t* starts, int64_t* off,
-               row_t* order, float* counts) {
-  const int64_t M = C * N, B = C * K;
+// Exclusive scan of count_bins' per-chunk counts, bin-major then chunk (so a stable order):
+// off[b]..off[b + 1] are bin b's positions in the sorted order, counts[b] their number, and
+// starts[p][b] becomes chunk p's first position in bin b.
+void scan_bins(int64_t P, int64_t B, int64_t* starts, int64_t* off, float* counts) {
   int64_t run = 0;
-  for (int64_t b = 0; b < B; ++b) {  // exclusive scan, bin-major then chunk: stable
+  for (int64_t b = 0; b < B; ++b) {
     off[b] = run;
     for (int64_t p = 0; p < P; ++p) {
       const int64_t n = starts[p * B + b];
@@ -203,9 +202,15 @@ void sort_rows(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, i
     counts[b] = static_cast<float>(run - off[b]);
   }
   off[B] = run;
+}
+
+// Row numbers of the flat [C * N] axis in order of bin, stable (rows of a bin in input order).
+template <typename index_t, typename row_t>
+void sort_rows(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, int64_t* starts, row_t* order) {
+  const int64_t M = C * N;
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      int64_t* next = starts + p * B;
+      int64_t* next = starts + p * C * K;
       for_rows(M * p / P, M * (p + 1) / P, N, [&](int64_t c, int64_t n0, int64_t n1) {
         const index_t* row = idx + c * N;
         int64_t* bins = next + c * K;
@@ -218,25 +223,83 @@ void sort_rows(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, i
   });
 }
 
-// sums[b] = the rows order[off[b]..off[b + 1]] of x added in that order (fp32). Returns
-// whether every sum is finite (s - s is 0 for a finite s, NaN for NaN or Inf), which spares
-// the public op its own pass over the sums.
-template <typename scalar_t, typename row_t>
-bool segment_sums(const scalar_t* x, int64_t D, int64_t B, const int64_t* off, const row_t* order, float* sums) {
+// The bins shared among `parts` parts of about equal rows: part j owns the bins whose first
+// position lies in [total * j / parts, total * (j + 1) / parts), i.e. [first[j], first[j + 1]).
+std::vector<int64_t> split_bins(const int64_t* off, int64_t B, int64_t parts) {
   const int64_t total = off[B];
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), total / 1024));
-  // Part j owns the bins whose first position lies in [total * j / parts, total * (j + 1) / parts).
   std::vector<int64_t> first(parts + 1);
   for (int64_t j = 0; j < parts; ++j) first[j] = std::lower_bound(off, off + B, total * j / parts) - off;
   first[0] = 0;
   first[parts] = B;
-  constexpr int64_t kAhead = 8;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  std::vector<float> probes(parts, 0.f);
+  return first;
+}
+
+// Whether the sums of one part's used bins are all finite: s - s is 0 for a finite s and NaN
+// for NaN or Inf, added per column so the loop vectorises (no reassociation needed). Spares
+// the public op its own pass over the sums.
+struct FiniteProbe {
+  std::vector<float> col;
+  explicit FiniteProbe(int64_t D) : col(D, 0.f) {}
+  void add(const float* VQK_RESTRICT acc) {
+    float* VQK_RESTRICT c = col.data();
+    for (size_t d = 0; d < col.size(); ++d) c[d] += acc[d] - acc[d];
+  }
+  bool finite() const {
+    float any = 0.f;
+    for (float v : col) any += v;
+    return any == 0.f;
+  }
+};
+
+// Two ways to the same sums (each bin's rows added in input order, so the bits agree):
+// small [C * K, D] sums: each part scans all rows in order and adds those of its own bins
+// (x read in address order, the part's sums stay in cache); large ones: the rows gathered
+// by the sorted order, one bin at a time, its sum kept hot while its rows stream in.
+constexpr int64_t kScanMaxBytesPerThread = 1 << 20;
+
+template <typename scalar_t, typename index_t>
+bool scan_sums(const scalar_t* x, const index_t* idx, int64_t N, int64_t K, int64_t D, int64_t B, const int64_t* off,
+               float* sums) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), off[B] / 4096));
+  const std::vector<int64_t> first = split_bins(off, B, parts);
+  std::vector<char> finite(parts, 1);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      std::vector<float> probe(D, 0.f);  // per column: the loop vectorises (no reassociation needed)
-      float* VQK_RESTRICT pr = probe.data();
+      const int64_t lo = first[j], hi = first[j + 1];
+      std::fill(sums + lo * D, sums + hi * D, 0.f);
+      if (lo == hi) continue;
+      for (int64_t c = lo / K; c <= (hi - 1) / K; ++c) {  // the codebooks this part's bins belong to
+        const int64_t klo = std::max<int64_t>(lo - c * K, 0), khi = std::min<int64_t>(hi - c * K, K);
+        const index_t* row = idx + c * N;
+        const scalar_t* xc = x + c * N * D;
+        float* sc = sums + c * K * D;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t k = static_cast<int64_t>(row[n]);
+          if (k >= klo && k < khi) add_row(sc + k * D, xc + n * D, D);  // masked (< 0) never match
+        }
+      }
+      FiniteProbe probe(D);
+      for (int64_t b = lo; b < hi; ++b) {
+        if (off[b + 1] > off[b]) probe.add(sums + b * D);
+      }
+      finite[j] = probe.finite();
+    }
+  });
+  return std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
+}
+
+// sums[b] = the rows order[off[b]..off[b + 1]] of x added in that order (fp32).
+template <typename scalar_t, typename row_t>
+bool segment_sums(const scalar_t* x, int64_t D, int64_t B, const int64_t* off, const row_t* order, float* sums) {
+  const int64_t total = off[B];
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), total / 1024));
+  const std::vector<int64_t> first = split_bins(off, B, parts);
+  constexpr int64_t kAhead = 8;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  std::vector<char> finite(parts, 1);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      FiniteProbe probe(D);
       std::fill(sums + first[j] * D, sums + first[j + 1] * D, 0.f);  // the part's bins are contiguous
       for (int64_t b = first[j]; b < first[j + 1]; ++b) {
         const int64_t e = off[b + 1];
@@ -249,17 +312,12 @@ bool segment_sums(const scalar_t* x, int64_t D, int64_t B, const int64_t* off, c
           }
           add_row(acc, x + static_cast<int64_t>(order[q]) * D, D);
         }
-        for (int64_t d = 0; d < D; ++d) pr[d] += acc[d] - acc[d];
+        probe.add(acc);
       }
-      float any = 0.f;
-      for (int64_t d = 0; d < D; ++d) any += pr[d];
-      probes[j] = any;
+      finite[j] = probe.finite();
     }
   });
-  for (float p : probes) {
-    if (p != 0.f) return false;  // NaN
-  }
-  return true;
+  return std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
 }
 
 std::tuple<Tensor, Tensor, int64_t, bool> cluster_stats_cpu(const Tensor& x, const Tensor& indices, int64_t K) {
@@ -283,9 +341,16 @@ std::tuple<Tensor, Tensor, int64_t, bool> cluster_stats_cpu(const Tensor& x, con
     const index_t* idx = indices.data_ptr<index_t>();
     worst = count_bins<index_t>(idx, C, N, K, P, starts.data());
     if (worst >= K) return;  // the caller raises; the outputs are not read
+    scan_bins(P, B, starts.data(), off.data(), counts.data_ptr<float>());
+    if (B * D * static_cast<int64_t>(sizeof(float)) <= kScanMaxBytesPerThread * at::get_num_threads()) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "cluster_stats_cpu", [&] {
+        finite = scan_sums<scalar_t, index_t>(xc.data_ptr<scalar_t>(), idx, N, K, D, B, off.data(), sums.data_ptr<float>());
+      });
+      return;
+    }
     auto run = [&](auto* order) {
       using row_t = std::remove_pointer_t<decltype(order)>;
-      sort_rows<index_t, row_t>(idx, C, N, K, P, starts.data(), off.data(), order, counts.data_ptr<float>());
+      sort_rows<index_t, row_t>(idx, C, N, K, P, starts.data(), order);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "cluster_stats_cpu", [&] {
         finite = segment_sums<scalar_t, row_t>(xc.data_ptr<scalar_t>(), D, B, off.data(), order, sums.data_ptr<float>());
       });

@@ -1,7 +1,8 @@
 """``cluster_stats`` on the ``cpu`` backend: the C++ kernel of csrc/cpu/stats_cpu.cpp.
 
-A stable counting sort of the rows by code, then each code's rows summed in input order by
-one thread: bitwise the same for any thread count, so ``deterministic`` costs nothing here.
+Each code's rows summed in input order by one thread (small sums: every thread scans the
+rows for its codes; large: the rows gathered by a stable counting sort): bitwise the same
+for any thread count, so ``deterministic`` costs nothing here.
 The op's value checks ride on the kernel's passes (``checks_values``): an index >= K raises
 the op's usual error from the one pass over the indices, and with ``with_finite`` the
 kernel also says whether every sum is finite, so the public op reads neither the indices
