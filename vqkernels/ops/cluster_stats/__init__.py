@@ -46,15 +46,18 @@ def _cluster_stats_op(
     if C * N == 0:
         counts, sums = x.new_zeros(C, K, dtype=dtype), x.new_zeros(C, K, D, dtype=dtype)
     else:
-        name = _dispatch.select("cluster_stats", x.device, x.dtype, backend or None)
         # A backend whose kernel does the value checks in its own passes (``checks_values``:
         # it raises for an index >= K and, asked ``with_finite``, says whether the sums are
         # finite) spares the op a second pass over the indices and one over the sums.
-        if check and getattr(_dispatch.implementation("cluster_stats", name), "checks_values", False):
+        name, fused = backend, False
+        if check:
+            name = _dispatch.select("cluster_stats", x.device, x.dtype, backend or None)
+            fused = getattr(_dispatch.implementation("cluster_stats", name), "checks_values", False)
+            if not fused:
+                check_indices_in_range("indices", indices, K)
+        if fused:
             counts, sums, finite = _dispatch.call("cluster_stats", name, x.device, x.dtype, x, indices, K, deterministic, True)
         else:
-            if check:
-                check_indices_in_range("indices", indices, K)
             counts, sums = _dispatch.call("cluster_stats", name, x.device, x.dtype, x, indices, K, deterministic)
             finite = not check or all_finite(sums)
         # A NaN/Inf in a row with an index reaches its code's sum: checking the [C, K, D] sums

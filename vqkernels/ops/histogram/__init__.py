@@ -35,10 +35,11 @@ def _histogram_op(indices: torch.Tensor, K: int, weights: Optional[torch.Tensor]
         counts = torch.zeros(C, K, dtype=torch.int64 if weights is None else torch.float32, device=indices.device)
     else:
         dtype = None if weights is None else weights.dtype
-        name = _dispatch.select("histogram", indices.device, dtype, backend or None)
+        name = backend
         if check:
             # a backend whose kernel checks the range in its own pass over the indices
             # (``checks_values``) spares the op a second pass
+            name = _dispatch.select("histogram", indices.device, dtype, backend or None)
             if not getattr(_dispatch.implementation("histogram", name), "checks_values", False):
                 check_indices_in_range("indices", indices, K)
             if weights is not None:
