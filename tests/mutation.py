@@ -45,7 +45,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "ema_update": (
         ["vqkernels/ops/ema_update/reference.py", "vqkernels/ops/ema_update/chunked.py"],
-        ["tests/test_definitions.py", "tests/test_ops.py", "-k", f"ema_update and {NOT_TRITON}"],
+        ["tests/test_definitions.py", "tests/test_ops.py", "tests/test_ema_update_mutants.py",
+         "-k", f"ema_update and {NOT_TRITON}"],
     ),
     # The fused residual encoder: the stage loop every stage-by-stage backend shares
     # (reference.staged) and the chunked entry; its op tests, then the quantizers' fused eval.
