@@ -96,7 +96,8 @@ def cluster_stats(
         indices: ``[...]`` int64/int32 codes, same leading shape as ``x``; negative = masked.
         K: number of codes per codebook.
         deterministic: sum in a fixed order (stable sort + segment reduction) so results are
-            bitwise reproducible; otherwise an ``index_add_``/atomic scatter.
+            bitwise reproducible; otherwise an ``index_add_``/atomic scatter. (The ``cpu``
+            backend always sums each code's rows in input order: reproducible either way.)
         codebook_axis: the first dimension of ``x`` and ``indices`` is the codebook axis ``C``.
         heads: alias of ``codebook_axis`` (heads are codebooks).
         backend: as for :func:`vqkernels.assign`.
