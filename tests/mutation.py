@@ -37,7 +37,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "histogram": (
         ["vqkernels/ops/histogram/reference.py", "vqkernels/ops/histogram/chunked.py"],
-        ["tests/test_definitions.py", "tests/test_ops.py", "-k", f"histogram and {NOT_TRITON}"],
+        ["tests/test_definitions.py", "tests/test_ops.py", "tests/test_histogram_mutants.py",
+         "-k", f"histogram and {NOT_TRITON}"],
     ),
     "cluster_stats": (
         ["vqkernels/ops/cluster_stats/reference.py", "vqkernels/ops/cluster_stats/chunked.py"],
