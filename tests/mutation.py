@@ -42,7 +42,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "cluster_stats": (
         ["vqkernels/ops/cluster_stats/reference.py", "vqkernels/ops/cluster_stats/chunked.py"],
-        ["tests/test_definitions.py", "tests/test_ops.py", "-k", f"cluster_stats and {NOT_TRITON}"],
+        ["tests/test_definitions.py", "tests/test_ops.py", "tests/test_cluster_stats_mutants.py",
+         "-k", f"cluster_stats and {NOT_TRITON}"],
     ),
     "ema_update": (
         ["vqkernels/ops/ema_update/reference.py", "vqkernels/ops/ema_update/chunked.py"],
