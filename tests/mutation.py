@@ -66,7 +66,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_codebook_mutants.py", "tests/test_codebook_axis.py", "tests/test_quantizer.py",
             "tests/test_nonfinite.py", "tests/test_determinism.py", "tests/test_errors.py", "tests/test_kmeans.py",
             "tests/test_checkpoints.py", "tests/test_resume.py", "tests/test_residual_quantizer.py", "tests/test_dropin.py",
-            "-k", NOT_TRITON,
+            # dynamo cannot trace mutmut's trampolines with fullgraph=True (its stats pass fails)
+            "-k", f"{NOT_TRITON} and not test_options_compile_fullgraph_and_match_eager",
         ],
     ),
     # The index helpers every histogram / cluster_stats backend shares (masked entries, the
