@@ -83,6 +83,32 @@ STATUS_KILLED = {"killed", "caught by type check", "timeout", "segfault"}
 STATUS_UNTESTED = {"no tests", "skipped", "not checked"}
 
 
+def _undecorate_no_grad(path: Path) -> int:
+    """mutmut 3 does not mutate decorated functions: in the COPY, turn each method decorated
+    only with ``@torch.no_grad()`` into the same method whose body (after its docstring) runs
+    under ``with torch.no_grad():``. Same behaviour; returns how many were rewritten."""
+    import ast
+
+    lines = path.read_text().splitlines(keepends=True)
+    found = []
+    for node in ast.walk(ast.parse("".join(lines))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(node.decorator_list) == 1:
+            if ast.unparse(node.decorator_list[0]) == "torch.no_grad()":
+                found.append(node)
+    for node in sorted(found, key=lambda n: n.lineno, reverse=True):  # bottom up: line numbers stay valid
+        body = node.body
+        if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) and len(body) > 1:
+            body = body[1:]  # keep the docstring outside the with
+        first, last = body[0].lineno - 1, node.end_lineno
+        indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+        block = [("    " + ln if ln.strip() else ln) for ln in lines[first:last]]
+        lines[first:last] = [f"{indent}with torch.no_grad():\n"] + block
+        deco = node.decorator_list[0].lineno - 1
+        del lines[deco]
+    path.write_text("".join(lines))
+    return len(found)
+
+
 def _prepare(group: str, files: list[str], tests: list[str], jobs: int) -> Path:
     work = ROOT / "mutants" / group
     if work.exists():
@@ -92,6 +118,10 @@ def _prepare(group: str, files: list[str], tests: list[str], jobs: int) -> Path:
     shutil.copytree(ROOT / "vqkernels", work / "vqkernels", ignore=ignore)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", work / "pyproject.toml")
+    for f in files:
+        n = _undecorate_no_grad(work / f)
+        if n:
+            print(f"{f}: {n} @torch.no_grad() methods rewritten as `with torch.no_grad():` in the copy (mutmut skips decorated functions)")
     # the C++ sources: the cpu backend (JIT-built, reused from the cache for unchanged sources)
     # runs in the copy too, so its tests exercise the Python code it shares (staged, chunked calls)
     shutil.copytree(ROOT / "csrc", work / "csrc", ignore=ignore)
