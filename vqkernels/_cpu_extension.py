@@ -18,7 +18,6 @@ The ops are registered as ``torch.ops.vqkernels.assign_cpu`` (csrc/cpu/assign_cp
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import _build_flags
+from . import _extension_loader as _loader
 
 _JIT_NAME = "vqkernels_C_cpu"
 _state = {"tried": False, "module": None, "reason": None, "how": None}
@@ -103,41 +103,13 @@ def _jit_build(torch) -> tuple:
 def _load_locked():
     import torch
 
-    built_failure = None
-    try:
-        _state["module"] = importlib.import_module("vqkernels._C_cpu")
-        _state["how"] = "built"
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name != "vqkernels._C_cpu":
-            built_failure = f"loading vqkernels._C_cpu failed: ModuleNotFoundError: {exc}"
-    except Exception as exc:  # an ABI mismatch (undefined symbol) and the like
-        built_failure = f"loading vqkernels._C_cpu failed: {type(exc).__name__}: {exc}"
-    prefix = built_failure if built_failure else "the CPU extension vqkernels._C_cpu is not built"
-    reason = _jit_unavailable()
-    if reason is not None:
-        _state["reason"] = f"{prefix}, and {reason}"
-        return
-    ok, detail = _jit_build(torch)
-    if not ok:
-        _state["reason"] = f"{prefix}, and {detail}"
-        return
-    _state["module"] = torch.ops.vqkernels
-    _state["how"] = f"JIT ({detail})" + (f"; {built_failure}" if built_failure else "")
+    _loader.load_built_or_jit(_state, "vqkernels._C_cpu", "the CPU extension", _jit_unavailable,
+                              lambda: _jit_build(torch))
 
 
 def load():
     """The loaded extension (module or torch.ops namespace), or None (see :func:`unavailable_reason`)."""
-    if not _state["tried"]:
-        with _lock:
-            if not _state["tried"]:
-                try:
-                    _load_locked()
-                except Exception as exc:  # never let a loader bug escape to the caller
-                    _state["module"] = None
-                    _state["reason"] = f"loading the CPU extension failed: {type(exc).__name__}: {exc}"
-                _state["tried"] = True
-    return _state["module"]
+    return _loader.load_once(_state, _lock, lambda: _load_locked(), "the CPU extension")
 
 
 def unavailable_reason() -> Optional[str]:
@@ -147,17 +119,9 @@ def unavailable_reason() -> Optional[str]:
 
 def status() -> str:
     """One line for ``vqkernels info``: ``built``, ``JIT (cache dir)`` or ``unavailable: reason``."""
-    if load() is not None:
-        return _state["how"]
-    return f"unavailable: {_state['reason']}"
+    return _loader.status_line(_state, load())
 
 
 def ops():
     """``torch.ops.vqkernels`` with the ``*_cpu`` ops loaded, or raise BackendUnavailableError."""
-    if load() is None:
-        from .errors import BackendUnavailableError
-
-        raise BackendUnavailableError(f"the vqkernels 'cpu' backend cannot run: {_state['reason']}")
-    import torch
-
-    return torch.ops.vqkernels
+    return _loader.torch_ops(_state, load(), "cpu")

@@ -18,7 +18,6 @@ cluster_stats,ema_update}_cuda`` (see csrc/vq_ops.cpp).
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import threading
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import _build_flags
+from . import _extension_loader as _loader
 
 _JIT_NAME = "vqkernels_C"
 _state = {"tried": False, "module": None, "reason": None, "how": None}
@@ -103,41 +103,13 @@ def _load_locked():
     except Exception as exc:  # pragma: no cover - torch is a dependency
         _state["reason"] = f"torch is not importable ({type(exc).__name__}: {exc})"
         return
-    built_failure = None
-    try:
-        _state["module"] = importlib.import_module("vqkernels._C")
-        _state["how"] = "built"
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name != "vqkernels._C":  # _C exists but imports something missing
-            built_failure = f"loading vqkernels._C failed: ModuleNotFoundError: {exc}"
-    except Exception as exc:  # an ABI mismatch (undefined symbol) and the like: worth reporting
-        built_failure = f"loading vqkernels._C failed: {type(exc).__name__}: {exc}"
-    prefix = built_failure if built_failure else "the CUDA extension vqkernels._C is not built"
-    reason = _jit_unavailable(torch)
-    if reason is not None:
-        _state["reason"] = f"{prefix}, and {reason}"
-        return
-    ok, detail = _jit_build(torch)
-    if not ok:
-        _state["reason"] = f"{prefix}, and {detail}"
-        return
-    _state["module"] = torch.ops.vqkernels
-    _state["how"] = f"JIT ({detail})" + (f"; {built_failure}" if built_failure else "")
+    _loader.load_built_or_jit(_state, "vqkernels._C", "the CUDA extension", lambda: _jit_unavailable(torch),
+                              lambda: _jit_build(torch))
 
 
 def load():
     """The loaded extension (module or torch.ops namespace), or None (see :func:`unavailable_reason`)."""
-    if not _state["tried"]:
-        with _lock:
-            if not _state["tried"]:
-                try:
-                    _load_locked()
-                except Exception as exc:  # never let a loader bug escape to the caller
-                    _state["module"] = None
-                    _state["reason"] = f"loading the CUDA extension failed: {type(exc).__name__}: {exc}"
-                _state["tried"] = True
-    return _state["module"]
+    return _loader.load_once(_state, _lock, lambda: _load_locked(), "the CUDA extension")
 
 
 def unavailable_reason() -> Optional[str]:
@@ -147,17 +119,9 @@ def unavailable_reason() -> Optional[str]:
 
 def status() -> str:
     """One line for ``vqkernels info``: ``built``, ``JIT (cache dir)`` or ``unavailable: reason``."""
-    if load() is not None:
-        return _state["how"]
-    return f"unavailable: {_state['reason']}"
+    return _loader.status_line(_state, load())
 
 
 def ops():
     """``torch.ops.vqkernels`` with the ``*_cuda`` ops loaded, or raise BackendUnavailableError."""
-    if load() is None:
-        from .errors import BackendUnavailableError
-
-        raise BackendUnavailableError(f"the vqkernels 'cuda' backend cannot run: {_state['reason']}")
-    import torch
-
-    return torch.ops.vqkernels
+    return _loader.torch_ops(_state, load(), "cuda")
