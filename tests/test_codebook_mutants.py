@@ -342,3 +342,22 @@ def test_callable_ema_weight_sees_the_batch_statistics():
     torch.testing.assert_close(sums.view(C, K, D), want_sums)
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(book.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize("finite", [None, True, False])
+def test_gradient_learning_usage_is_an_ema_of_the_counts(finite):
+    """learning="gradient": cluster_size (the usage that decides dead codes) is
+    decay * usage + (1 - decay) * counts; a batch flagged non-finite leaves it as it was
+    and is counted in nonfinite_batches."""
+    torch.manual_seed(7)
+    book = Codebook(K, D, num_codebooks=2, learning="gradient", decay=0.7)
+    book.cluster_size.copy_(torch.rand(2, K, generator=torch.Generator().manual_seed(8)) * 5)
+    z = randn(2, 30, D, seed=9)
+    indices = vqkernels.assign(z, book.codes()).indices
+    before = book.cluster_size.clone()
+    counts = torch.stack([torch.bincount(indices[c], minlength=K) for c in range(2)]).float()
+    flag = None if finite is None else torch.tensor(finite)
+    book.update_(z, indices, None, LOCAL, finite=flag)
+    want = before if finite is False else 0.7 * before + 0.3 * counts
+    torch.testing.assert_close(book.cluster_size, want, rtol=1e-6, atol=1e-6)
+    assert book.nonfinite_batches.item() == (1 if finite is False else 0)
