@@ -324,3 +324,18 @@ def test_fused_runs_of_copies_of_the_nearest_code(metric):
     assert torch.equal(i, ri) and torch.allclose(d, rd, atol=1e-5)
     if metric == "l2":
         assert (i[:8] == 1000).all() and (i[8:16] == 3500).all()
+
+
+@pytest.mark.parametrize("D", [3, 8, 16])
+def test_finite_row_with_overflowing_norm_still_gets_its_nearest_code(D):
+    # |x|^2 overflows fp32 while x and every dot score stay finite: the row's rounding margin is
+    # infinite, which once made the D <= 16 kernel treat it as a non-finite row (index 0).
+    torch.manual_seed(0)
+    codebook = torch.randn(37, D)
+    x = torch.zeros(2, D)
+    x[0, :2] = 1e20
+    x[1, -1] = -3e19
+    got = vqkernels.assign(x, codebook, "dot", backend="cpu")
+    want = (-(x.double() @ codebook.double().T)).argmin(1)
+    assert got.indices.tolist() == want.tolist()
+    assert torch.isfinite(got.distances).all()

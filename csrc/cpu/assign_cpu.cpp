@@ -218,14 +218,22 @@ static void fused_small_d(int metric, const float* xf, const float* cf, const Pa
       const float* xb = xf + (c * N + r0) * D;
       for (int i = 0; i < RB; ++i) {
         float n2 = 0.f;
+        bool finite = i < rn;
         for (int d = 0; d < DP; ++d) {
-          const float v = (i < rn && d < D) ? xb[i * D + d] - (centre ? centre[d] : 0.f) : 0.f;
+          float v = 0.f;
+          if (i < rn && d < D) {
+            const float raw = xb[i * D + d];
+            finite = finite && std::isfinite(raw);
+            v = raw - (centre ? centre[d] : 0.f);
+          }
           xt[d * RB + i] = v;
           n2 += v * v;
         }
         marg[i] = (n2 + pk.cmax2[c]) * mfac;
-        // Padding and non-finite rows never open a rescan (the public op gives them -1).
-        T[i] = (i < rn && std::isfinite(marg[i])) ? inf : nan;
+        // Padding and non-finite rows never open a rescan (the public op gives them -1). A
+        // finite row whose squared norm overflows has an infinite margin: its threshold stays
+        // +inf, so every subblock is rescanned with exact distances (slow, but right).
+        T[i] = finite ? inf : nan;
         ebest[i] = inf;
         ibest[i] = -1;
       }
