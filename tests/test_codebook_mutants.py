@@ -197,6 +197,30 @@ def test_requested_backend_runs_every_training_op(monkeypatch):
     assert all(name == "reference" for _, name in chosen), chosen
 
 
+def test_requested_backend_runs_gradient_learning_kmeans_init_and_the_gated_step(monkeypatch):
+    chosen = []
+    real = _dispatch.select
+
+    def spy(op, *args, **kwargs):
+        name = real(op, *args, **kwargs)
+        chosen.append((op, name))
+        return name
+
+    monkeypatch.setattr(_dispatch, "select", spy)
+    book = Codebook(K, D, backend="reference", learning="gradient", init="kmeans", kmeans_iters=2)
+    book.kmeans_init_(randn(1, 12, D, seed=10), None, LOCAL)
+    assert "histogram" in {op for op, _ in chosen}, chosen  # the k-means cluster sizes
+    kmeans_ops = len(chosen)
+    z = randn(1, 12, D, seed=9)
+    book.update_(z, torch.zeros(1, 12, dtype=torch.int64), None, LOCAL)
+    assert "histogram" in {op for op, _ in chosen[kmeans_ops:]}, chosen  # the usage counts
+    gated = Codebook(K, D, backend="reference")
+    before = len(chosen)
+    gated.update_(z, torch.zeros(1, 12, dtype=torch.int64), None, LOCAL, finite=torch.tensor(True))
+    assert "ema_update" in {op for op, _ in chosen[before:]}, chosen  # the gated (scratch) step
+    assert all(name == "reference" for _, name in chosen), chosen
+
+
 # ---------------------------------------------------------------- broadcast
 
 
@@ -361,3 +385,163 @@ def test_gradient_learning_usage_is_an_ema_of_the_counts(finite):
     want = before if finite is False else 0.7 * before + 0.3 * counts
     torch.testing.assert_close(book.cluster_size, want, rtol=1e-6, atol=1e-6)
     assert book.nonfinite_batches.item() == (1 if finite is False else 0)
+
+
+# ---------------------------------------------------------------- the training step's gates
+
+
+def test_update_rejects_mismatched_shapes_naming_both():
+    book = Codebook(K, D, num_codebooks=2)
+    for z_shape, idx_shape in (((3, 5, D), (3, 5)), ((2, 5), (2, 5)), ((2, 5, D), (2, 4))):
+        z, idx = torch.zeros(z_shape), torch.zeros(idx_shape, dtype=torch.int64)
+        want = rf"got z \({', '.join(map(str, z_shape))}\), indices \({', '.join(map(str, idx_shape))}\)"
+        with pytest.raises(ValueError, match=r"update_ needs z \[C=2, N, D=3\] and indices \[C, N\]; " + want):
+            book.update_(z, idx, None, LOCAL)
+
+
+def _pair(seed, **kwargs):
+    """Two Codebooks with the same state: one to drive, one to compare against."""
+    torch.manual_seed(seed)
+    book, twin = Codebook(K, D, **kwargs), Codebook(K, D, **kwargs)
+    twin.load_state_dict(book.state_dict())
+    return book, twin
+
+
+def _state(book):
+    return {k: v.clone() for k, v in book.state_dict().items() if k not in ("steps", "nonfinite_batches")}
+
+
+def _assert_same_state(book, state):
+    for key, value in state.items():
+        assert torch.equal(book.state_dict()[key], value), key
+
+
+def test_a_nonfinite_batch_under_accumulation_adds_nothing_and_is_counted_once():
+    """With gradient accumulation, a batch flagged non-finite adds nothing to the pending sum
+    and is counted once in nonfinite_batches; the applied step equals one of the good batch alone."""
+    book, twin = _pair(21)
+    good, bad = randn(1, 12, D, seed=22), randn(1, 12, D, seed=23)
+    idx_good = vqkernels.assign(good, book.codes()).indices
+    idx_bad = vqkernels.assign(bad, book.codes()).indices
+    book.update_(bad, idx_bad, None, LOCAL, accumulate=True, finite=torch.tensor(False))
+    assert book.nonfinite_batches.item() == 1
+    book.update_(good, idx_good, None, LOCAL, accumulate=True, finite=torch.tensor(True))
+    assert book.nonfinite_batches.item() == 1
+    book.apply_pending_(LOCAL)
+    twin.update_(good, idx_good, None, LOCAL)
+    for key, value in twin.state_dict().items():
+        if key not in ("steps", "nonfinite_batches"):
+            torch.testing.assert_close(book.state_dict()[key], value, msg=key)
+    # accumulation without a flag (finite=None) is the plain sum
+    book.update_(good, idx_good, None, LOCAL, accumulate=True)
+    assert book.nonfinite_batches.item() == 1
+
+
+@pytest.mark.parametrize("learning", ["ema", "gradient"])
+def test_a_flagged_step_leaves_codes_statistics_and_dead_codes_as_they_were(learning):
+    """finite=False on a plain step: no EMA update, no dead-code restart (code 0 is dead),
+    counted once in nonfinite_batches."""
+    book, _ = _pair(24, learning=learning, dead_code_threshold=1.0)
+    book.cluster_size.copy_(torch.tensor([[0.0, 5.0, 5.0, 5.0]]))
+    before = _state(book)
+    z = randn(1, 12, D, seed=25)
+    book.update_(z, vqkernels.assign(z, book.codes()).indices, None, LOCAL, finite=torch.tensor(False))
+    _assert_same_state(book, before)
+    assert book.nonfinite_batches.item() == 1
+    book.update_(z, vqkernels.assign(z, book.codes()).indices, None, LOCAL, finite=torch.tensor(True))
+    assert book.nonfinite_batches.item() == 1
+    assert any(row.tolist() == book.embed[0, 0].tolist() for row in z[0])  # now re-seeded from a row
+
+
+def test_cosine_ema_step_is_the_closed_form_renormalised():
+    torch.manual_seed(26)
+    book = Codebook(K, D, metric="cosine")
+    z = randn(1, 30, D, seed=27)
+    indices = vqkernels.assign(z, book.codes(), metric="cosine").indices
+    counts = torch.bincount(indices[0], minlength=K).double()[None]
+    sums = torch.zeros(1, K, D, dtype=torch.float64).index_add_(1, indices[0], z.double())
+    _, _, code = closed_form_ema(book.cluster_size.clone(), book.embed_avg.clone(), counts, sums, 0.8, 1e-5)
+    book.update_(z, indices, None, LOCAL)
+    torch.testing.assert_close(book.embed.double(), code / code.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_decay_zero_moves_a_code_onto_a_single_row():
+    """decay 0 keeps only this batch: one kept row makes its code that row (eps aside); the
+    codes of a codebook without kept rows stay (covered elsewhere)."""
+    book, _ = _pair(28, decay=0.0)
+    z = 5.0 + randn(1, 1, D, seed=29)
+    idx = vqkernels.assign(z, book.codes()).indices
+    book.update_(z, idx, None, LOCAL)
+    torch.testing.assert_close(book.embed[0, idx[0, 0]], z[0, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_steps_after_an_applied_accumulation_use_their_own_statistics():
+    book, twin = _pair(30)
+    batches = [randn(1, 10, D, seed=31 + i) for i in range(3)]
+    book.update_(batches[0], vqkernels.assign(batches[0], book.codes()).indices, None, LOCAL, accumulate=True)
+    for z in batches[1:]:
+        book.update_(z, vqkernels.assign(z, book.codes()).indices, None, LOCAL)
+    size, avg = book.cluster_size.clone(), book.embed_avg.clone()
+    z = randn(1, 10, D, seed=40)
+    idx = vqkernels.assign(z, book.codes()).indices
+    counts = torch.bincount(idx[0], minlength=K).double()[None]
+    sums = torch.zeros(1, K, D, dtype=torch.float64).index_add_(1, idx[0], z.double())
+    want_size, want_avg, want_code = closed_form_ema(size, avg, counts, sums, 0.8, 1e-5)
+    book.update_(z, idx, None, LOCAL)
+    torch.testing.assert_close(book.cluster_size.double(), want_size, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(book.embed.double(), want_code, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- dead-code restarts
+
+
+def test_only_codes_strictly_below_the_threshold_are_restarted():
+    book, _ = _pair(41, dead_code_threshold=2.0)
+    book.cluster_size.copy_(torch.tensor([[2.0, 1.5, 3.0, 2.0]]))
+    before = book.embed.clone()
+    z = randn(1, 8, D, seed=42)
+    book.restart_dead_codes_(z, None, LOCAL)
+    changed = [k for k in range(K) if not torch.equal(book.embed[0, k], before[0, k])]
+    assert changed == [1]
+    assert any(torch.equal(row, book.embed[0, 1]) for row in z[0])
+
+
+def test_cosine_restarts_take_the_unit_row():
+    book, _ = _pair(43, metric="cosine", dead_code_threshold=1.0)
+    book.cluster_size.copy_(torch.tensor([[0.0, 5.0, 5.0, 5.0]]))
+    z = 4.0 * randn(1, 1, D, seed=44)
+    book.restart_dead_codes_(z, None, LOCAL)
+    torch.testing.assert_close(book.embed[0, 0], z[0, 0] / z[0, 0].norm())
+
+
+def test_restarts_draw_from_kept_rows_only():
+    """Every code is dead (threshold 100) but only row 3 is kept: code 0 takes it, the rest
+    keep the EMA step's codes (the twin without restarts)."""
+    book, twin = _pair(45, dead_code_threshold=100.0)
+    twin.dead_code_threshold = 0.0
+    z = randn(1, 16, D, seed=46)
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[3] = True
+    idx = torch.where(keep[None], vqkernels.assign(z, book.codes()).indices, -1)
+    book.update_(z, idx, keep, LOCAL)
+    twin.update_(z, idx, keep, LOCAL)
+    assert torch.equal(book.embed[0, 0], z[0, 3])
+    assert torch.equal(book.embed[0, 1:], twin.embed[0, 1:])
+
+
+# ---------------------------------------------------------------- k-means init
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_kmeans_init_uses_the_metric_and_scales_sizes_to_batch_rows(metric):
+    """Centroids are kmeans(rows, metric); cluster sizes are the k-means counts scaled to
+    ``batch_rows`` rows per step (sum = batch_rows)."""
+    rows = randn(1, 60, D, seed=47) + torch.tensor([3.0, 0.0, 0.0])
+    book = Codebook(K, D, metric=metric, init="kmeans", kmeans_iters=3)
+    torch.manual_seed(48)
+    book.kmeans_init_(rows, 12.0, LOCAL)
+    torch.manual_seed(48)
+    ref = vqkernels.kmeans(rows[0], K, 3, metric=metric)
+    torch.testing.assert_close(book.embed[0], torch.nn.functional.normalize(ref.centroids, dim=-1) if metric == "cosine" else ref.centroids)
+    counts = torch.bincount(ref.indices, minlength=K).float()
+    torch.testing.assert_close(book.cluster_size[0], counts * 12.0 / 60)
