@@ -545,3 +545,28 @@ def test_kmeans_init_uses_the_metric_and_scales_sizes_to_batch_rows(metric):
     torch.testing.assert_close(book.embed[0], torch.nn.functional.normalize(ref.centroids, dim=-1) if metric == "cosine" else ref.centroids)
     counts = torch.bincount(ref.indices, minlength=K).float()
     torch.testing.assert_close(book.cluster_size[0], counts * 12.0 / 60)
+
+
+def test_gradient_learning_usage_takes_a_fractional_ema_weight():
+    """usage <- usage + (1 - decay) * w * (counts - usage), w = 0.5 (not rounded to an integer)."""
+    torch.manual_seed(49)
+    book = Codebook(K, D, learning="gradient", decay=0.6)
+    book.cluster_size.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    z = randn(1, 20, D, seed=50)
+    indices = vqkernels.assign(z, book.codes()).indices
+    counts = torch.bincount(indices[0], minlength=K).double()
+    before = book.cluster_size[0].double().clone()
+    book.update_(z, indices, None, LOCAL, weight=0.5)
+    torch.testing.assert_close(book.cluster_size[0].double(), before + 0.4 * 0.5 * (counts - before), rtol=1e-6, atol=1e-6)
+
+
+def test_without_dead_code_restarts_a_step_draws_no_random_numbers():
+    """dead_code_threshold 0 (the default) never restarts, so the step leaves the global RNG
+    stream alone (a user's own draws are the same with or without the quantizer step)."""
+    torch.manual_seed(51)
+    book = Codebook(K, D)
+    z = randn(1, 12, D, seed=52)
+    indices = vqkernels.assign(z, book.codes()).indices
+    state = torch.get_rng_state()
+    book.update_(z, indices, None, LOCAL)
+    assert torch.equal(torch.get_rng_state(), state)
