@@ -235,6 +235,24 @@ def test_more_near_ties_than_the_shortlist_keeps():
     assert i.item() == 20 and torch.allclose(d, rd, rtol=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+@pytest.mark.parametrize("D", [33, 64])
+def test_ties_of_rows_far_from_a_tight_codebook(metric, D):
+    """BLAS path: rows far from a tight codebook (|x'| >> |c'|), so the score's rounding error
+    is set by |x'| |c'|; the margin must count the row's |x'|^2, or codes tying exactly with
+    the nearest (its dimension-rolled copies: every row is constant) are rounded out of the
+    shortlist and a higher index wins."""
+    _cpu_ready()
+    g = torch.Generator().manual_seed(D)
+    x = (8.0 + torch.randint(-2, 3, (600, 1), generator=g).float()).expand(600, D).contiguous()
+    base = 0.5 + torch.randint(-2, 3, (700, D), generator=g).float() / 16  # exact sums: exact ties
+    c = torch.cat([base.roll(s, dims=1) for s in (0, 1, 5)])  # distinct codes, tied distances
+    i, d = vqkernels.assign(x, c, metric, backend="cpu")
+    ri, rd = reference.assign(x, c, metric)
+    assert torch.equal(i, ri)
+    assert torch.equal(d, rd)
+
+
 # The fused kernel (D <= 16) walks the codes in tiles of 128 subblocks of one vector of
 # codes (2048 codes under AVX-512, 1024 with 8-lane vectors) and rescans a subblock only
 # where its minimum score is within a row's margin: these shapes reach every boundary.

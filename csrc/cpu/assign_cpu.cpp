@@ -374,20 +374,28 @@ static void fused_dispatch(int metric, const Tensor& xf, const Tensor& cf, float
   else fused_run<16, VQK_RV16>(metric, xf, cf, outd, outi);
 }
 
+// Expanded-form score of codes k..k+kLanes of a BLAS tile row (one expression for both passes,
+// so the tile minimum is bit-identical to the score it came from).
+static VQK_INLINE vf tile_scores(int metric, const float* s, const float* cn, int64_t k) {
+  const vf sv = vload(s + k);
+  return metric == L2 ? vload(cn + k) - vsplat(2.f) * sv : (metric == DOT ? -sv : 1.f - sv);
+}
+static inline float tile_score(int metric, const float* s, const float* cn, int64_t k) {
+  return metric == L2 ? cn[k] - 2.f * s[k] : (metric == DOT ? -s[k] : 1.f - s[k]);
+}
+
 // Minimum of one row's scores over a BLAS tile (vectorised; NaN scores never win).
 static inline float tile_min(int metric, const float* s, const float* cn, int64_t kn) {
-  const vf two = vsplat(2.f);
   vf bv = vsplat(std::numeric_limits<float>::infinity());
   int64_t k = 0;
   for (; k + kLanes <= kn; k += kLanes) {
-    const vf sv = vload(s + k);
-    const vf v = metric == L2 ? vload(cn + k) - two * sv : (metric == DOT ? -sv : 1.f - sv);
+    const vf v = tile_scores(metric, s, cn, k);
     bv = vselect(vless(v, bv), v, bv);
   }
   float b = std::numeric_limits<float>::infinity();
   for (int i = 0; i < kLanes; ++i) b = std::min(b, VQK_LANE(bv, i));
   for (; k < kn; ++k) {
-    const float v = metric == L2 ? cn[k] - 2.f * s[k] : (metric == DOT ? -s[k] : 1.f - s[k]);
+    const float v = tile_score(metric, s, cn, k);
     if (v < b) b = v;
   }
   return b;
@@ -418,25 +426,47 @@ struct RowCandidates {
   }
 };
 
-static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor& xs, const Tensor& cs,
-                    const float* cnorm, const float* margins, float* outd, int64_t* outi) {
+// centre: [C][D] codebook means (l2: rows are shifted by them per block, into a per-thread
+// buffer), else nullptr; cmax2: [C] max squared norm of a (shifted) code, for the margins.
+static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor& cs, const float* centre,
+                    const float* cnorm, const float* cmax2, float* outd, int64_t* outi) {
   const int64_t C = xf.size(0), N = xf.size(1), K = cf.size(1), D = xf.size(2);
   constexpr int64_t kBlock = 256;
   // Code tile so that the [256, KT] score buffer (plus the codes) stays in a 1 MiB L2 share.
   const int64_t KT = std::min<int64_t>(K, std::max<int64_t>(64, (int64_t{1} << 18) / (kBlock + D) / 16 * 16));
   const int64_t nblocks = (N + kBlock - 1) / kBlock;
-  const float* xsp = xs.data_ptr<float>();
   const float* csp = cs.data_ptr<float>();
   const float* xfp = xf.data_ptr<float>();
   const float* cfp = cf.data_ptr<float>();
   at::parallel_for(0, C * nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(kBlock * KT);
     std::vector<RowCandidates> rows(kBlock);
+    std::vector<float> margins(kBlock), xshift(centre ? kBlock * D : 0);
     Tensor scores = at::from_blob(buf.data(), {kBlock, KT}, at::kFloat);
+    // Rounding margin of the fp32 expanded-form score, per row: (D + 8) ulps of
+    // |x'|^2 + max |c'|^2 (the size of every term of the score), doubled for safety.
+    const float mscale = 2.f * static_cast<float>(D + 8) * std::ldexp(1.0f, -23);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / nblocks, r0 = (task % nblocks) * kBlock, rn = std::min(kBlock, N - r0);
-      for (int64_t i = 0; i < rn; ++i) rows[i] = RowCandidates();
-      Tensor xb = at::from_blob(const_cast<float*>(xsp) + (c * N + r0) * D, {rn, D}, at::kFloat);
+      const float* xrows = xfp + (c * N + r0) * D;
+      if (centre) {  // l2: shift by the codebook mean so ||c'||^2 - 2 x'.c' does not cancel for offset data
+        const float* m = centre + c * D;
+        for (int64_t i = 0; i < rn; ++i)
+          for (int64_t d = 0; d < D; ++d) xshift[i * D + d] = xrows[i * D + d] - m[d];
+        xrows = xshift.data();
+      }
+      for (int64_t i = 0; i < rn; ++i) {
+        rows[i] = RowCandidates();
+        const float* xr = xrows + i * D;
+        vf acc = vsplat(0.f);
+        int64_t d = 0;
+        for (; d + kLanes <= D; d += kLanes) { const vf v = vload(xr + d); acc = vfma(v, v, acc); }
+        float n2 = 0.f;
+        for (int l = 0; l < kLanes; ++l) n2 += VQK_LANE(acc, l);
+        for (; d < D; ++d) n2 += xr[d] * xr[d];
+        margins[i] = (n2 + cmax2[c]) * mscale;
+      }
+      Tensor xb = at::from_blob(const_cast<float*>(xrows), {rn, D}, at::kFloat);
       for (int64_t k0 = 0; k0 < K; k0 += KT) {
         const int64_t kn = std::min(KT, K - k0);
         Tensor cb = at::from_blob(const_cast<float*>(csp) + (c * K + k0) * D, {kn, D}, at::kFloat);
@@ -447,14 +477,25 @@ static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor
         for (int64_t i = 0; i < rn; ++i) {  // fused right after the tile, while it is in cache
           RowCandidates& row = rows[i];
           const float* s = buf.data() + i * ld;
-          const float margin = margins[c * N + r0 + i];
+          const float margin = margins[i];
           const float m = tile_min(metric, s, cn, kn);
           if (!(m <= row.best + margin)) continue;
           row.best = std::min(row.best, m);
           if (row.overflow && row.best + margin < row.dropped) row.overflow = false;
-          for (int64_t k = 0; k < kn; ++k) {
-            const float v = metric == L2 ? cn[k] - 2.f * s[k] : (metric == DOT ? -s[k] : 1.f - s[k]);
-            if (v <= row.best + margin) row.add(v, k0 + k, margin);
+          // Codes within the margin: a vector compare per kLanes scores, scalar only on hits.
+          const float T = row.best + margin;
+          const vf tv = vsplat(T);
+          int64_t k = 0;
+          for (; k + kLanes <= kn; k += kLanes) {
+            const vf v = tile_scores(metric, s, cn, k);
+            for (uint32_t bits = vle_bits(v, tv); bits; bits &= bits - 1) {
+              const int j = lowest_bit(bits);
+              row.add(VQK_LANE(v, j), k0 + k + j, margin);
+            }
+          }
+          for (; k < kn; ++k) {
+            const float v = tile_score(metric, s, cn, k);
+            if (v <= T) row.add(v, k0 + k, margin);
           }
         }
       }
@@ -473,7 +514,7 @@ static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor
           }
         } else {
           for (int j = 0; j < row.n; ++j) {
-            if (!(row.score[j] <= row.best + margins[c * N + r0 + i])) continue;
+            if (!(row.score[j] <= row.best + margins[i])) continue;
             const float e = exact_distance(metric, xo, co + row.index[j] * D, D);
             if (!found || e < b) { b = e; bi = row.index[j]; found = true; }
           }
@@ -529,19 +570,16 @@ std::tuple<Tensor, Tensor> assign_cpu(const Tensor& x, const Tensor& codebook, c
   if (D <= std::min<int64_t>(fused_max_d(), 16)) {
     fused_dispatch(metric, xf, cf, outd, outi);
   } else {
-    Tensor xs = xf, cs = cf, cnorm;
+    // Codebook-sized prep only (K x D); the rows are shifted and measured per block in large_d.
+    Tensor cs = cf, centre;
     if (metric == L2) {
-      // Shift both by the codebook's mean so ||c||^2 - 2 x.c does not cancel for offset data.
-      Tensor centre = cf.mean(1, true);
-      xs = (xf - centre).contiguous();
-      cs = (cf - centre).contiguous();
-      cnorm = cs.pow(2).sum(-1).contiguous();
+      centre = cf.mean(1).contiguous();
+      cs = (cf - centre.unsqueeze(1)).contiguous();
     }
-    // Rounding margin of the fp32 expanded-form score, per row: (D + 8) ulps of
-    // |x|^2 + max |c|^2 (the size of every term of the score), doubled for safety.
-    const float ulp = std::ldexp(1.0f, -23);
-    Tensor margins = ((xs.pow(2).sum(-1) + cs.pow(2).sum(-1).amax(1, true)) * (2.f * (D + 8) * ulp)).contiguous();
-    large_d(metric, xf, cf, xs, cs, metric == L2 ? cnorm.data_ptr<float>() : nullptr, margins.data_ptr<float>(), outd, outi);
+    Tensor cn2 = cs.pow(2).sum(-1).contiguous();
+    Tensor cmax2 = cn2.amax(1).contiguous();
+    large_d(metric, xf, cf, cs, metric == L2 ? centre.data_ptr<float>() : nullptr,
+            metric == L2 ? cn2.data_ptr<float>() : nullptr, cmax2.data_ptr<float>(), outd, outi);
   }
   return {indices, distances};
 }
