@@ -570,3 +570,72 @@ def test_without_dead_code_restarts_a_step_draws_no_random_numbers():
     state = torch.get_rng_state()
     book.update_(z, indices, None, LOCAL)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------- a group hook, simulated
+
+
+class _TwinRankSync(LocalSync):
+    """A group hook of two ranks in one process: the other rank saw the same batch (its
+    statistics equal ours, so the all-reduce doubles them) and raises its own non-finite
+    flag, which rides last in the same all-reduce as a [1] tensor (GroupSync's contract)."""
+
+    active = True
+
+    def __init__(self, other_bad: bool):
+        self.other_bad = other_bad
+        self.calls = []
+
+    def all_reduce_sum_(self, *tensors):
+        self.calls.append(tuple(t.shape for t in tensors))
+        stats, flag = (tensors[:-1], tensors[-1]) if tensors[-1].shape == (1,) else (tensors, None)
+        for t in stats:
+            t.mul_(2)
+        if flag is not None:
+            flag.add_(float(self.other_bad))
+        return tensors
+
+
+def _ema_closed_form(book, z, indices, scale):
+    counts = torch.bincount(indices[0], minlength=K).double()[None] * scale
+    sums = torch.zeros(1, K, D, dtype=torch.float64).index_add_(1, indices[0], z.double()) * scale
+    return closed_form_ema(book.cluster_size.clone(), book.embed_avg.clone(), counts, sums, 0.8, 1e-5)
+
+
+@pytest.mark.parametrize("finite", [None, True])
+def test_group_step_sums_both_ranks_statistics(finite):
+    torch.manual_seed(53)
+    book = Codebook(K, D)
+    z = randn(1, 20, D, seed=54)
+    indices = vqkernels.assign(z, book.codes()).indices
+    size, _, code = _ema_closed_form(book, z, indices, 2.0)
+    sync = _TwinRankSync(other_bad=False)
+    book.update_(z, indices, None, sync, finite=None if finite is None else torch.tensor(True))
+    flag = [] if finite is None else [(1,)]  # the flag rides in the same collective
+    assert sync.calls == [((1, K), (1, K, D), *flag)]
+    torch.testing.assert_close(book.cluster_size.double(), size, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(book.embed.double(), code, rtol=1e-5, atol=1e-6)
+    assert book.nonfinite_batches.item() == 0
+
+
+def test_group_step_is_skipped_when_the_other_rank_is_bad():
+    torch.manual_seed(55)
+    book = Codebook(K, D)
+    z = randn(1, 20, D, seed=56)
+    before = _state(book)
+    book.update_(z, vqkernels.assign(z, book.codes()).indices, None, _TwinRankSync(other_bad=True), finite=torch.tensor(True))
+    _assert_same_state(book, before)
+    assert book.nonfinite_batches.item() == 1
+
+
+def test_group_gradient_usage_sums_both_ranks_counts():
+    torch.manual_seed(57)
+    book = Codebook(K, D, learning="gradient", decay=0.5)
+    z = randn(1, 20, D, seed=58)
+    indices = vqkernels.assign(z, book.codes()).indices
+    before = book.cluster_size.clone()
+    sync = _TwinRankSync(other_bad=False)
+    book.apply_stats_(torch.bincount(indices[0], minlength=K).float()[None], None, sync)
+    assert sync.calls == [((1, K),)]
+    counts = torch.bincount(indices[0], minlength=K).float()[None]
+    torch.testing.assert_close(book.cluster_size, 0.5 * before + 0.5 * 2 * counts)
