@@ -384,6 +384,19 @@ static inline float tile_score(int metric, const float* s, const float* cn, int6
   return metric == L2 ? cn[k] - 2.f * s[k] : (metric == DOT ? -s[k] : 1.f - s[k]);
 }
 
+// Minimum over the lanes (none NaN), as a tree rather than a chain of kLanes dependent mins.
+static inline float hmin(vf v) {
+#if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__))
+  return _mm512_reduce_min_ps((__m512)v);
+#else
+  float a[kLanes];
+  std::memcpy(a, &v, sizeof a);
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] = std::min(a[i], a[i + w]);
+  return a[0];
+#endif
+}
+
 // Minimum of one row's scores over a BLAS tile (vectorised; NaN scores never win).
 static inline float tile_min(int metric, const float* s, const float* cn, int64_t kn) {
   vf bv = vsplat(std::numeric_limits<float>::infinity());
@@ -392,8 +405,7 @@ static inline float tile_min(int metric, const float* s, const float* cn, int64_
     const vf v = tile_scores(metric, s, cn, k);
     bv = vselect(vless(v, bv), v, bv);
   }
-  float b = std::numeric_limits<float>::infinity();
-  for (int i = 0; i < kLanes; ++i) b = std::min(b, VQK_LANE(bv, i));
+  float b = hmin(bv);
   for (; k < kn; ++k) {
     const float v = tile_score(metric, s, cn, k);
     if (v < b) b = v;
@@ -412,6 +424,11 @@ struct RowCandidates {
   float dropped = std::numeric_limits<float>::infinity();  // ... unless the best leaves them all behind
   float score[kCandidates];
   int64_t index[kCandidates];
+  void reset() {  // not `= RowCandidates()`: that copies the whole arrays
+    best = dropped = std::numeric_limits<float>::infinity();
+    n = 0;
+    overflow = false;
+  }
   void add(float v, int64_t k, float margin) {
     if (n == kCandidates) {  // drop candidates the best has left behind
       int m = 0;
@@ -456,7 +473,7 @@ static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor
         xrows = xshift.data();
       }
       for (int64_t i = 0; i < rn; ++i) {
-        rows[i] = RowCandidates();
+        rows[i].reset();
         const float* xr = xrows + i * D;
         vf acc = vsplat(0.f);
         int64_t d = 0;
@@ -487,10 +504,9 @@ static void large_d(int metric, const Tensor& xf, const Tensor& cf, const Tensor
           const vf tv = vsplat(T);
           int64_t k = 0;
           for (; k + kLanes <= kn; k += kLanes) {
-            const vf v = tile_scores(metric, s, cn, k);
-            for (uint32_t bits = vle_bits(v, tv); bits; bits &= bits - 1) {
-              const int j = lowest_bit(bits);
-              row.add(VQK_LANE(v, j), k0 + k + j, margin);
+            for (uint32_t bits = vle_bits(tile_scores(metric, s, cn, k), tv); bits; bits &= bits - 1) {
+              const int64_t j = k + lowest_bit(bits);  // the lane's score again: bit-identical (2 s is exact)
+              row.add(tile_score(metric, s, cn, j), k0 + j, margin);
             }
           }
           for (; k < kn; ++k) {
