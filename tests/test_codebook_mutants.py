@@ -432,7 +432,7 @@ def test_a_nonfinite_batch_under_accumulation_adds_nothing_and_is_counted_once()
     for key, value in twin.state_dict().items():
         if key not in ("steps", "nonfinite_batches"):
             torch.testing.assert_close(book.state_dict()[key], value, msg=key)
-    # accumulation without a flag (finite=None) is the plain sum
+    # accumulation without a flag (finite=None): nothing to count
     book.update_(good, idx_good, None, LOCAL, accumulate=True)
     assert book.nonfinite_batches.item() == 1
 
