@@ -399,13 +399,18 @@ static inline float hmin(vf v) {
 
 // Minimum of one row's scores over a BLAS tile (vectorised; NaN scores never win).
 static inline float tile_min(int metric, const float* s, const float* cn, int64_t kn) {
-  vf bv = vsplat(std::numeric_limits<float>::infinity());
+  // Four independent running minima: one chain would wait a min's latency per vector.
+  const vf inf = vsplat(std::numeric_limits<float>::infinity());
+  vf b0 = inf, b1 = inf, b2 = inf, b3 = inf;
   int64_t k = 0;
-  for (; k + kLanes <= kn; k += kLanes) {
-    const vf v = tile_scores(metric, s, cn, k);
-    bv = vselect(vless(v, bv), v, bv);
+  for (; k + 4 * kLanes <= kn; k += 4 * kLanes) {
+    b0 = vmin(tile_scores(metric, s, cn, k), b0);  // vmin(NaN, b) = b: NaN scores never win
+    b1 = vmin(tile_scores(metric, s, cn, k + kLanes), b1);
+    b2 = vmin(tile_scores(metric, s, cn, k + 2 * kLanes), b2);
+    b3 = vmin(tile_scores(metric, s, cn, k + 3 * kLanes), b3);
   }
-  float b = hmin(bv);
+  for (; k + kLanes <= kn; k += kLanes) b0 = vmin(tile_scores(metric, s, cn, k), b0);
+  float b = hmin(vmin(vmin(b0, b1), vmin(b2, b3)));
   for (; k < kn; ++k) {
     const float v = tile_score(metric, s, cn, k);
     if (v < b) b = v;
