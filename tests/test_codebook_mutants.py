@@ -639,3 +639,62 @@ def test_group_gradient_usage_sums_both_ranks_counts():
     assert sync.calls == [((1, K),)]
     counts = torch.bincount(indices[0], minlength=K).float()[None]
     torch.testing.assert_close(book.cluster_size, 0.5 * before + 0.5 * 2 * counts)
+
+
+# ---------------------------------------------------------------- the Deferred Quantization switch
+
+
+def _observed(calls, n, reservoir_size=K, seed=60):
+    """A deferred codebook fed ``calls`` training calls of ``n`` rows each."""
+    book = Codebook(K, D, deferred_steps=100, reservoir_size=reservoir_size)
+    torch.manual_seed(seed)
+    for c in range(calls):
+        book.observe_(randn(1, n, D, seed=seed + 1 + c), None)
+    return book
+
+
+def test_switch_of_a_codebook_without_a_reservoir_raises_naming_deferred_steps():
+    book = Codebook(K, D)  # deferred_steps=0: no reservoir; a checkpoint says "not quantizing yet"
+    state = book.state_dict()
+    state["quantizing"] = torch.tensor(False)
+    book.load_state_dict(state)
+    with pytest.raises(RuntimeError) as info:
+        book.start_quantization_(LOCAL)
+    assert str(info.value) == "start_quantization() needs deferred_steps > 0 (there is no reservoir)"
+
+
+def test_switch_with_too_few_reservoir_rows_says_how_many_and_what_to_do():
+    book = _observed(calls=1, n=K - 1)
+    with pytest.raises(RuntimeError) as info:
+        book.start_quantization_(LOCAL)
+    assert str(info.value) == (
+        f"Deferred Quantization needs at least codebook_size={K} reservoir rows to k-means-initialise the codebook, "
+        f"but only {K - 1} rows were seen in 1 training calls; train longer before switching (raise deferred_steps)"
+    )
+    assert not book.is_quantizing
+
+
+def test_switch_counts_every_ranks_reservoir_rows():
+    book = _observed(calls=1, n=1)  # 1 row here, 1 on the other rank: 2 < K all ranks together
+    sync = _TwinRankSync(other_bad=False)
+    with pytest.raises(RuntimeError) as info:
+        book.start_quantization_(sync)
+    assert f"at least codebook_size={K} reservoir rows (all ranks together) to" in str(info.value)
+    assert "only 2 rows were seen in 1 training calls" in str(info.value)
+    assert sync.calls == [((2,),)]  # reservoir rows and rows seen, in one all-reduce
+
+
+def test_switch_with_exactly_codebook_size_rows_initialises():
+    book = _observed(calls=1, n=K)
+    book.start_quantization_(LOCAL)
+    assert book.is_quantizing and book.is_initialised
+
+
+@pytest.mark.parametrize("calls, n", [(1, 10), (2, 5), (4, 5)])
+def test_switch_scales_kmeans_sizes_to_the_mean_batch_seen(calls, n):
+    # the reservoir (6 rows) holds fewer rows than were seen: sizes follow the batches, not it
+    book = _observed(calls=calls, n=n, reservoir_size=K + 2)
+    book.start_quantization_(LOCAL)
+    total = book.cluster_size.sum().item()
+    assert total == pytest.approx(n), f"sizes sum to {total}, want the mean batch of {n} rows"
+    torch.testing.assert_close(book.embed_avg, book.embed * book.cluster_size.unsqueeze(-1))
