@@ -698,3 +698,54 @@ def test_switch_scales_kmeans_sizes_to_the_mean_batch_seen(calls, n):
     total = book.cluster_size.sum().item()
     assert total == pytest.approx(n), f"sizes sum to {total}, want the mean batch of {n} rows"
     torch.testing.assert_close(book.embed_avg, book.embed * book.cluster_size.unsqueeze(-1))
+
+
+# ---------------------------------------------------------------- first-batch initialisation, load_codes_
+
+
+class _TwinTotals(_TwinRankSync):
+    """The two-rank hook above, whose row counts add the other rank's (as many rows as ours)."""
+
+    def total(self, n, device=None):
+        return 2 * n
+
+
+@pytest.mark.parametrize("sync, where, n", [(LOCAL, "", K - 1), (_TwinTotals(False), " (all ranks together)", 2)])
+def test_kmeans_init_with_too_few_rows_says_how_many_and_what_to_do(sync, where, n):
+    book = Codebook(K, D, init="kmeans")
+    rows = randn(1, n if sync is LOCAL else 1, D, seed=70)
+    with pytest.raises(ValueError) as info:
+        book.initialise_(rows, None, sync)
+    assert str(info.value) == (
+        f"init='kmeans' needs at least codebook_size={K} rows in the first training batch{where}, got {n}; use a "
+        "bigger first batch, init='random', or deferred_steps (k-means on a reservoir of reservoir_size rows)"
+    )
+    assert not book.is_initialised
+
+
+def test_kmeans_init_with_exactly_codebook_size_rows_initialises():
+    book = Codebook(K, D, init="kmeans")
+    book.initialise_(randn(1, K, D, seed=71), None, LOCAL)
+    assert book.is_initialised and book.cluster_size.sum().item() == pytest.approx(K)
+
+
+def test_random_init_from_fewer_rows_than_codes_fills_every_code_with_a_row():
+    torch.manual_seed(72)
+    rows = randn(1, 2, D, seed=73)
+    book = Codebook(K, D, init="random")
+    book.initialise_(rows, None, LOCAL)
+    assert book.is_initialised
+    for code in book.embed[0]:  # each of the K codes is one of the 2 rows (drawn with replacement)
+        assert any(torch.equal(code, row) for row in rows[0]), code
+    assert torch.equal(book.cluster_size, torch.ones(1, K))
+
+
+def test_load_codes_keeps_cosine_codes_on_the_unit_sphere():
+    book = Codebook(K, D, metric="cosine")
+    codes = 3.0 * randn(1, K, D, seed=74)
+    size = torch.arange(1.0, K + 1)[None]
+    book.load_codes_(codes, size)
+    unit = codes / codes.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(book.embed, unit)
+    torch.testing.assert_close(book.embed_avg, unit * size.unsqueeze(-1))
+    assert book.is_initialised and bool(book.initted)
