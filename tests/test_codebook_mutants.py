@@ -179,7 +179,8 @@ def test_deterministic_flag_reaches_cluster_stats(monkeypatch, deterministic):
     assert len(calls) == 1 and calls[0]["deterministic"] is bool(deterministic)
 
 
-def test_requested_backend_runs_every_training_op(monkeypatch):
+def _record_backend_choices(monkeypatch) -> list:
+    """(op, backend) for every backend selection from now on."""
     chosen = []
     real = _dispatch.select
 
@@ -189,6 +190,11 @@ def test_requested_backend_runs_every_training_op(monkeypatch):
         return name
 
     monkeypatch.setattr(_dispatch, "select", spy)
+    return chosen
+
+
+def test_requested_backend_runs_every_training_op(monkeypatch):
+    chosen = _record_backend_choices(monkeypatch)
     book = Codebook(K, D, backend="reference", dead_code_threshold=0.5)
     z = randn(1, 12, D, seed=9)
     book.update_(z, torch.zeros(1, 12, dtype=torch.int64), None, LOCAL)
@@ -198,15 +204,7 @@ def test_requested_backend_runs_every_training_op(monkeypatch):
 
 
 def test_requested_backend_runs_gradient_learning_kmeans_init_and_the_gated_step(monkeypatch):
-    chosen = []
-    real = _dispatch.select
-
-    def spy(op, *args, **kwargs):
-        name = real(op, *args, **kwargs)
-        chosen.append((op, name))
-        return name
-
-    monkeypatch.setattr(_dispatch, "select", spy)
+    chosen = _record_backend_choices(monkeypatch)
     book = Codebook(K, D, backend="reference", learning="gradient", init="kmeans", kmeans_iters=2)
     book.kmeans_init_(randn(1, 12, D, seed=10), None, LOCAL)
     assert "histogram" in {op for op, _ in chosen}, chosen  # the k-means cluster sizes
