@@ -9,7 +9,7 @@ description and row run (check, then time), :mod:`.report` the table, targets, J
 ``benchmarks/cpu_assign.py`` and ``benchmarks/gpu_bench.py`` are thin callers of it. Contenders,
 checks, JSON fields and the re-measuring commands: docs/bench.md.
 """
-from .report import Table, add_arguments, main, options_from_args, parse_ops, plot, run, targets
+from .report import Table, add_arguments, options_from_args, parse_ops, plot, run, targets
 from .runner import Options, load_now, machine_info, measure_peak, memory_in_subprocess, run_case, time_call
 from .specs import (DECAY, EPS, OPS, SPECS, Case, Check, Contender, OpSpec, Prepared, Skip, assignment_agreement,
                     grid, make_inputs, pick_distances, register)

@@ -181,7 +181,7 @@ def parse_ops(text: str) -> tuple:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``vqkernels bench`` options (also used by ``python -m vqkernels.bench``)."""
+    """The ``vqkernels bench`` options (``benchmarks/*.py`` add their own on top)."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to benchmark (default: cuda when available, else cpu)")
     size = parser.add_mutually_exclusive_group()
@@ -319,9 +319,3 @@ def run(args, cases=None, only=None, extra: Optional[dict] = None, name: str = "
         return 1
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vqkernels.bench", description="vqkernels bench: every backend "
-                                     "and every installed peer, side by side, checked")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -86,12 +85,6 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    values, pos = sorted(values), q * (len(values) - 1)
-    lo = int(pos)
-    return values[lo] + (values[min(lo + 1, len(values) - 1)] - values[lo]) * (pos - lo)
-
-
 def time_call(fn: Union[Callable[[], object], List[Callable[[], object]]], *, repeats: int = 5, warmup: int = 1,
               device: str = "cpu", max_seconds: Optional[float] = None, target_s: Optional[float] = None,
               max_repeats: Optional[int] = None) -> dict:
@@ -132,8 +125,8 @@ def time_call(fn: Union[Callable[[], object], List[Callable[[], object]]], *, re
 
 
 def _summary(times: Sequence[float]) -> dict:
-    return {"median": statistics.median(times), "p20": _percentile(times, 0.2), "p80": _percentile(times, 0.8),
-            "min": min(times), "repeats": len(times)}
+    p20, p50, p80 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return {"median": float(p50), "p20": float(p20), "p80": float(p80), "min": min(times), "repeats": len(times)}
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -222,6 +215,7 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
     entries, outputs, rounds = {}, {}, {}
     mode = opts.memory if opts.memory != "auto" else "subprocess" if (
         opts.device == "cpu" and spec.memory_subprocess and opts.subprocess_memory) else "inprocess"
+    checked_memory = mode == "inprocess" and opts.memory_on_checked_call
     for contender in [c for c in spec.contenders if only is None or c.name in only]:
         entry = entries[contender.name] = {"contender": contender.name, "family": contender.family}
         started = time.perf_counter()
@@ -231,17 +225,15 @@ def run_case(case: Case, opts: Options, progress: Callable[[str], None] = lambda
             prepared = [contender.prepare(case, inp, device, opts) for inp in sets]
             fns, output = [p.fn for p in prepared], prepared[0].output
             del prepared
-            if mode == "inprocess" and opts.memory_on_checked_call:
-                out, extra, method = measure_peak(fns[0], device)
-                entry.update(peak_mem_bytes=extra, mem_method=method + " (first call)")
-            else:
-                out = fns[0]()  # first call: warm-up, and the output that is checked
+            # the first call: warm-up, the output that is checked and (quick grids) the peak memory
+            out, extra, method = measure_peak(fns[0], device) if checked_memory else (fns[0](), None, None)
             _sync(device)
             outputs[contender.name] = output(out)
             del out
-            if mode == "inprocess" and not opts.memory_on_checked_call:
+            if mode == "inprocess" and not checked_memory:
                 _, extra, method = measure_peak(fns[0], device)
-                entry.update(peak_mem_bytes=extra, mem_method=method)
+            if method:
+                entry.update(peak_mem_bytes=extra, mem_method=method + (" (first call)" if checked_memory else ""))
             for i in range(max(0, opts.warmup - 1)):
                 fns[i % len(fns)]()
             if opts.alternate:
