@@ -92,47 +92,33 @@ inline void for_rows(int64_t r0, int64_t r1, int64_t N, F&& f) {
   }
 }
 
-template <typename index_t>
-int64_t count_bins(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, int64_t* partial) {
+// Per-chunk bins of the flat [C * N] rows, chunk p's [C * K] table at partial + p * B:
+// acc_t int64_t counts the rows (w unused, nullptr), double sums their weights w [C, N].
+// Returns the largest index >= K seen (-1 when none).
+template <typename acc_t, typename index_t>
+int64_t bin_rows(const index_t* idx, const float* w, int64_t C, int64_t N, int64_t K, int64_t P, acc_t* partial) {
+  static_assert(std::is_same_v<acc_t, int64_t> || std::is_same_v<acc_t, double>, "counts or weighted sums");
+  constexpr bool kWeighted = std::is_same_v<acc_t, double>;
   const int64_t M = C * N, B = C * K;
   std::vector<int64_t> worst(P, -1);
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      int64_t* counts = partial + p * B;
-      std::fill(counts, counts + B, 0);
+      acc_t* table = partial + p * B;
+      std::fill(table, table + B, acc_t(0));
       int64_t bad = -1;
       for_rows(M * p / P, M * (p + 1) / P, N, [&](int64_t c, int64_t n0, int64_t n1) {
         const index_t* row = idx + c * N;
-        int64_t* bins = counts + c * K;
+        acc_t* bins = table + c * K;
+        const float* wr = nullptr;
+        if constexpr (kWeighted) wr = w + c * N;
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t k = static_cast<int64_t>(row[n]);
-          if (static_cast<uint64_t>(k) < static_cast<uint64_t>(K)) ++bins[k];  // negatives wrap: skipped
-          else if (k > bad) bad = k;
-        }
-      });
-      worst[p] = bad;
-    }
-  });
-  return *std::max_element(worst.begin(), worst.end());
-}
-
-template <typename index_t>
-int64_t weighted_bins(const index_t* idx, const float* w, int64_t C, int64_t N, int64_t K, int64_t P, double* partial) {
-  const int64_t M = C * N, B = C * K;
-  std::vector<int64_t> worst(P, -1);
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      double* sums = partial + p * B;
-      std::fill(sums, sums + B, 0.0);
-      int64_t bad = -1;
-      for_rows(M * p / P, M * (p + 1) / P, N, [&](int64_t c, int64_t n0, int64_t n1) {
-        const index_t* row = idx + c * N;
-        const float* wr = w + c * N;
-        double* bins = sums + c * K;
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t k = static_cast<int64_t>(row[n]);
-          if (static_cast<uint64_t>(k) < static_cast<uint64_t>(K)) bins[k] += wr[n];
-          else if (k > bad) bad = k;
+          if (static_cast<uint64_t>(k) < static_cast<uint64_t>(K)) {  // negatives wrap: skipped
+            if constexpr (kWeighted) bins[k] += wr[n];
+            else ++bins[k];
+          } else if (k > bad) {
+            bad = k;
+          }
         }
       });
       worst[p] = bad;
@@ -154,7 +140,7 @@ std::tuple<Tensor, int64_t> histogram_cpu(const Tensor& indices, int64_t K, cons
     std::vector<int64_t> partial(P > 1 ? P * B : 0);
     int64_t* target = P > 1 ? partial.data() : out;
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "histogram_cpu", [&] {
-      worst = count_bins<index_t>(indices.data_ptr<index_t>(), C, N, K, P, target);
+      worst = bin_rows<int64_t, index_t>(indices.data_ptr<index_t>(), nullptr, C, N, K, P, target);
     });
     if (P > 1) {
       at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
@@ -175,7 +161,7 @@ std::tuple<Tensor, int64_t> histogram_cpu(const Tensor& indices, int64_t K, cons
   float* out = counts.data_ptr<float>();
   std::vector<double> partial(P * B);
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "histogram_cpu", [&] {
-    worst = weighted_bins<index_t>(indices.data_ptr<index_t>(), w.data_ptr<float>(), C, N, K, P, partial.data());
+    worst = bin_rows<double, index_t>(indices.data_ptr<index_t>(), w.data_ptr<float>(), C, N, K, P, partial.data());
   });
   at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -187,7 +173,7 @@ std::tuple<Tensor, int64_t> histogram_cpu(const Tensor& indices, int64_t K, cons
   return {counts, worst};
 }
 
-// Exclusive scan of count_bins' per-chunk counts, bin-major then chunk (so a stable order):
+// Exclusive scan of bin_rows' per-chunk counts, bin-major then chunk (so a stable order):
 // off[b]..off[b + 1] are bin b's positions in the sorted order, counts[b] their number, and
 // starts[p][b] becomes chunk p's first position in bin b.
 void scan_bins(int64_t P, int64_t B, int64_t* starts, int64_t* off, float* counts) {
@@ -216,7 +202,7 @@ void sort_rows(const index_t* idx, int64_t C, int64_t N, int64_t K, int64_t P, i
         int64_t* bins = next + c * K;
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t k = static_cast<int64_t>(row[n]);
-          if (k >= 0) order[bins[k]++] = static_cast<row_t>(c * N + n);  // k < K: count_bins found none above
+          if (k >= 0) order[bins[k]++] = static_cast<row_t>(c * N + n);  // k < K: bin_rows found none above
         }
       });
     }
@@ -339,7 +325,7 @@ std::tuple<Tensor, Tensor, int64_t, bool> cluster_stats_cpu(const Tensor& x, con
   bool finite = true;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "cluster_stats_cpu", [&] {
     const index_t* idx = indices.data_ptr<index_t>();
-    worst = count_bins<index_t>(idx, C, N, K, P, starts.data());
+    worst = bin_rows<int64_t, index_t>(idx, nullptr, C, N, K, P, starts.data());
     if (worst >= K) return;  // the caller raises; the outputs are not read
     scan_bins(P, B, starts.data(), off.data(), counts.data_ptr<float>());
     if (B * D * static_cast<int64_t>(sizeof(float)) <= kScanMaxBytesPerThread * at::get_num_threads()) {
