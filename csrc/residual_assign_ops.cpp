@@ -6,7 +6,7 @@
 // The Python op has validated shapes, dtypes, devices and values; these checks guard
 // direct torch.ops calls.
 #include <cstdint>
-#include <string>
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "glue.h"
 #include "launch.h"
 
 namespace vqk {
@@ -42,23 +43,10 @@ std::tuple<Tensor, Tensor, Tensor> residual_assign_cuda(const Tensor& x, const T
   TORCH_CHECK(x.is_contiguous() && codebooks.is_contiguous(), "x and codebooks must be contiguous");
   TORCH_CHECK(x.device() == codebooks.device(), "codebooks are on ", codebooks.device(), " but x is on ", x.device());
   TORCH_CHECK(x.scalar_type() == codebooks.scalar_type(), "x and codebooks must have the same dtype");
-  vqk::Scalar kind;
-  switch (x.scalar_type()) {
-    case at::kHalf: kind = vqk::Scalar::kHalf; break;
-    case at::kBFloat16: kind = vqk::Scalar::kBFloat16; break;
-    case at::kFloat: kind = vqk::Scalar::kFloat; break;
-    default: TORCH_CHECK(false, "x must be float16, bfloat16 or float32 for the cuda backend, got ", x.scalar_type());
-  }
-  int metric_id;
-  if (metric == "l2") {
-    metric_id = vqk::kMetricL2;
-  } else if (metric == "cosine") {
-    metric_id = vqk::kMetricCosine;
-  } else if (metric == "dot") {
-    metric_id = vqk::kMetricDot;
-  } else {
-    TORCH_CHECK(false, "metric must be one of ('l2', 'cosine', 'dot'), got '", std::string(metric), "'");
-  }
+  const std::optional<vqk::Scalar> kind = vqk::scalar_of(x.scalar_type());
+  TORCH_CHECK(kind && *kind != vqk::Scalar::kDouble,
+              "x must be float16, bfloat16 or float32 for the cuda backend, got ", x.scalar_type());
+  const int metric_id = vqk::parse_metric(metric);
   const int64_t N = x.size(0), D = x.size(1), Q = codebooks.size(0), K = codebooks.size(1);
   TORCH_CHECK(codebooks.size(2) == D, "x has ", D, " features but codebooks have ", codebooks.size(2));
   TORCH_CHECK(Q >= 1 && K >= 1 && D >= 1, "codebooks must have Q >= 1, K >= 1 and D >= 1");
@@ -71,7 +59,7 @@ std::tuple<Tensor, Tensor, Tensor> residual_assign_cuda(const Tensor& x, const T
   auto quantized = at::empty({N, D}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const cudaError_t err =
-      vqk::launch_residual_assign(x.data_ptr(), codebooks.data_ptr(), N, K, D, Q, metric_id, kind,
+      vqk::launch_residual_assign(x.data_ptr(), codebooks.data_ptr(), N, K, D, Q, metric_id, *kind,
                                   indices.data_ptr<int64_t>(), distances.data_ptr<float>(), quantized.data_ptr(), stream);
   TORCH_CHECK(err == cudaSuccess, "vqkernels residual_assign: CUDA kernel launch failed: ", cudaGetErrorString(err));
   return {indices, quantized, distances};

@@ -32,6 +32,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "glue.h"
 #include "launch.h"
 
 namespace {
@@ -127,19 +128,9 @@ void check_same_codebooks(const char* name, const Tensor& t, const char* first_n
 }
 
 vqk::Scalar scalar_kind(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf:
-      return vqk::Scalar::kHalf;
-    case at::kBFloat16:
-      return vqk::Scalar::kBFloat16;
-    case at::kFloat:
-      return vqk::Scalar::kFloat;
-    case at::kDouble:
-      return vqk::Scalar::kDouble;
-    default:
-      TORCH_CHECK(false, "vqkernels: unsupported dtype ", dtype_name(t.scalar_type()));
-  }
-  return vqk::Scalar::kFloat;  // unreachable
+  const std::optional<vqk::Scalar> kind = vqk::scalar_of(t.scalar_type());
+  TORCH_CHECK(kind, "vqkernels: unsupported dtype ", dtype_name(t.scalar_type()));
+  return *kind;
 }
 
 vqk::Index index_kind(const Tensor& t) {
@@ -193,16 +184,7 @@ std::tuple<Tensor, Tensor> assign_cuda(const Tensor& x, const Tensor& codebook, 
   check_float_dtype("x", x);
   check_same_device("codebook", codebook, "x", x);
   check_same_dtype("codebook", codebook, "x", x);
-  int metric_id;
-  if (metric == "l2") {
-    metric_id = vqk::kMetricL2;
-  } else if (metric == "cosine") {
-    metric_id = vqk::kMetricCosine;
-  } else if (metric == "dot") {
-    metric_id = vqk::kMetricDot;
-  } else {
-    TORCH_CHECK(false, "metric must be one of ('l2', 'cosine', 'dot'), got '", std::string(metric), "'");
-  }
+  const int metric_id = vqk::parse_metric(metric);
   check_codebook_count("codebook", codebook);
   check_same_codebooks("x", x, "codebook", codebook);
   const int64_t C = codebook.size(0), N = x.size(1), K = codebook.size(1), D = codebook.size(2);
