@@ -117,34 +117,33 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_r
 #endif
 }
 
-// c += a * b on one m16n8k16 tile, fp32 accumulators; T (__half or __nv_bfloat16) picks the
-// PTX type of the 16-bit operands, pasted into the instruction by VQK_MMA16816 ("f16", "bf16").
+// c += a * b on one m16n8k16 tile, fp32 accumulators, for T = __half or __nv_bfloat16: the
+// two differ only in the instruction's operand types, so VQK_MMA16816 takes the opcode.
 template <typename T>
 struct Mma16816;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define VQK_MMA16816(AB)                                                                               \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, " \
-               "{%8, %9}, {%0, %1, %2, %3};\n"                                                        \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                        \
+#define VQK_MMA16816(OPCODE)                                                                   \
+  asm volatile(OPCODE " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"     \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
 #elif defined(__CUDA_ARCH__)
-#define VQK_MMA16816(AB) __trap()
+#define VQK_MMA16816(OPCODE) __trap()
 #else
-#define VQK_MMA16816(AB) ((void)0)
+#define VQK_MMA16816(OPCODE) ((void)0)
 #endif
 
 template <>
 struct Mma16816<__half> {
   static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    VQK_MMA16816("f16");
+    VQK_MMA16816("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32");
   }
 };
 
 template <>
 struct Mma16816<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    VQK_MMA16816("bf16");
+    VQK_MMA16816("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
   }
 };
 
