@@ -357,3 +357,52 @@ def test_finite_row_with_overflowing_norm_still_gets_its_nearest_code(D):
     want = (-(x.double() @ codebook.double().T)).argmin(1)
     assert got.indices.tolist() == want.tolist()
     assert torch.isfinite(got.distances).all()
+
+
+def test_a_build_killed_midway_does_not_hang_later_processes(tmp_path):
+    """torch's JIT build guards its folder with a ``lock`` file that only the builder deletes; a
+    build killed midway (Ctrl-C during the first-use compile) used to leave it, and every later
+    first use of the backend waited for it forever. The loader's own OS lock makes it stale."""
+    _cpu_ready()
+    how = _cpu_extension.status()
+    if not how.startswith("JIT ("):
+        pytest.skip(f"the extension is not a JIT build here ({how})")
+    import os
+    import shutil
+    from pathlib import Path
+
+    built = Path(how[len("JIT ("):].split(")")[0])
+    folder = tmp_path / "cache" / "cpu" / built.name
+    shutil.copytree(built, folder)  # mtimes kept: ninja finds nothing to rebuild
+    (folder / "lock").touch()  # what the killed build left
+    code = ("import torch, vqkernels\n"
+            "print(vqkernels.assign(torch.randn(9, 3), torch.randn(4, 3), backend='cpu').indices.shape)\n")
+    env = dict(os.environ, VQKERNELS_CACHE=str(tmp_path / "cache"))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the first use of the cpu backend hung on the stale lock file of a killed build")
+    assert proc.returncode == 0 and "torch.Size([9])" in proc.stdout, proc.stderr[-2000:]
+    assert not (folder / "lock").exists()
+
+
+def test_the_build_lock_waits_for_a_live_build(tmp_path):
+    """A ``lock`` file is only cleared once no other process builds in the folder."""
+    import time
+
+    from vqkernels import _extension_loader
+
+    if _extension_loader.fcntl is None:
+        pytest.skip("no fcntl: the stale lock is left alone")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, pathlib, sys, time\n"
+        f"d = pathlib.Path({str(tmp_path)!r})\n"
+        "h = open(d / 'vqkernels-build.lock', 'w'); fcntl.flock(h, fcntl.LOCK_EX)\n"
+        "(d / 'lock').touch(); print('building', flush=True); time.sleep(1.5)\n"
+        "(d / 'lock').unlink(); (d / 'done').touch()\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "building"
+    started = time.monotonic()
+    with _extension_loader._build_lock(tmp_path):
+        waited = time.monotonic() - started
+        assert (tmp_path / "done").exists()  # entered only after the live build ended
+    assert holder.wait(timeout=30) == 0 and waited > 0.5

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -76,28 +75,15 @@ def _jit_unavailable() -> Optional[str]:
 
 
 def _jit_build(torch) -> tuple:
-    from torch.utils import cpp_extension
-
     src = _sources_dir()
-    build_dir = "the cache folder"
     try:
         build_dir = _cache_dir(torch, src)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob(f"{_JIT_NAME}*.so")):
-            print("vqkernels: compiling the CPU extension (first use, ~1 min)...", file=sys.stderr, flush=True)
-        cpp_extension.load(
-            name=_JIT_NAME,
-            sources=sorted(str(p) for p in src.glob("*.cpp")),
-            extra_cflags=list(_build_flags.CPU_JIT_CXX_FLAGS),
-            extra_ldflags=list(_build_flags.CPU_LDFLAGS),
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # a compiler error, an unwritable cache, ...
-        detail = " ".join(str(exc).split())[-400:]
-        return False, f"the JIT build in {build_dir} failed ({type(exc).__name__}: {detail})"
-    return True, str(build_dir)
+    except OSError as exc:  # an unreadable source
+        return False, f"the JIT build failed ({type(exc).__name__}: {exc})"
+    return _loader.jit_build(build_dir, _JIT_NAME, "vqkernels: compiling the CPU extension (first use, ~1 min)...",
+                             sources=sorted(str(p) for p in src.glob("*.cpp")),
+                             extra_cflags=list(_build_flags.CPU_JIT_CXX_FLAGS),
+                             extra_ldflags=list(_build_flags.CPU_LDFLAGS))
 
 
 def _load_locked():

@@ -19,7 +19,6 @@ cluster_stats,ema_update}_cuda`` (see csrc/vq_ops.cpp).
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -71,30 +70,13 @@ def _jit_unavailable(torch) -> Optional[str]:
 
 def _jit_build(torch) -> tuple:
     """Compile (or reuse) the JIT build; (True, cache dir) or (False, reason)."""
-    from torch.utils import cpp_extension
-
     src = _sources_dir()
-    build_dir = _cache_dir(torch)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    sources = sorted(str(p) for p in src.glob("*.cu")) + sorted(str(p) for p in src.glob("*.cpp"))
-    if not any(build_dir.glob(f"{_JIT_NAME}*.so")):
-        print("vqkernels: compiling the CUDA extension (first use, ~1-2 min)...", file=sys.stderr, flush=True)
-    try:
-        cpp_extension.load(
-            name=_JIT_NAME,
-            sources=sources,
-            extra_include_paths=[str(src / sub) for sub in _build_flags.INCLUDE_SUBDIRS],
-            # The flags of setup.py (one list, _build_flags); the C++ standard is left to torch.
-            extra_cflags=list(_build_flags.CXX_FLAGS),
-            extra_cuda_cflags=list(_build_flags.NVCC_FLAGS),
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # a compiler error, a locked or unwritable cache, ...
-        detail = " ".join(str(exc).split())[-400:]
-        return False, f"the JIT build in {build_dir} failed ({type(exc).__name__}: {detail})"
-    return True, str(build_dir)
+    return _loader.jit_build(
+        _cache_dir(torch), _JIT_NAME, "vqkernels: compiling the CUDA extension (first use, ~1-2 min)...",
+        sources=sorted(str(p) for p in src.glob("*.cu")) + sorted(str(p) for p in src.glob("*.cpp")),
+        extra_include_paths=[str(src / sub) for sub in _build_flags.INCLUDE_SUBDIRS],
+        # The flags of setup.py (one list, _build_flags); the C++ standard is left to torch.
+        extra_cflags=list(_build_flags.CXX_FLAGS), extra_cuda_cflags=list(_build_flags.NVCC_FLAGS))
 
 
 def _load_locked():
