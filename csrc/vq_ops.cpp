@@ -32,6 +32,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "cpu/pymodule.h"
 #include "glue.h"
 #include "launch.h"
 
@@ -436,28 +437,8 @@ TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
   m.impl("ema_update_cuda", &ema_update_cuda);
 }
 
-// A Python module init so `import vqkernels._C` works for the setup.py build (importing it
-// runs the registrations above). The JIT build is loaded with torch.ops.load_library and
-// never calls it. TORCH_EXTENSION_NAME is set by torch's build helpers.
+// `import vqkernels._C` (the setup.py build) runs the registrations above (cpu/pymodule.h).
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif
-#define VQK_STRINGIFY_(x) #x
-#define VQK_STRINGIFY(x) VQK_STRINGIFY_(x)
-#define VQK_CONCAT_(a, b) a##b
-#define VQK_CONCAT(a, b) VQK_CONCAT_(a, b)
-
-PyMODINIT_FUNC VQK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      VQK_STRINGIFY(TORCH_EXTENSION_NAME),
-      "vqkernels CUDA kernels; the ops are registered as torch.ops.vqkernels.*_cuda",
-      -1,       // m_size
-      nullptr,  // m_methods
-      nullptr,  // m_slots
-      nullptr,  // m_traverse
-      nullptr,  // m_clear
-      nullptr,  // m_free
-  };
-  return PyModule_Create(&module_def);
-}
+VQK_PYMODULE("vqkernels CUDA kernels; the ops are registered as torch.ops.vqkernels.*_cuda")

@@ -33,6 +33,8 @@
 #include <immintrin.h>
 #endif
 
+#include "pymodule.h"
+
 namespace {
 
 using at::Tensor;
@@ -618,18 +620,5 @@ TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C_cpu
 #endif
-#define VQK_STRINGIFY_(x) #x
-#define VQK_STRINGIFY(x) VQK_STRINGIFY_(x)
-#define VQK_CONCAT_(a, b) a##b
-#define VQK_CONCAT(a, b) VQK_CONCAT_(a, b)
-
-// `import vqkernels._C_cpu` (the setup.py build) runs the registrations above; the JIT
-// build is loaded as a library and never calls this.
-PyMODINIT_FUNC VQK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, VQK_STRINGIFY(TORCH_EXTENSION_NAME),
-      "vqkernels CPU kernels; the ops are registered as torch.ops.vqkernels.*_cpu",
-      -1, nullptr, nullptr, nullptr, nullptr, nullptr,
-  };
-  return PyModule_Create(&module_def);
-}
+// `import vqkernels._C_cpu` (the setup.py build) runs the registrations above.
+VQK_PYMODULE("vqkernels CPU kernels; the ops are registered as torch.ops.vqkernels.*_cpu")
