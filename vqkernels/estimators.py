@@ -154,7 +154,10 @@ class _Commitment(torch.autograd.Function):
             total = torch.where(keep, distances, torch.zeros((), dtype=distances.dtype, device=distances.device)).sum()
             denom = keep.sum().clamp_min(1) * (C * D)  # a device tensor: no host sync
             ctx.save_for_backward(z, q, keep, denom)
-        return (total / denom).to(z.dtype)
+        loss = total / denom
+        # no .to() when the dtype already matches: under torch.compile, torch 2.11's dynamo gave
+        # this Function a zero gradient when its output came from a no-op .to() (2.13 does not)
+        return loss if loss.dtype == z.dtype else loss.to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
