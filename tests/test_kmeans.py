@@ -64,5 +64,11 @@ def test_iters_zero_and_progress_bar():
     x = torch.randn(100, 3)
     result = vqkernels.kmeans(x, 4, iters=0, seed=0)
     assert result.n_iter == 0 and len(result.inertia_history) == 1
+    try:
+        import tqdm  # noqa: F401  (optional: vqkernels[progress])
+    except ImportError:
+        with pytest.raises(ImportError, match="needs tqdm"):
+            vqkernels.kmeans(x, 4, iters=3, seed=0, progress=True, tol=0)
+        return
     result = vqkernels.kmeans(x, 4, iters=3, seed=0, progress=True, tol=0)
     assert result.n_iter == 3 and len(result.inertia_history) == 4
