@@ -116,8 +116,12 @@ def _config(block_d: int, interp: bool) -> tuple:
     fp32 tiles plus one code tile stay well inside 255 registers per thread."""
     if interp:
         return 16, 16, 4
-    # Picked by compiling for sm_90 (compile_cases): larger row or code tiles spill
-    # registers in the fp32 FMA dot once the two resident tiles are live.
+    # Picked by compiling for sm_90 (compile_cases) with Triton 3.6 (the GPU image's) and 3.9:
+    # larger row or code tiles spill registers in the fp32 FMA dot once the two resident tiles
+    # are live. At BLOCK_D = 64, (16, 16, 4) spilled 32 B for cosine under 3.6 (not 3.9); 32 rows
+    # per program fit both (at most 255 / 214 registers) and read each code tile half as often.
+    if block_d <= 64:
+        return 32, 16, 4
     if block_d <= 128:
         return 16, 16, 4
     return 16, 32, 8
