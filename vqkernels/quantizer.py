@@ -44,6 +44,7 @@ from . import distributed as _dist
 from .codebook import INITS, LEARNING, Codebook  # noqa: F401  (INITS, LEARNING: kept importable from here)
 from .estimators import ESTIMATORS, commitment_loss, gather_codes, quantize, rotation_backward
 from .ops import kmeans  # noqa: F401  (kept importable from here; the Codebook runs k-means)
+from .ops._dispatch import register_op
 from .ops._metrics import CENTROID_METRICS, normalized
 from .ops._validation import (
     check_codebook_size,
@@ -75,7 +76,7 @@ class QuantizerOutputWithBreakdown(NamedTuple):
     breakdown: LossBreakdown
 
 
-@torch.library.custom_op("vqkernels::quantizer_checked_keep", mutates_args=())
+@register_op("vqkernels::quantizer_checked_keep", mutates_args=())
 def _checked_keep(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     """``check_finite`` of the kept rows as an op, for ``torch.compile``: the check reads the
     data (a host sync, a graph break in Python), but inside an op it is traced as a call.
@@ -271,7 +272,9 @@ class Quantizer(nn.Module):
             backend=backend,
         )
         # The state dict keeps the flat keys of the single module this used to be.
-        self.register_state_dict_post_hook(_flatten_codebook_keys)
+        # (torch < 2.5 has the same hook only under its private name)
+        register = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        register(_flatten_codebook_keys)
 
     # ------------------------------------------------------------------ public helpers
     @property

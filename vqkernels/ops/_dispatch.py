@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -196,6 +197,21 @@ def _traced(args) -> bool:
     return any(isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta) for a in args)
 
 
+def register_op(name: str, mutates_args) -> Callable:
+    """``torch.library.custom_op(name, mutates_args=...)`` with the implementation's annotations
+    resolved first: ``from __future__ import annotations`` makes them strings, which torch < 2.5
+    cannot infer a schema from (``import vqkernels`` failed on torch 2.4)."""
+
+    def register(impl: Callable):
+        hints = typing.get_type_hints(impl)
+        if hints.get("return") is type(None):  # `-> None` resolves to NoneType; the inference wants None
+            hints["return"] = None
+        impl.__annotations__ = hints
+        return torch.library.custom_op(name, mutates_args=mutates_args)(impl)
+
+    return register
+
+
 def custom_op(name: str, mutates_args):
     """``torch.library.custom_op`` for an op's implementation, returning a caller that runs the
     implementation directly in plain eager calls. The custom op (what torch.compile, export and
@@ -204,7 +220,7 @@ def custom_op(name: str, mutates_args):
     need no autograd and the implementation is the op's. ``caller.op`` is the registered op."""
 
     def wrap(impl: Callable) -> Callable:
-        op = torch.library.custom_op(name, mutates_args=mutates_args)(impl)
+        op = register_op(name, mutates_args)(impl)
 
         def caller(*args):
             return op(*args) if _traced(args) else impl(*args)
