@@ -79,3 +79,20 @@ def test_eager_calls_do_not_enter_torch_library_machinery():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_a_triton_older_than_the_tested_ones_is_refused_with_a_warning(monkeypatch):
+    """Triton 3.0 (torch 2.4's) could not compile or interpret the kernels: a forced triton
+    backend says why; the automatic choice warns once and moves on, never tries it."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.0.0")
+    x, c = torch.randn(6, 3), torch.randn(4, 3)
+    with pytest.raises(vqkernels.BackendUnavailableError, match=r"triton 3\.0\.0 is older than 3\.4"):
+        vqkernels.assign(x, c, backend="triton")
+    monkeypatch.setitem(_dispatch.PRIORITY, "cpu", ("triton", "chunked"))
+    monkeypatch.setattr(_dispatch, "_logged", set())
+    with pytest.warns(RuntimeWarning, match="skipping the 'triton' backend: too old: triton 3.0.0"):
+        assert _dispatch.select("assign", torch.device("cpu"), torch.float32) == "chunked"
+    monkeypatch.setattr(triton, "__version__", "3.4.0")
+    assert _dispatch.BACKENDS["triton"].unavailable("cpu") is None

@@ -30,6 +30,7 @@ compiled extension.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import typing
@@ -50,6 +51,22 @@ def _always(_device_type: str) -> Optional[str]:
     return None
 
 
+# The oldest Triton the kernels are tested with (full suite on 3.4, 3.6, 3.9; 3.0's compiler and
+# interpreter could not run them). An older one is refused with a warning, not tried.
+MIN_TRITON = (3, 4)
+_TOO_OLD = "too old: "  # a reason that starts so is warned about when the automatic choice skips it
+
+
+def _version_tuple(text: str) -> tuple:
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 def _triton_unavailable(device_type: str) -> Optional[str]:
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if device_type == "cpu" and not interpret:
@@ -59,9 +76,13 @@ def _triton_unavailable(device_type: str) -> Optional[str]:
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
     try:
-        importlib.import_module("triton")
+        triton = importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable ({type(exc).__name__}: {exc}); install with `pip install vqkernels[triton]`"
+    version = str(getattr(triton, "__version__", "0"))
+    if _version_tuple(version) < MIN_TRITON:
+        return (f"{_TOO_OLD}triton {version} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest vqkernels' "
+                "Triton kernels are tested with (torch pins triton: a newer torch brings a newer one)")
     return None
 
 
@@ -160,7 +181,8 @@ def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend:
                 logger.info("vqkernels: %s on %s/%s uses the %r backend", op, device_type, dtype, candidate)
             return candidate
         reasons[candidate] = reason
-        if b.failure_is_error and "failed" in reason and (candidate, reason) not in _logged:
+        worth_warning = (b.failure_is_error and "failed" in reason) or reason.startswith(_TOO_OLD)
+        if worth_warning and (candidate, reason) not in _logged:
             _logged.add((candidate, reason))
             warnings.warn(f"vqkernels: skipping the {candidate!r} backend: {reason}", RuntimeWarning, stacklevel=3)
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
