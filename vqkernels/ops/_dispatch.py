@@ -29,6 +29,7 @@ compiled extension.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import logging
@@ -57,6 +58,7 @@ MIN_TRITON = (3, 4)
 _TOO_OLD = "too old: "  # a reason that starts so is warned about when the automatic choice skips it
 
 
+@functools.lru_cache(maxsize=None)  # asked on every automatic choice on CUDA
 def _version_tuple(text: str) -> tuple:
     parts = []
     for piece in text.split("+")[0].split("."):
