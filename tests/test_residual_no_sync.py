@@ -12,20 +12,13 @@ import torch
 
 from helpers import assert_states_bitwise_equal
 from helpers import snapshot as _snapshot
-from test_no_sync import SyncCounter, _count_syncs
+from test_no_sync import SyncCounter, _batch, _count_syncs
 from vqkernels import FactorizedResidualQuantizer, GroupedResidualQuantizer, ResidualQuantizer
 
 
 def snapshot(module):
     """The state without the ``steps`` counters, which count skipped calls too."""
     return {k: v for k, v in _snapshot(module).items() if not k.endswith("steps")}
-
-
-def _batch(seed, n=96, dim=16):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, n // 2, dim, generator=g)
-    mask = torch.rand(2, n // 2, generator=g) > 0.25
-    return x, mask
 
 
 MODULES = {
