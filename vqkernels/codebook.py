@@ -441,7 +441,24 @@ class Codebook(nn.Module):
         if self.learning == "ema":
             self.embed_avg.copy_(torch.where(replace.unsqueeze(-1), sample * self.reset_cluster_size, self.embed_avg))
 
+    @staticmethod
+    def batch_is_finite(indices: torch.Tensor, keep: Optional[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        """``finite`` for :meth:`update_`, on the device (no host sync): False when a kept row has
+        no code (``indices [..., N]``: assign read each row once and gave the non-finite ones -1)
+        or one of ``codes`` is non-finite (one sum over them: cheaper than isfinite)."""
+        ok = indices >= 0 if keep is None else (indices >= 0) | ~keep
+        code_sum = codes.detach().sum(dtype=torch.float64 if codes.dtype == torch.float64 else torch.float32)
+        return ok.all() & torch.isfinite(code_sum)
+
     # ------------------------------------------------------------------ Deferred Quantization
+    def gate_observation_(self, finite_rows: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """The continuous phase's non-finite policy without a host sync: the ``keep [N]`` to
+        observe with, given which rows are finite (``finite_rows [N]``). A batch with a
+        non-finite kept row adds no row to the reservoir and is counted in ``nonfinite_batches``."""
+        finite = (finite_rows if keep is None else finite_rows | ~keep).all()
+        self.nonfinite_batches.add_((~finite).to(torch.int64))
+        return finite.expand(finite_rows.shape[-1]) if keep is None else keep & finite
+
     @torch.no_grad()
     def observe_(self, z: torch.Tensor, keep: Optional[torch.Tensor]) -> None:
         """A training call of the continuous phase: ``z [C, N, D]`` into the reservoir."""

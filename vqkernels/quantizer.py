@@ -478,10 +478,7 @@ class Quantizer(nn.Module):
         )
         finite = None
         if gated:  # assign read x once and gave its non-finite kept rows -1: no second pass over x
-            ok = indices >= 0 if head_keep is None else (indices >= 0) | ~head_keep
-            # the codes: one sum (a NaN/Inf code makes it non-finite; cheaper than isfinite)
-            code_sum = codes.detach().sum(dtype=torch.float64 if codes.dtype == torch.float64 else torch.float32)
-            finite = ok.all() & torch.isfinite(code_sum)
+            finite = book.batch_is_finite(indices, head_keep, codes)
 
         zero = z.new_zeros(())
         commitment = codebook_loss = zero
@@ -534,10 +531,7 @@ class Quantizer(nn.Module):
         if self.training:
             with torch.no_grad():
                 if gated:
-                    ok = torch.isfinite(flat.detach()).all(-1)
-                    finite = (ok if keep is None else ok | ~keep).all()
-                    self.codebook_state.nonfinite_batches.add_((~finite).to(torch.int64))
-                    keep = finite.expand(flat.shape[0]) if keep is None else keep & finite
+                    keep = self.codebook_state.gate_observation_(torch.isfinite(flat.detach()).all(-1), keep)
                 self.codebook_state.observe_(self._head_rows(self.to_codebook_space(flat.detach())), self._head_keep(keep))
         zero = flat.new_zeros((), dtype=torch.float32)
         indices = torch.full(self._index_shape(lead), -1, dtype=torch.int64, device=x.device)

@@ -439,7 +439,7 @@ class _ResidualStacks(nn.Module):
         """``flat [N, dim]`` -> (out [N, dim], indices [G, Q, N], losses [G, Q]).
         ``freeze``: training without touching the codebooks (no EMA/usage update, no restarts,
         no codebook loss; a first-batch initialisation still runs)."""
-        G, Q, K, D = self.groups, self.num_quantizers, self.codebook_size, self.codebook_dim
+        G, Q, K = self.groups, self.num_quantizers, self.codebook_size
         N = flat.shape[0]
         book = self.codebook_state
         sync = self._sync() if self.training else _dist.LOCAL
@@ -454,10 +454,7 @@ class _ResidualStacks(nn.Module):
                         z = self._project_in(flat.detach())
                         if self.check_finite and not self._strict():
                             # a batch with a non-finite kept row adds no row to the reservoir (no sync)
-                            ok = torch.isfinite(z).all(-1).all(0)
-                            finite = (ok if keep is None else ok | ~keep).all()
-                            book.nonfinite_batches.add_((~finite).to(torch.int64))
-                            keep = finite.expand(N) if keep is None else keep & finite
+                            keep = book.gate_observation_(torch.isfinite(z).all(-1).all(0), keep)
                         self.deferral.observe_(normalized(z.to(book.embed.dtype), self.metric), keep)
                 return flat, torch.full((G, Q, N), -1, dtype=torch.int64, device=flat.device), zero_losses
 
@@ -513,7 +510,8 @@ class _ResidualStacks(nn.Module):
         N = flat.shape[0]
         book = self.codebook_state
         if self.training and not freeze:
-            finite = self._finite(indices, keep) if self.check_finite and not strict else None
+            # a kept row without a code at stage 0 (stage 0 is never dropped) or a non-finite code
+            finite = book.batch_is_finite(indices[:, 0], keep, book.embed) if self.check_finite and not strict else None
             if self.shared_codebook:
                 # one codebook per group: all its stages' rows together
                 book.update_(zs.reshape(G, Q * N, D), indices.reshape(G, Q * N), None if keep is None else keep.repeat(Q), sync,
@@ -524,16 +522,6 @@ class _ResidualStacks(nn.Module):
         if keep is not None:
             outg = torch.where(keep.unsqueeze(-1), outg, flat)
         return outg, indices, losses
-
-    def _finite(self, indices: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-        """The non-finite policy's device-side flag (no host sync): False when a kept row has no
-        code at stage 0 (``assign`` read each row once and gave the non-finite ones -1; stage 0
-        is never dropped) or a code of any stage is non-finite (one sum over all of them)."""
-        first = indices[:, 0]  # [G, N]
-        ok = first >= 0 if keep is None else (first >= 0) | ~keep
-        codes = self.codebook_state.embed.detach()
-        code_sum = codes.sum(dtype=torch.float64 if codes.dtype == torch.float64 else torch.float32)
-        return ok.all() & torch.isfinite(code_sum)
 
     def _fused_eval_applies(self, z: torch.Tensor, keep) -> bool:
         """Eval without gradients or masks, on a backend that implements residual_assign: all
