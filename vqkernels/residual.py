@@ -149,6 +149,11 @@ def _constant_probe() -> None:
         _residual_assign_runs = torch.compiler.assume_constant_result(_residual_assign_probe)
 
 
+def _codes_of_stage(codes: torch.Tensor, q: int, sizes) -> torch.Tensor:
+    """Stage ``q``'s codes ``[G, sizes[q], D]`` of the padded ``codes [G, Q, K, D]``."""
+    return codes[:, q] if sizes[q] == codes.shape[2] else codes[:, q, : sizes[q]].contiguous()
+
+
 class _StageLoop(torch.autograd.Function):
     """The training stage loop with straight-through gradients and no gradient to the codes
     (``gradient="ste"``, EMA codebooks or a frozen stack) as ONE autograd node.
@@ -165,14 +170,13 @@ class _StageLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, codes, keep, last, sizes, metric, backend, check_codebook, weight):
         G, N, D = z.shape
-        Q, K = codes.shape[1], codes.shape[2]
+        Q = codes.shape[1]
         n = last + 1  # the stages run; later ones are dropped (index -1, loss 0, no statistics)
         residual, out = z, torch.zeros_like(z)
         ins, picked, residuals, indices, losses = [], [], [z], [], []
         for q in range(n):
             stage_in = normalized(residual, metric)
-            stage_codes = codes[:, q] if sizes[q] == K else codes[:, q, : sizes[q]].contiguous()
-            qz, idx = quantize(stage_in, stage_codes, keep, gradient="ste", metric=metric, backend=backend,
+            qz, idx = quantize(stage_in, _codes_of_stage(codes, q, sizes), keep, gradient="ste", metric=metric, backend=backend,
                                check_codebook=check_codebook)
             losses.append(torch.stack([_masked_mse(stage_in[g:g + 1], qz[g:g + 1], keep) for g in range(G)]) * weight)
             ins.append(stage_in)
@@ -439,7 +443,7 @@ class _ResidualStacks(nn.Module):
         """``flat [N, dim]`` -> (out [N, dim], indices [G, Q, N], losses [G, Q]).
         ``freeze``: training without touching the codebooks (no EMA/usage update, no restarts,
         no codebook loss; a first-batch initialisation still runs)."""
-        G, Q, K = self.groups, self.num_quantizers, self.codebook_size
+        G, Q = self.groups, self.num_quantizers
         N = flat.shape[0]
         book = self.codebook_state
         sync = self._sync() if self.training else _dist.LOCAL
@@ -482,7 +486,7 @@ class _ResidualStacks(nn.Module):
                 losses.append(z.new_zeros(G))
                 continue
             stage_in = normalized(residual, self.metric)
-            stage_codes = codes[:, q] if self.codebook_sizes[q] == K else codes[:, q, : self.codebook_sizes[q]].contiguous()
+            stage_codes = _codes_of_stage(codes, q, self.codebook_sizes)
             qz, idx = quantize(stage_in, stage_codes.detach(), keep, gradient=self.gradient, metric=self.metric,
                                backend=self.backend, check_codebook=strict)
             if self.training:
