@@ -535,11 +535,13 @@ def test_assign_exact_ties_go_to_the_lowest_index(runtime, dtype):
 
 
 def test_assign_non_finite_rows(runtime):
-    backend, device, _ = runtime
+    backend, device, kernel = runtime
+    dtype = torch.bfloat16 if kernel == "mma" else torch.float32  # the forced mma kernel takes 16-bit inputs only
     x = torch.randn(6, 40, device=device)
     x[2, 5] = float("nan")
     x[4, 0] = float("inf")
-    cb = torch.randn(200, 40, device=device)
+    x = x.to(dtype)
+    cb = torch.randn(200, 40, device=device).to(dtype)
     indices, distances = vqkernels.assign(x, cb, backend=backend)
     assert indices[2].item() == -1 and indices[4].item() == -1
     assert torch.isnan(distances[[2, 4]]).all()
